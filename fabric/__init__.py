@@ -1,0 +1,23 @@
+"""fabric: a serverless, function-style compute fabric for Python.
+
+    import fabric
+
+    @fabric.fn
+    def square(x):
+        return x * x
+
+    square.remote(3).result()   # 9, on an embedded local cluster started on first use
+
+See README.md and docs/ for the whole API.
+"""
+from .api import (Future, InstanceHandle, RemoteClass, RemoteFunction, cls, cluster_status, enter, fn, get, init,
+                  is_initialized, kill, put, shutdown, wait)
+from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GetTimeout, ProtocolError, RemoteError,
+                     RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
+
+__version__ = "0.1.0"
+
+__all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "wait", "put", "kill",
+           "cluster_status", "Future", "RemoteFunction", "RemoteClass", "InstanceHandle", "FabricError",
+           "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
+           "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError"]

@@ -1,0 +1,537 @@
+"""The public face of fabric: ``@fn``, ``@cls``, ``@enter``, Futures, ``get/wait/put/kill``,
+``init/shutdown``. Everything here validates what the user gave it and hands calls to the
+:class:`~fabric.client.Client`; nothing here knows about frames or sockets.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import json
+import os
+import sys
+import sysconfig
+import threading
+import time
+from collections import deque
+
+import cloudpickle
+
+from . import config
+from . import protocol as P
+from . import serde
+from .client import Client, Future
+from .errors import ConnectionFailed, FabricError, GetTimeout
+from .resources import parse_memory
+
+__all__ = ["init", "shutdown", "fn", "cls", "enter", "get", "wait", "put", "kill", "is_initialized",
+           "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status"]
+
+_lock = threading.RLock()
+
+
+class _State:
+    client: Client | None = None
+    cluster = None
+    pid = 0
+    atexit_registered = False
+
+
+_state = _State()
+
+
+# ---------------------------------------------------------------------- init / shutdown
+def init(address: str | None = None, *, store: str | None = None, num_cpus: float | None = None,
+         num_gpus=None, memory=None, log_to_driver: bool = True, connect_timeout: float = 10.0) -> dict:
+    """Connect this process to a cluster, starting an embedded one if no address is given.
+
+    ``address``: ``tcp://host:port`` or ``ipc:///path`` of a running broker; ``"auto"`` reads
+    the cluster that ``fabric start --detach`` recorded; ``None`` uses ``FABRIC_ADDRESS`` or,
+    without it, starts an embedded local cluster (broker + one executor) owned by this process
+    and stopped when it exits. ``num_cpus``/``num_gpus``/``memory`` size the embedded cluster.
+    """
+    with _lock:
+        if _state.client is not None and _state.pid == os.getpid():
+            if address is None or address == _state.client.address:
+                return _info()
+            raise FabricError(f"fabric is already connected to {_state.client.address}; "
+                              f"call fabric.shutdown() before connecting to {address}")
+        _state.client = None  # a forked child does not inherit its parent's connection
+        if num_cpus is not None:
+            _check_number("num_cpus", num_cpus, minimum=1)
+        if address is None:
+            address = os.environ.get("FABRIC_ADDRESS") or None
+        if address == "auto":
+            address = _recorded_address()
+        cluster = None
+        if address is None:
+            from .cluster import LocalCluster
+
+            gpus = None
+            if num_gpus is not None:
+                _check_number("num_gpus", num_gpus)
+                gpus = list(range(int(num_gpus)))
+            cluster = LocalCluster(cpus=num_cpus, gpus=gpus,
+                                   memory=parse_memory(memory) if memory is not None else None).start()
+            address = cluster.address
+        elif not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"address must look like 'tcp://host:port' or 'ipc:///path', got {address!r}")
+        try:
+            client = Client(address, shm=config.is_local_address(address), connect_timeout=connect_timeout)
+        except BaseException:
+            if cluster is not None:
+                cluster.stop()
+            raise
+        client.log_to_driver = log_to_driver
+        _state.client, _state.cluster, _state.pid = client, cluster, os.getpid()
+        if store is not None:
+            from . import storage
+
+            storage.set_default(store)
+        if not _state.atexit_registered:
+            atexit.register(shutdown)
+            _state.atexit_registered = True
+        return _info()
+
+
+def _info():
+    c = _state.client
+    return {"address": c.address, "embedded": _state.cluster is not None,
+            "log_dir": getattr(_state.cluster, "log_dir", None)}
+
+
+def _recorded_address():
+    try:
+        with open(config.state_file()) as f:
+            return json.load(f)["address"]
+    except (OSError, ValueError, KeyError):
+        raise ConnectionFailed("address='auto' but no cluster is recorded; start one with `fabric start`") from None
+
+
+def is_initialized() -> bool:
+    return _state.client is not None and _state.pid == os.getpid()
+
+
+def shutdown():
+    """Disconnect; stop the embedded cluster if this process started one."""
+    with _lock:
+        if _state.pid != os.getpid():
+            _state.client = _state.cluster = None
+            return
+        client, cluster = _state.client, _state.cluster
+        _state.client = _state.cluster = None
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.stop()
+
+
+def _client() -> Client:
+    c = _state.client
+    if c is None or _state.pid != os.getpid():
+        init()
+        c = _state.client
+    return c
+
+
+def cluster_status() -> dict:
+    """The broker's view: executors, workers, queues (what ``fabric status`` shows)."""
+    return _client().status()
+
+
+# ---------------------------------------------------------------------- options
+_FN_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 3, "timeout": None, "min_warm": 0,
+               "max_containers": None, "name": None}
+_CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k != "retries"}, "concurrency": 1}
+
+
+def _check_number(name, v, minimum=0.0):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    if v < minimum or v != v:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {v!r}")
+
+
+def _check_options(where: str, given: dict, allowed: dict) -> dict:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise TypeError(f"{where} got unknown option(s) {', '.join(unknown)}; valid options: "
+                        f"{', '.join(sorted(allowed))}")
+    o = {**allowed, **given}
+    _check_number("cpus", o["cpus"])
+    _check_number("gpus", o["gpus"])
+    if o["gpus"] > 1 and o["gpus"] != int(o["gpus"]):
+        raise ValueError(f"gpus above 1 must be a whole number, got {o['gpus']}")
+    o["memory_bytes"] = parse_memory(o["memory"])
+    if "retries" in o:
+        if isinstance(o["retries"], bool) or not isinstance(o["retries"], int) or o["retries"] < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {o['retries']!r}")
+    if o["timeout"] is not None:
+        _check_number("timeout", o["timeout"])
+        if o["timeout"] <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {o['timeout']!r}")
+    if isinstance(o["min_warm"], bool) or not isinstance(o["min_warm"], int) or o["min_warm"] < 0:
+        raise ValueError(f"min_warm must be a whole number >= 0, got {o['min_warm']!r}")
+    mc = o["max_containers"]
+    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
+        raise ValueError(f"max_containers must be a whole number >= 1 or None, got {mc!r}")
+    if "concurrency" in o:
+        c = o["concurrency"]
+        if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255:
+            raise ValueError(f"concurrency must be a whole number from 1 to 255, got {c!r}")
+    if o["name"] is not None and not isinstance(o["name"], str):
+        raise TypeError(f"name must be a string, got {type(o['name']).__name__}")
+    return o
+
+
+def _ship_by_value(obj):
+    """Functions from the user's own modules travel by value: workers need not import them."""
+    name = getattr(obj, "__module__", None)
+    if not name or name == "__main__" or name.split(".")[0] in ("fabric", "cloudpickle"):
+        return
+    mod = sys.modules.get(name)
+    path = getattr(mod, "__file__", None)
+    if mod is None or path is None:
+        return
+    path = os.path.realpath(path)
+    lib_dirs = {os.path.realpath(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                              sysconfig.get_paths()["stdlib"])}
+    if any(path.startswith(d + os.sep) for d in lib_dirs) or "site-packages" in path:
+        return
+    try:
+        cloudpickle.register_pickle_by_value(mod)
+    except (ValueError, TypeError):
+        pass
+
+
+def _signature(obj, skip_self=False):
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    if skip_self:
+        params = list(sig.parameters.values())[1:]
+        sig = sig.replace(parameters=params)
+    return sig
+
+
+def _bind(sig, name, args, kwargs):
+    if sig is not None:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{name}(): {e}") from None
+
+
+# ---------------------------------------------------------------------- @fabric.fn
+class RemoteFunction:
+    """A function that runs on the cluster: ``.remote()``, ``.map()``, ``.local()``, ``.options()``."""
+
+    def __init__(self, func, options: dict, _code=None):
+        self._func = func
+        self._options = options
+        self._name = options.get("name") or getattr(func, "__name__", "fn")
+        self._code = _code or [None, None]   # shared with .options() copies: pickled once
+        self._sig = _signature(func)
+        functools.update_wrapper(self, func)
+
+    def __repr__(self):
+        return f"<fabric.fn {self._name}>"
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"{self._name} is a fabric function: call {self._name}.remote(...) to run it on the "
+                        f"cluster, or {self._name}.local(...) to run it in this process")
+
+    def __reduce__(self):  # inside another call's arguments, a RemoteFunction travels as itself
+        return RemoteFunction, (self._func, self._options)
+
+    def _blob(self):
+        if self._code[0] is None:
+            _ship_by_value(self._func)
+            self._code[:] = serde.code_blob(self._func)
+        return self._code
+
+    def remote(self, *args, **kwargs) -> Future:
+        """Run on the cluster; returns at once with a Future."""
+        _bind(self._sig, self._name, args, kwargs)
+        blob, h = self._blob()
+        o = self._options
+        return _client().submit(P.TASK, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
+                                memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
+                                label=self._name)
+
+    def local(self, *args, **kwargs):
+        """Run in this process, as a plain call."""
+        return self._func(*args, **kwargs)
+
+    def options(self, **overrides) -> "RemoteFunction":
+        """A copy with some options changed for the calls made through it."""
+        given = {k: v for k, v in self._options.items() if k in _FN_OPTIONS}
+        return RemoteFunction(self._func, _check_options(f"{self._name}.options()", {**given, **overrides},
+                                                         _FN_OPTIONS), self._code)
+
+    def map(self, *iterables, progress: bool = False, window: int = 2000):
+        """Results of ``fn(*args)`` for each tuple of items, in input order, as they arrive.
+
+        Up to ``window`` calls are in flight at once; ``progress=True`` draws a progress bar.
+        """
+        if not iterables:
+            raise TypeError(f"{self._name}.map() needs at least one iterable")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a whole number >= 1, got {window!r}")
+        for it in iterables:
+            try:
+                iter(it)
+            except TypeError:
+                raise TypeError(f"{self._name}.map() arguments must be iterables, got "
+                                f"{type(it).__name__}") from None
+        total = None
+        if all(hasattr(it, "__len__") for it in iterables):
+            total = min(len(it) for it in iterables)
+        return self._map(zip(*iterables), total, progress, window)
+
+    def _map(self, items, total, progress, window):
+        bar = _Progress(self._name, total) if progress else None
+        pending = deque()
+        try:
+            for args in items:
+                pending.append(self.remote(*args))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+                    bar and bar.advance()
+            while pending:
+                yield pending.popleft().result()
+                bar and bar.advance()
+        finally:
+            if bar:
+                bar.close()
+
+
+class _Progress:
+    """A rich progress bar on stderr (imported only when asked for)."""
+
+    def __init__(self, name, total):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.p = Progress(TextColumn(f"[bold]{name}[/]"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self.p.start()
+        self.task = self.p.add_task(name, total=total)
+
+    def advance(self):
+        self.p.advance(self.task)
+
+    def close(self):
+        self.p.stop()
+
+
+def fn(_func=None, **options):
+    """Make a function remote: ``@fabric.fn`` or ``@fabric.fn(cpus=1, gpus=0, memory="2GiB",
+    retries=3, timeout=None, min_warm=0, max_containers=None)``."""
+    opts = _check_options("@fabric.fn", options, _FN_OPTIONS)
+
+    def wrap(func):
+        if inspect.isclass(func):
+            raise TypeError(f"@fabric.fn decorates functions; use @fabric.cls for the class {func.__name__}")
+        if not callable(func):
+            raise TypeError(f"@fabric.fn decorates functions, got {type(func).__name__}")
+        if isinstance(func, RemoteFunction):
+            return func
+        return RemoteFunction(func, opts)
+
+    return wrap(_func) if _func is not None else wrap
+
+
+# ---------------------------------------------------------------------- @fabric.cls
+def enter(_method=None):
+    """Mark a method of a ``@fabric.cls`` class to run once when its container starts."""
+    def mark(m):
+        if not callable(m):
+            raise TypeError("@fabric.enter decorates methods")
+        m.__fabric_enter__ = True
+        return m
+
+    return mark(_method) if _method is not None else mark
+
+
+class RemoteClass:
+    """A class whose instances live in warm containers on the cluster: ``Cls.remote(*args)``."""
+
+    def __init__(self, klass, options: dict, _code=None):
+        self._cls = klass
+        self._options = options
+        self._name = options.get("name") or klass.__name__
+        self._code = _code or [None, None]
+        self._sig = _signature(klass.__init__, skip_self=True) if "__init__" in _own_attrs(klass) else None
+        functools.update_wrapper(self, klass, updated=())
+
+    def __repr__(self):
+        return f"<fabric.cls {self._name}>"
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"{self._name} is a fabric class: create an instance on the cluster with "
+                        f"{self._name}.remote(...)")
+
+    def __reduce__(self):
+        return RemoteClass, (self._cls, self._options)
+
+    def remote(self, *args, **kwargs) -> "InstanceHandle":
+        """Start one dedicated instance; returns its handle at once."""
+        _bind(self._sig, self._name, args, kwargs)
+        if self._code[0] is None:
+            _ship_by_value(self._cls)
+            self._code[:] = serde.code_blob(self._cls)
+        blob, h = self._code
+        o = self._options
+        client = _client()
+        aid = client.new_id()
+        ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, actor_id=aid, cpus=o["cpus"], gpus=o["gpus"],
+                              memory=o["memory_bytes"], retries=0, flags=o["concurrency"],
+                              label=f"{self._name}.__init__")
+        return InstanceHandle(self, aid, ready, client)
+
+    def options(self, **overrides) -> "RemoteClass":
+        given = {k: v for k, v in self._options.items() if k in _CLS_OPTIONS}
+        return RemoteClass(self._cls, _check_options(f"{self._name}.options()", {**given, **overrides},
+                                                     _CLS_OPTIONS), self._code)
+
+
+def _own_attrs(klass):
+    names = set()
+    for k in klass.__mro__:
+        if k is object:
+            break
+        names.update(vars(k))
+    return names
+
+
+def cls(_cls=None, **options):
+    """Make a class a stateful warm container: ``@fabric.cls(cpus=1, gpus=0, concurrency=1)``."""
+    opts = _check_options("@fabric.cls", options, _CLS_OPTIONS)
+
+    def wrap(klass):
+        if not inspect.isclass(klass):
+            raise TypeError(f"@fabric.cls decorates classes; use @fabric.fn for {getattr(klass, '__name__', klass)}")
+        return RemoteClass(klass, opts)
+
+    return wrap(_cls) if _cls is not None else wrap
+
+
+class InstanceHandle:
+    """A handle to one instance on the cluster. ``h.method.remote(...)`` calls run in submission
+    order. Dropping the last handle stops the instance once its calls are done."""
+
+    def __init__(self, rclass: RemoteClass, aid: bytes, ready: Future | None, client: Client | None, owner=True):
+        self._rclass, self._id, self._ready, self._client = rclass, aid, ready, client
+        self._methods = {}
+        if owner and client is not None:
+            import weakref
+
+            weakref.finalize(self, client.dropped_actors.append, aid)
+
+    def __repr__(self):
+        return f"<fabric instance of {self._rclass._name} {self._id.hex()[-8:]}>"
+
+    def __reduce__(self):
+        return _rebuild_handle, (self._rclass, self._id)
+
+    def ready(self) -> Future:
+        """A Future that completes when the instance is constructed (raises what ``__init__`` raised)."""
+        return self._ready
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_rclass", "_id", "_ready", "_client", "_methods"):
+            raise AttributeError(name)
+        m = self._methods.get(name)
+        if m is None:
+            attr = getattr(self._rclass._cls, name, None)
+            if attr is None or not callable(attr):
+                raise AttributeError(f"{self._rclass._name} has no method {name!r}")
+            m = self._methods[name] = InstanceMethod(self, name, _signature(attr, skip_self=True))
+        return m
+
+
+def _rebuild_handle(rclass, aid):
+    return InstanceHandle(rclass, aid, None, None, owner=False)
+
+
+class InstanceMethod:
+    def __init__(self, handle, name, sig):
+        self._h, self._name, self._sig = handle, name, sig
+        self._label = f"{handle._rclass._name}.{name}"
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"call {self._label}.remote(...) to run it on the instance")
+
+    def remote(self, *args, **kwargs) -> Future:
+        _bind(self._sig, self._label, args, kwargs)
+        h = self._h
+        client = h._client or _client()
+        o = h._rclass._options
+        return client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=h._id,
+                             cpus=0.0, gpus=0.0, memory=0, retries=0, timeout=o["timeout"] or 0.0,
+                             label=self._label)
+
+
+# ---------------------------------------------------------------------- get / wait / put / kill
+def _check_futures(where, futures):
+    if isinstance(futures, Future):
+        raise TypeError(f"{where} expects a list of Futures; for one Future use fut.result() or fabric.get(fut)")
+    try:
+        futures = list(futures)
+    except TypeError:
+        raise TypeError(f"{where} expects a list of Futures, got {type(futures).__name__}") from None
+    for f in futures:
+        if not isinstance(f, Future):
+            raise TypeError(f"{where} expects Futures (from .remote() or fabric.put()), got {type(f).__name__}")
+    return futures
+
+
+def get(futures, timeout: float | None = None):
+    """The result of a Future, or the list of results of a list of Futures (in order)."""
+    if timeout is not None:
+        _check_number("timeout", timeout)
+    if isinstance(futures, Future):
+        return futures.result(timeout)
+    futures = _check_futures("fabric.get", futures)
+    if timeout is not None and futures:
+        done, _ = wait(futures, num_returns=len(futures), timeout=timeout)
+        if len(done) < len(futures):
+            raise GetTimeout(f"{len(futures) - len(done)} of {len(futures)} calls did not finish within {timeout}s")
+    return [f.result() for f in futures]
+
+
+def wait(futures, num_returns: int = 1, timeout: float | None = None):
+    """Block until ``num_returns`` of ``futures`` are done or ``timeout`` passes.
+
+    Returns ``(done, pending)``: two lists in input order; ``done`` holds at most ``num_returns``.
+    """
+    futures = _check_futures("fabric.wait", futures)
+    if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 0 <= num_returns <= len(futures):
+        raise ValueError(f"num_returns must be a whole number from 0 to len(futures)={len(futures)}, "
+                         f"got {num_returns!r}")
+    if timeout is not None:
+        _check_number("timeout", timeout)
+    clients = {f._client for f in futures if f._client is not None and not f.done()}
+    for c in clients:
+        c.wait(futures, num_returns, timeout)
+    done, pending = [], []
+    for f in futures:
+        (done if f.done() and len(done) < num_returns else pending).append(f)
+    return done, pending
+
+
+def put(value) -> Future:
+    """Store ``value`` on the cluster once; pass the returned Future to many calls by reference."""
+    if isinstance(value, Future):
+        raise TypeError("fabric.put() of a Future: pass the Future itself to calls instead")
+    return _client().put(value)
+
+
+def kill(handle) -> None:
+    """Stop an instance now; its queued and running calls fail with ActorDied."""
+    if not isinstance(handle, InstanceHandle):
+        raise TypeError(f"fabric.kill expects an instance handle from Cls.remote(), got {type(handle).__name__}")
+    (handle._client or _client()).kill_actor(handle._id, now=True)

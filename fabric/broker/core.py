@@ -1,0 +1,888 @@
+"""The broker: routing, queues, resource matching, heartbeats, retries.
+
+Process architecture (one broker per cluster)::
+
+    driver ─d/r DEALERs─┐                          ┌─ executor daemon (DEALER "e…")
+    driver ─d/r DEALERs─┼─▶  ROUTER  (this loop)  ◀┼─ worker process  (DEALER "w…") ─┐ forked and
+    fabric status ──────┘     one thread, no       └─ worker process  (DEALER "w…") ─┘ restarted by
+                              payload unpickling                                       its executor
+
+Drivers submit calls on their ``d`` socket and receive results on their ``r`` socket (so a
+driver's user thread sends while its IO thread receives, with no hand-off). Workers connect
+to the broker directly: a call goes driver -> broker -> worker and its result worker ->
+broker -> driver, two hops each way. The executor daemon never touches calls; it reports
+resources, heartbeats and dead workers, and spawns workers on request (GPU sets, instances).
+
+Scheduling: calls that are ready (their Future arguments resolved) wait in one FIFO queue per
+resource shape ``(cpus, gpus, memory)``. A call goes to an idle worker on an executor with
+enough free resources; a busy worker may also take up to ``credit`` calls ahead (prefetch)
+when they have its shape and their function is known to be short, so short calls never
+starve a worker between round trips while long ones never park behind each other.
+Instances (``@fabric.cls``) get a dedicated worker and a FIFO of their own.
+
+Outcomes: a call's result is sent to its driver and kept here until the driver releases it,
+so a dependent call submitted meanwhile still finds it without a round trip through the
+driver. Each call id gets at most one outcome; a worker's death retries its running call up
+to ``retries`` and requeues the calls it had prefetched without charging them.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections import deque
+
+import zmq
+
+from .. import protocol as P
+from ..errors import ProtocolError
+
+log = logging.getLogger("fabric.broker")
+
+HEARTBEAT_TIMEOUT = float(os.environ.get("FABRIC_HEARTBEAT_TIMEOUT", 10.0))
+NO_EXECUTOR_GRACE = float(os.environ.get("FABRIC_NO_EXECUTOR_GRACE", 30.0))
+PREFETCH_BELOW = float(os.environ.get("FABRIC_PREFETCH_BELOW", 0.005))  # seconds
+ACTOR_PIPELINE = int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000))
+
+WAITING, QUEUED, SPAWNING, RUNNING, DONE = range(5)
+
+
+class Call:
+    __slots__ = ("id", "driver", "frames", "code_hash", "kind", "actor", "shape", "retries",
+                 "timeout", "deps", "depv", "missing", "worker", "started", "state")
+
+    def __init__(self, cid, driver, frames, h):
+        self.id = cid
+        self.driver = driver            # the driver's result-socket identity
+        self.frames = frames            # [hdr, code, deps, payload, *buffers]
+        _, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, _ = h
+        self.shape = (cpus, gpus, mem)
+        self.deps = None
+        self.depv = None                # dep id -> its outcome frames, filled as deps resolve
+        self.missing = 0
+        self.worker = None
+        self.started = 0.0
+        self.state = WAITING
+
+
+class Executor:
+    __slots__ = ("id", "ident", "host", "cpus", "gpus", "memory", "free_cpus", "free_mem",
+                 "free_gpus", "workers", "last_seen", "info")
+
+    def __init__(self, ident, info):
+        self.ident = ident
+        self.id = ident[1:9]
+        self.info = info
+        self.host = str(info.get("host", "?"))
+        self.cpus = float(info["cpus"])
+        self.gpus = [int(g) for g in info.get("gpus", [])]
+        self.memory = int(info.get("memory", 0))
+        self.free_cpus, self.free_mem = self.cpus, self.memory
+        self.free_gpus = list(self.gpus)
+        self.workers = {}
+        self.last_seen = time.monotonic()
+
+    def fits(self, shape):
+        cpus, gpus, mem = shape
+        return cpus <= self.free_cpus + 1e-9 and mem <= self.free_mem and gpus <= len(self.free_gpus)
+
+    def could_ever_fit(self, shape):
+        cpus, gpus, mem = shape
+        return cpus <= self.cpus + 1e-9 and mem <= self.memory and gpus <= len(self.gpus)
+
+
+class Worker:
+    __slots__ = ("ident", "ex", "inflight", "held", "gpus", "actor", "credit", "code_seen", "pid", "pool",
+                 "doomed")
+
+    def __init__(self, ident, ex, info):
+        self.ident = ident
+        self.ex = ex
+        self.inflight = {}              # call id -> Call, in dispatch order
+        self.held = None                # the shape whose resources this worker holds while busy
+        self.gpus = ()
+        self.actor = None
+        self.credit = max(1, int(info.get("credit", 1)))
+        self.code_seen = set()
+        self.pid = info.get("pid")
+        self.pool = info.get("kind") == "pool"
+        self.doomed = False             # a kill was sent: never give it another call
+
+
+class Actor:
+    __slots__ = ("id", "driver", "shape", "queue", "worker", "failure", "release_when_idle",
+                 "label", "ex", "devices", "since")
+
+    def __init__(self, aid, driver, shape):
+        self.id, self.driver, self.shape = aid, driver, shape
+        self.queue = deque()            # calls not yet sent to the worker, in submission order
+        self.worker = None
+        self.failure = None             # (status, payload) once dead: every later call gets it
+        self.release_when_idle = False
+        self.ex = None
+        self.devices = ()
+        self.since = time.monotonic()
+
+
+class Broker:
+    def __init__(self, address: str, parent_pid: int = 0, ctx: zmq.Context | None = None):
+        self.address = address
+        self.parent_pid = parent_pid
+        self.ctx = ctx or zmq.Context.instance()
+        s = self.sock = self.ctx.socket(zmq.ROUTER)
+        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.setsockopt(zmq.LINGER, 0)
+        s.bind(address)
+        self.started = time.monotonic()
+        self.drivers: dict[bytes, dict] = {}        # driver id -> info
+        self.executors: dict[bytes, Executor] = {}  # executor identity -> Executor
+        self.workers: dict[bytes, Worker] = {}
+        self.idle: dict[Worker, None] = {}          # pool workers with nothing in flight
+        self.partial: dict[Worker, None] = {}       # pool workers that may take a prefetch
+        self.queues: dict[tuple, deque] = {}        # shape -> ready calls
+        self.calls: dict[bytes, Call] = {}          # every call without an outcome yet
+        self.results: dict[bytes, list] = {}        # outcome frames kept until RELEASE
+        self.waiters: dict[bytes, list] = {}        # dep id -> calls waiting for it
+        self.actors: dict[bytes, Actor] = {}
+        self.pending_actors: deque[Actor] = deque()
+        self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
+        self.code: dict[bytes, object] = {}         # code hash -> code frame
+        self.avg_duration: dict[bytes, float] = {}  # code hash -> moving average of run time
+        self.timeouts: list = []                    # heap of (deadline, seq, call)
+        self._seq = itertools.count()
+        self.running = True
+        self.refused = 0
+        self.stats = {"submitted": 0, "completed": 0, "retried": 0, "refused": 0}
+        self._tokens = itertools.count(1)
+        self._handlers = {
+            P.HELLO: self.on_hello, P.SUBMIT: self.on_submit, P.CANCEL: self.on_cancel,
+            P.RELEASE: self.on_release, P.PUT: self.on_put, P.KILL_ACTOR: self.on_kill_actor,
+            P.BYE: self.on_bye, P.STATUS: self.on_status, P.SHUTDOWN: self.on_shutdown,
+            P.EXEC_HELLO: self.on_exec_hello, P.HEARTBEAT: self.on_heartbeat,
+            P.WORKER_DIED: self.on_worker_died, P.EXEC_BYE: self.on_exec_bye,
+            P.READY: self.on_ready, P.DONE: self.on_done, P.WLOG: self.on_wlog,
+        }
+        # which identity prefixes may send which commands
+        self._allowed = {
+            ord("d"): {P.HELLO, P.SUBMIT, P.CANCEL, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS, P.SHUTDOWN},
+            ord("r"): {P.HELLO},
+            ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN},
+            ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
+            ord("w"): {P.READY, P.DONE, P.WLOG},
+            ord("l"): {P.WLOG},
+        }
+        log.info("listening on %s (pid %d)", address, os.getpid())
+
+    # ---------------------------------------------------------------- loop
+    def serve(self):
+        sock = self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        next_tick = 0.0
+        try:
+            while self.running:
+                timeout = 1000
+                if self.timeouts:
+                    timeout = max(0, min(timeout, int((self.timeouts[0][0] - time.monotonic()) * 1000) + 1))
+                if poller.poll(timeout):
+                    for _ in range(2000):  # drain a batch, then schedule once for all of it
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle(frames)
+                self.dispatch()
+                now = time.monotonic()
+                if self.timeouts and self.timeouts[0][0] <= now:
+                    self.expire(now)
+                if now >= next_tick:
+                    next_tick = now + 0.5
+                    self.tick(now)
+        finally:
+            self.close()
+
+    def close(self):
+        for ex in list(self.executors.values()):
+            self.send([ex.ident, P.C[P.EXEC_SHUTDOWN]])
+        self.sock.close(linger=200)
+        if self.address.startswith("ipc://"):
+            try:
+                os.unlink(self.address[6:])
+            except OSError:
+                pass
+        log.info("stopped")
+
+    def handle(self, frames):
+        ident = frames[0].bytes
+        try:
+            if len(frames) < 2:
+                raise ProtocolError("empty message")
+            c = P.command_of(frames[1].bytes)
+            if c not in self._allowed.get(ident[0] if ident else -1, ()):
+                raise ProtocolError(f"command {P.NAMES[c]} is not accepted from this peer")
+            self._handlers[c](ident, frames[2:])
+        except ProtocolError as e:
+            self.refuse(ident, str(e))
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+            self.refuse(ident, f"malformed message: {type(e).__name__}: {e}")
+
+    def refuse(self, ident, why):
+        self.stats["refused"] += 1
+        self.refused += 1
+        if self.refused <= 100 or self.refused % 1000 == 0:
+            log.warning("refused a message from %s: %s (%d refused so far)", ident.hex() or "?", why, self.refused)
+        if ident[:1] == b"d":
+            self.send([b"r" + ident[1:], P.C[P.ERROR], why.encode()])
+        elif ident[:1] in (b"c", b"r", b"e", b"w"):
+            self.send([ident, P.C[P.ERROR], why.encode()])
+
+    def send(self, frames) -> bool:
+        try:
+            self.sock.send_multipart(frames, copy=False)
+            return True
+        except zmq.ZMQError as e:  # EHOSTUNREACH: that peer is gone
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            return False
+
+    # ---------------------------------------------------------------- drivers
+    def on_hello(self, ident, f):
+        info = P.loads_json(f[0].bytes) if f else {}
+        if ident[:1] in b"dr":
+            if len(ident) != 9:
+                raise ProtocolError("driver ids are 8 bytes")
+            d = self.drivers.setdefault(ident[1:], {"since": time.time()})
+            d.update({k: info[k] for k in ("pid", "host", "name") if k in info})
+        self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid()})])
+
+    def on_submit(self, ident, f):
+        if len(f) < 4:
+            raise ProtocolError("SUBMIT needs header, code, deps and payload frames")
+        did = ident[1:]
+        if did not in self.drivers:
+            raise ProtocolError("driver has not said HELLO")
+        h = P.unpack_call(f[0].bytes)
+        cid, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _ = h
+        if len(f) != 4 + nbuf:
+            raise ProtocolError(f"SUBMIT announces {nbuf} buffers but carries {len(f) - 4}")
+        if cid[:8] != did:
+            raise ProtocolError("call ids must start with the driver's id")
+        if not (0 <= cpus < 1e6 and 0 <= gpus < 1e4 and retries >= 0 and timeout >= 0) or kind > P.ACTOR_CALL:
+            raise ProtocolError("call header out of range")
+        if cid in self.calls or cid in self.results:
+            return  # a replay of a call we already have: at most one outcome per id
+        if f[1].bytes:
+            self.code[code_hash] = f[1]
+        elif kind != P.ACTOR_CALL and code_hash not in self.code:
+            raise ProtocolError("call names code the broker has never received")
+        call = Call(cid, b"r" + did, f, h)
+        self.calls[cid] = call
+        self.stats["submitted"] += 1
+        deps = f[2].bytes
+        if deps:
+            call.deps = P.split_ids(deps)
+            call.depv = {}
+            for d in call.deps:
+                r = self.results.get(d)
+                if r is not None:
+                    if r[0] != P.OK:
+                        return self.finish_copy(call, r)
+                    call.depv[d] = r
+                elif d in self.calls:
+                    self.waiters.setdefault(d, []).append(call)
+                    call.missing += 1
+                else:
+                    return self.finish(call, P.REFUSED, b"a Future argument refers to a result this cluster "
+                                                        b"does not hold (released, or from another cluster)")
+        if kind == P.TASK:
+            if call.missing == 0:
+                self.enqueue(call)
+        elif kind == P.ACTOR_NEW:
+            self.new_actor(call)
+        else:
+            self.actor_call(call)
+
+    def enqueue(self, call):
+        call.state = QUEUED
+        q = self.queues.get(call.shape)
+        if q is None:
+            q = self.queues[call.shape] = deque()
+            why = self.unschedulable(call.shape)
+            if why:
+                del self.queues[call.shape]
+                return self.finish(call, P.UNSCHEDULABLE, why.encode())
+        q.append(call)
+
+    def unschedulable(self, shape):
+        """Why no executor can ever run this shape, or None. With no executor yet, wait (grace)."""
+        if not self.executors:
+            return None
+        if any(ex.could_ever_fit(shape) for ex in self.executors.values()):
+            return None
+        cpus, gpus, mem = shape
+        have = ", ".join(f"{ex.host}: cpus={ex.cpus:g} gpus={len(ex.gpus)} memory={ex.memory >> 20}MiB"
+                         for ex in self.executors.values())
+        return (f"no executor can ever run a call that needs cpus={cpus:g} gpus={gpus:g} "
+                f"memory={mem >> 20}MiB; executors: {have}")
+
+    def on_cancel(self, ident, f):
+        for cid in P.split_ids(f[0].bytes):
+            call = self.calls.get(cid)
+            if call is None or call.driver[1:] != ident[1:]:
+                continue
+            if call.state == RUNNING:
+                w = call.worker
+                if w.actor is not None:
+                    continue  # an instance call that started runs to its end
+                self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced")
+                self.kill_worker(w)
+            else:
+                self.finish(call, P.CANCELLED, b"cancelled before it ran")
+
+    def on_release(self, ident, f):
+        results = self.results
+        for cid in P.split_ids(f[0].bytes):
+            results.pop(cid, None)
+
+    def on_put(self, ident, f):
+        hdr = f[0].bytes
+        cid, status, nbuf, _ = P.unpack_result(hdr)
+        if cid[:8] != ident[1:] or status != P.OK or len(f) != 2 + nbuf:
+            raise ProtocolError("malformed PUT")
+        self.results[cid] = [P.OK] + list(f)
+
+    def on_bye(self, ident, f):
+        did = ident[1:]
+        self.drivers.pop(did, None)
+        rid = b"r" + did
+        for call in [c for c in self.calls.values() if c.driver == rid]:
+            if call.state == RUNNING and call.worker.actor is None:
+                self.kill_worker(call.worker)
+            self.finish(call, P.CANCELLED, b"driver left", deliver=False)
+        for a in [a for a in self.actors.values() if a.driver == rid]:
+            self.kill_actor(a, b"its driver left")
+        for cid in [k for k in self.results if k[:8] == did]:
+            del self.results[cid]
+
+    def on_status(self, ident, f):
+        now = time.monotonic()
+        exs = []
+        for ex in self.executors.values():
+            exs.append({
+                "id": ex.id.hex(), "host": ex.host, "cpus": ex.cpus, "free_cpus": round(ex.free_cpus, 3),
+                "gpus": ex.gpus, "free_gpus": ex.free_gpus, "memory": ex.memory, "free_memory": ex.free_mem,
+                "workers": len(ex.workers), "busy": sum(1 for w in ex.workers.values() if w.inflight),
+                "instances": sum(1 for w in ex.workers.values() if w.actor is not None),
+                "last_seen_s": round(now - ex.last_seen, 2), "labels": ex.info.get("labels", {}),
+            })
+        queues = [{"cpus": s[0], "gpus": s[1], "memory": s[2], "depth": sum(1 for c in q if c.state == QUEUED)}
+                  for s, q in self.queues.items()]
+        st = {"address": self.address, "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
+              "executors": exs, "queues": queues, "drivers": len(self.drivers),
+              "calls_pending": len(self.calls), "results_held": len(self.results),
+              "instances": len(self.actors), "stats": self.stats}
+        self.send([ident if ident[:1] != b"d" else b"r" + ident[1:], P.C[P.STATUS_REPLY], P.dumps_json(st)])
+
+    def on_shutdown(self, ident, f):
+        log.info("shutdown requested by %s", ident.hex())
+        self.running = False
+
+    # ---------------------------------------------------------------- executors
+    def on_exec_hello(self, ident, f):
+        info = P.loads_json(f[0].bytes)
+        if len(ident) != 9:
+            raise ProtocolError("executor ids are 8 bytes")
+        if not isinstance(info.get("cpus"), (int, float)) or info["cpus"] < 0:
+            raise ProtocolError("EXEC_HELLO needs a number of cpus")
+        old = self.executors.get(ident)
+        if old is not None:
+            self.lose_executor(old, "re-registered")
+        ex = self.executors[ident] = Executor(ident, info)
+        log.info("executor %s joined from %s: cpus=%g gpus=%s memory=%dMiB", ex.id.hex(), ex.host,
+                 ex.cpus, ex.gpus, ex.memory >> 20)
+        self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION})])
+
+    def on_heartbeat(self, ident, f):
+        ex = self.executors.get(ident)
+        if ex is None:
+            self.send([ident, P.C[P.ERROR], b"unknown executor: say EXEC_HELLO again"])
+            return
+        ex.last_seen = time.monotonic()
+
+    def on_worker_died(self, ident, f):
+        info = P.loads_json(f[1].bytes)
+        w = self.workers.get(f[0].bytes)
+        if w is not None and w.ex.ident == ident:
+            self.lose_worker(w, f"exit code {info.get('exitcode')}")
+        elif "token" in info:  # a spawned worker that died before saying READY
+            sp = self.spawns.pop(str(info["token"]), None)
+            if sp is not None:
+                self.spawn_failed(sp, f"worker failed to start (exit code {info.get('exitcode')})")
+
+    def on_exec_bye(self, ident, f):
+        ex = self.executors.get(ident)
+        if ex is not None:
+            self.lose_executor(ex, "left")
+
+    def lose_executor(self, ex, why):
+        log.warning("executor %s (%s) lost: %s", ex.id.hex(), ex.host, why)
+        self.executors.pop(ex.ident, None)
+        for w in list(ex.workers.values()):
+            self.lose_worker(w, f"its executor {why}")
+        for tok, sp in list(self.spawns.items()):
+            if sp[0] is ex:
+                del self.spawns[tok]
+                self.spawn_failed(sp, f"executor {why}")
+
+    # ---------------------------------------------------------------- workers
+    def on_ready(self, ident, f):
+        info = P.loads_json(f[0].bytes)
+        ex = self.executors.get(b"e" + ident[1:9])
+        if ex is None:
+            raise ProtocolError("worker of an unknown executor")
+        w = Worker(ident, ex, info)
+        old = self.workers.get(ident)
+        if old is not None:
+            self.lose_worker(old, "replaced")
+        self.workers[ident] = ex.workers[ident] = w
+        token = info.get("token")
+        if token is None:
+            if w.pool:
+                self.idle[w] = None
+            return
+        sp = self.spawns.pop(str(token), None)
+        if sp is None:  # nobody waits for it any more
+            self.kill_worker(w)
+            return
+        _, devices, what = sp
+        w.gpus = tuple(devices)
+        if isinstance(what, Actor):
+            what.worker, w.actor, w.credit = w, what, ACTOR_PIPELINE
+            w.held = what.shape
+            self.pump_actor(what)
+        else:
+            w.held = what.shape
+            if what.state == SPAWNING:
+                self.run_on(w, what)
+            else:
+                self.release_worker(w)
+
+    def on_done(self, ident, f):
+        w = self.workers.get(ident)
+        if w is None:
+            raise ProtocolError("result from an unknown worker")
+        hdr = f[0].bytes
+        cid, status, nbuf, duration = P.unpack_result(hdr)
+        if len(f) != 2 + nbuf:
+            raise ProtocolError("DONE announces a different number of buffers")
+        call = w.inflight.pop(cid, None)
+        if call is None:
+            return  # cancelled or timed out meanwhile: it already has its outcome
+        if call.kind == P.TASK:
+            avg = self.avg_duration.get(call.code_hash)
+            self.avg_duration[call.code_hash] = duration if avg is None else 0.8 * avg + 0.2 * duration
+        if call.state == DONE:
+            pass
+        elif call.kind == P.ACTOR_NEW and status != P.OK:
+            self.finish(call, status, None, f)
+            self.kill_actor(w.actor, None, failure=[status, *f])
+            return
+        else:
+            self.finish(call, status, None, f)
+        if w.actor is not None:
+            self.pump_actor(w.actor)
+        elif not w.inflight:
+            self.release_worker(w)
+        else:
+            nxt = next(iter(w.inflight.values()))
+            nxt.started = time.monotonic()
+            if nxt.timeout:
+                heapq.heappush(self.timeouts, (nxt.started + nxt.timeout, next(self._seq), nxt))
+            if len(w.inflight) < w.credit:
+                self.partial[w] = None
+
+    def on_wlog(self, ident, f):
+        if b"w" + ident[1:] not in self.workers:
+            return
+        did, source, text = f[0].bytes, f[1], f[2]
+        self.send([b"r" + did, P.C[P.LOG], source, text])
+
+    def release_worker(self, w):
+        """A worker finished everything it had: give its resources back to its executor."""
+        self.return_resources(w)
+        self.partial.pop(w, None)
+        if w.pool and not w.doomed:
+            self.idle[w] = None
+
+    def return_resources(self, w):
+        if w.held is not None:
+            cpus, gpus, mem = w.held
+            ex = w.ex
+            ex.free_cpus += cpus
+            ex.free_mem += mem
+            ex.free_gpus.extend(g for g in w.gpus if g not in ex.free_gpus)
+            w.held = None
+
+    def lose_worker(self, w, why):
+        self.workers.pop(w.ident, None)
+        w.ex.workers.pop(w.ident, None)
+        self.idle.pop(w, None)
+        self.partial.pop(w, None)
+        calls = list(w.inflight.values())
+        w.inflight.clear()
+        if w.actor is not None:
+            a = w.actor
+            a.worker = None
+            msg = f"the instance's process died ({why})".encode()
+            for c in calls:
+                self.finish(c, P.ACTOR_DIED, msg)
+            self.kill_actor(a, msg)
+        else:
+            requeue = []
+            for i, c in enumerate(calls):
+                if c.state != RUNNING:
+                    continue
+                if i == 0:  # the call that was running: charge it a retry
+                    c.retries -= 1
+                    if c.retries < 0:
+                        self.finish(c, P.CRASHED, (f"the worker running this call died ({why}) and its "
+                                                   f"retries are spent").encode())
+                        continue
+                    self.stats["retried"] += 1
+                    log.info("retrying call %s after worker death (%s)", c.id.hex(), why)
+                requeue.append(c)
+            for c in reversed(requeue):
+                c.state = QUEUED
+                c.worker = None
+                self.queues.setdefault(c.shape, deque()).appendleft(c)
+        self.return_resources(w)  # the executor replaces pool workers by itself
+
+    def kill_worker(self, w):
+        """Have the executor kill ``w``; calls it had prefetched go back to the queue uncharged."""
+        w.doomed = True
+        self.idle.pop(w, None)
+        self.partial.pop(w, None)
+        if w.actor is None and w.inflight:
+            calls = [c for c in w.inflight.values() if c.state == RUNNING]
+            w.inflight.clear()
+            for c in reversed(calls):
+                c.state, c.worker = QUEUED, None
+                self.queues.setdefault(c.shape, deque()).appendleft(c)
+            self.return_resources(w)
+        self.send([w.ex.ident, P.C[P.KILL_WORKER], w.ident])
+
+    # ---------------------------------------------------------------- scheduling
+    def dispatch(self):
+        for shape, q in list(self.queues.items()):
+            while q:
+                call = q[0]
+                if call.state != QUEUED:
+                    q.popleft()
+                    continue
+                if shape[1]:
+                    if not self.place_gpu_call(call):
+                        break
+                    q.popleft()
+                    continue
+                w = self.pick_worker(call)
+                if w is None:
+                    break
+                q.popleft()
+                self.run_on(w, call)
+        if self.pending_actors:
+            for _ in range(len(self.pending_actors)):
+                a = self.pending_actors.popleft()
+                if a.failure is None and a.id in self.actors and not self.place_actor(a):
+                    self.pending_actors.append(a)
+
+    def pick_worker(self, call):
+        shape = call.shape
+        for w in self.idle:
+            if w.ex.fits(shape):
+                return w
+        if self.partial:
+            avg = self.avg_duration.get(call.code_hash)
+            if avg is not None and avg < PREFETCH_BELOW:
+                best = None
+                for w in self.partial:
+                    if w.held == shape and (best is None or len(w.inflight) < len(best.inflight)):
+                        best = w
+                return best
+        return None
+
+    def run_on(self, w, call):
+        frames = call.frames
+        code = b""
+        if call.kind != P.ACTOR_CALL and call.code_hash not in w.code_seen:
+            code = self.code[call.code_hash]
+            w.code_seen.add(call.code_hash)
+        out = [w.ident, P.C[P.CALL], frames[0], code, *frames[2:]]
+        if call.deps:
+            depv = call.depv
+            for d in call.deps:
+                out.extend(depv[d][1:])
+        idle = not w.inflight
+        if idle and w.actor is None and w.held is None:
+            cpus, gpus, mem = w.held = call.shape
+            ex = w.ex
+            ex.free_cpus -= cpus
+            ex.free_mem -= mem
+            self.idle.pop(w, None)
+        w.inflight[call.id] = call
+        call.worker = w
+        call.state = RUNNING
+        if idle:
+            call.started = time.monotonic()
+            if call.timeout:
+                heapq.heappush(self.timeouts, (call.started + call.timeout, next(self._seq), call))
+        if w.actor is None:
+            if len(w.inflight) < w.credit:
+                self.partial[w] = None
+            else:
+                self.partial.pop(w, None)
+        if not self.send(out):
+            self.lose_worker(w, "unreachable")
+
+    def place_gpu_call(self, call):
+        """GPU calls run in a worker started with CUDA_VISIBLE_DEVICES set to their devices."""
+        need = int(-(-call.shape[1] // 1))
+        for w in self.idle_gpu_workers(len_gpus=need):
+            if w.ex.fits(call.shape) and all(g in w.ex.free_gpus for g in w.gpus):
+                ex = w.ex
+                for g in w.gpus:
+                    ex.free_gpus.remove(g)
+                self.run_on(w, call)
+                return True
+        for ex in self.executors.values():
+            if ex.fits(call.shape):
+                devices = self.reserve(ex, call.shape)
+                call.state = SPAWNING
+                self.spawn(ex, devices, call, None)
+                return True
+        return False
+
+    def idle_gpu_workers(self, len_gpus):
+        return [w for w in self.workers.values() if w.gpus and not w.pool and w.actor is None
+                and not w.inflight and len(w.gpus) == len_gpus]
+
+    def reserve(self, ex, shape):
+        cpus, gpus, mem = shape
+        ex.free_cpus -= cpus
+        ex.free_mem -= mem
+        n = int(-(-gpus // 1))
+        devices, ex.free_gpus = ex.free_gpus[:n], ex.free_gpus[n:]
+        # idle GPU workers bound to these devices are replaced by the new one
+        for w in list(ex.workers.values()):
+            if w.gpus and not w.inflight and w.actor is None and set(w.gpus) & set(devices):
+                self.lose_worker(w, "devices reassigned")
+                self.kill_worker(w)
+        return devices
+
+    def spawn(self, ex, devices, call, actor):
+        token = str(next(self._tokens))
+        self.spawns[token] = (ex, devices, actor if actor is not None else call)
+        body = {"token": token, "gpus": devices, "actor": actor.id.hex() if actor is not None else None}
+        self.send([ex.ident, P.C[P.SPAWN], P.dumps_json(body)])
+
+    def spawn_failed(self, sp, why):
+        ex, devices, what = sp
+        shape = what.shape
+        if ex.ident in self.executors:
+            ex.free_cpus += shape[0]
+            ex.free_mem += shape[2]
+            ex.free_gpus.extend(devices)
+        if isinstance(what, Actor):
+            self.kill_actor(what, why.encode())
+        elif what.state == SPAWNING:
+            what.retries -= 1
+            if what.retries < 0:
+                self.finish(what, P.CRASHED, why.encode())
+            else:
+                what.state = QUEUED
+                self.queues.setdefault(what.shape, deque()).appendleft(what)
+
+    # ---------------------------------------------------------------- instances
+    def new_actor(self, call):
+        a = Actor(call.actor, call.driver, call.shape)
+        if call.actor in self.actors:
+            raise ProtocolError("instance id already in use")
+        self.actors[a.id] = a
+        a.queue.append(call)
+        why = self.unschedulable(a.shape)
+        if why:
+            return self.kill_actor(a, why.encode(), status=P.UNSCHEDULABLE)
+        if not self.place_actor(a):
+            self.pending_actors.append(a)
+
+    def place_actor(self, a):
+        for ex in self.executors.values():
+            if ex.fits(a.shape):
+                a.ex = ex
+                a.devices = self.reserve(ex, a.shape)
+                self.spawn(ex, a.devices, None, a)
+                return True
+        return False
+
+    def actor_call(self, call):
+        a = self.actors.get(call.actor)
+        if a is None:
+            return self.finish(call, P.ACTOR_DIED, b"no such instance (it was killed or never created)")
+        if a.failure is not None:
+            return self.finish_copy(call, a.failure)
+        a.queue.append(call)
+        if call.missing == 0:
+            call.state = QUEUED
+        self.pump_actor(a)
+
+    def pump_actor(self, a):
+        w = a.worker
+        if w is None:
+            return
+        q = a.queue
+        while q and len(w.inflight) < w.credit:
+            c = q[0]
+            if c.state == DONE:
+                q.popleft()
+                continue
+            if c.missing:
+                break  # submission order: later calls wait for this one's arguments
+            q.popleft()
+            self.run_on(w, c)
+        if a.release_when_idle and not q and not w.inflight:
+            self.kill_actor(a, b"released")
+
+    def on_kill_actor(self, ident, f):
+        a = self.actors.get(f[0].bytes)
+        if a is None or a.driver[1:] != ident[1:]:
+            return
+        if f[1].bytes == b"1":
+            self.kill_actor(a, b"killed by fabric.kill()")
+        else:
+            a.release_when_idle = True
+            if a.worker is not None:
+                self.pump_actor(a)
+            elif not a.queue:
+                self.kill_actor(a, b"released")
+
+    def kill_actor(self, a, msg, failure=None, status=P.ACTOR_DIED):
+        """End an instance: its queued calls and every later call get ``failure`` or ``msg``."""
+        if a is None:
+            return
+        if failure is None:
+            failure = [status, P.pack_result(P.NO_ID, status), msg or b"instance is gone"]
+        a.failure = failure
+        for c in list(a.queue):
+            if c.state != DONE:
+                self.finish_copy(c, failure)
+        a.queue.clear()
+        w = a.worker
+        if w is not None:
+            for c in list(w.inflight.values()):
+                self.finish_copy(c, failure)
+            w.inflight.clear()
+            self.kill_worker(w)
+            a.worker = None
+        elif a.ex is not None:
+            for tok, sp in list(self.spawns.items()):
+                if sp[2] is a:
+                    del self.spawns[tok]
+                    ex = sp[0]
+                    ex.free_cpus += a.shape[0]
+                    ex.free_mem += a.shape[2]
+                    ex.free_gpus.extend(sp[1])
+        self.actors.pop(a.id, None)
+
+    # ---------------------------------------------------------------- outcomes
+    def finish(self, call, status, message, frames=None, deliver=True):
+        """Give a call its one outcome: send it to the driver, keep it for dependants."""
+        if call.state == DONE:
+            return
+        if frames is None:
+            frames = [P.pack_result(call.id, status), message or b""]
+        call.state = DONE
+        w = call.worker
+        if w is not None and w.inflight.pop(call.id, None) is not None:
+            if w.actor is None and not w.inflight:
+                self.release_worker(w)
+        self.calls.pop(call.id, None)
+        self.stats["completed"] += 1
+        if deliver and self.send([call.driver, P.C[P.RESULT], *frames]):
+            self.results[call.id] = [status, *frames]
+        waiting = self.waiters.pop(call.id, None)
+        if waiting:
+            kept = [status, *frames]
+            for c in waiting:
+                if c.state == DONE:
+                    continue
+                if status != P.OK:
+                    self.finish_copy(c, kept)
+                    continue
+                c.depv[call.id] = kept
+                c.missing -= 1
+                if c.missing == 0:
+                    if c.kind == P.TASK:
+                        self.enqueue(c)
+                    else:
+                        c.state = QUEUED
+                        a = self.actors.get(c.actor)
+                        if a is not None:
+                            self.pump_actor(a)
+
+    def finish_copy(self, call, outcome):
+        """Fail ``call`` with another call's failure (a failed dependency, a dead instance)."""
+        status, hdr = outcome[0], outcome[1]
+        _, _, nbuf, dur = P.unpack_result(hdr.bytes if hasattr(hdr, "bytes") else hdr)
+        self.finish(call, status, None, [P.pack_result(call.id, status, nbuf, dur), *outcome[2:]])
+
+    # ---------------------------------------------------------------- time
+    def expire(self, now):
+        while self.timeouts and self.timeouts[0][0] <= now:
+            _, _, call = heapq.heappop(self.timeouts)
+            if call.state != RUNNING or call.started + call.timeout > now + 1e-3:
+                continue
+            w = call.worker
+            self.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
+                                         f"its worker was killed and replaced".encode())
+            if w.actor is None:
+                self.kill_worker(w)
+
+    def tick(self, now):
+        for ex in list(self.executors.values()):
+            if now - ex.last_seen > HEARTBEAT_TIMEOUT:
+                self.lose_executor(ex, f"no heartbeat for {now - ex.last_seen:.1f}s")
+        if not self.executors and now - self.started > NO_EXECUTOR_GRACE:
+            msg = f"no executor joined this cluster within {NO_EXECUTOR_GRACE:g}s".encode()
+            for q in self.queues.values():
+                while q:
+                    c = q.popleft()
+                    if c.state == QUEUED:
+                        self.finish(c, P.UNSCHEDULABLE, msg)
+            for a in list(self.pending_actors):
+                self.kill_actor(a, msg, status=P.UNSCHEDULABLE)
+            self.pending_actors.clear()
+        elif self.executors:
+            for shape, q in list(self.queues.items()):
+                why = q and self.unschedulable(shape)
+                if why:
+                    while q:
+                        c = q.popleft()
+                        if c.state == QUEUED:
+                            self.finish(c, P.UNSCHEDULABLE, why.encode())
+        if self.parent_pid and not _alive(self.parent_pid):
+            log.info("parent process %d is gone; stopping", self.parent_pid)
+            self.running = False
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

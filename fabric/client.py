@@ -1,0 +1,444 @@
+"""A driver's connection to the broker: submit calls, receive results, complete Futures.
+
+Two DEALER sockets per driver: the user's threads *send* on ``d`` (under a lock, so a call
+costs no thread hand-off), and one IO thread *receives* on ``r``: results, worker output, and
+refusals. Results are kept as raw frames and unpickled lazily by whoever asks for them, so
+the IO thread does little per message.
+
+Ownership: the broker keeps each result until this driver says ``RELEASE``; the IO thread
+releases a result once it holds it, unless a call being submitted right now refers to it
+(``_pin``), in which case the release waits until that submit is on the wire. A Future that
+is already done when passed as an argument travels by value.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+
+import zmq
+
+from . import protocol as P
+from . import serde
+from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GetTimeout, ProtocolError,
+                     SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
+
+log = logging.getLogger("fabric.client")
+
+_ERRORS = {P.CRASHED: WorkerCrashed, P.TIMEOUT: TaskTimeout, P.CANCELLED: Cancelled,
+           P.UNSCHEDULABLE: Unschedulable, P.SERIALIZATION: SerializationError, P.ACTOR_DIED: ActorDied,
+           P.REFUSED: ProtocolError}
+_PENDING, _DONE = 0, 1
+_NOTHING = object()
+
+
+class Future:
+    """The eventual outcome of one call. ``result()``, ``done()``, ``cancel()``, ``await fut``."""
+
+    __slots__ = ("id", "_client", "_state", "_status", "_frames", "_value", "_callbacks", "label",
+                 "_shm", "_pin", "__weakref__")
+
+    def __init__(self, cid: bytes, client: "Client | None", label: str):
+        self.id = cid
+        self._client = client
+        self._state = _PENDING
+        self._status = None
+        self._frames = None
+        self._value = _NOTHING
+        self._callbacks = None
+        self.label = label
+        self._shm = None
+        self._pin = 0
+
+    def __repr__(self):
+        state = "pending" if self._state == _PENDING else ("ok" if self._status == P.OK else "failed")
+        return f"<fabric.Future {self.label} {state}>"
+
+    def __reduce__(self):
+        # Reached only when a Future is pickled outside a call's arguments (e.g. inside a result)
+        raise SerializationError("a fabric.Future can be passed as a call argument, but not stored inside "
+                                 "other pickled data; pass its result instead")
+
+    def done(self) -> bool:
+        return self._state == _DONE
+
+    def result(self, timeout: float | None = None):
+        """The call's return value; raises what the call raised, or a FabricError."""
+        if self._state != _DONE:
+            self._client.wait([self], 1, timeout)
+            if self._state != _DONE:
+                raise GetTimeout(f"{self.label} did not finish within {timeout}s (it keeps running)")
+        return self._outcome()
+
+    def exception(self, timeout: float | None = None):
+        try:
+            self.result(timeout)
+        except GetTimeout:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            return e
+        return None
+
+    def cancel(self) -> bool:
+        """Ask the cluster to cancel the call. False if it already finished. A queued call is
+        dropped; a running plain call has its worker killed; a running instance call finishes."""
+        if self._state == _DONE:
+            return False
+        self._client.cancel(self)
+        return True
+
+    def add_done_callback(self, fn):
+        """Call ``fn(future)`` when done (from fabric's IO thread, or at once if already done)."""
+        c = self._client
+        if c is not None:
+            with c.cond:
+                if self._state != _DONE:
+                    if self._callbacks is None:
+                        self._callbacks = []
+                    self._callbacks.append(fn)
+                    return
+        fn(self)
+
+    def __await__(self):
+        if self._state != _DONE:
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_):
+                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+            self.add_done_callback(wake)
+            yield from waiter.__await__()
+        return self._outcome()
+
+    def _outcome(self):
+        v = self._value
+        if v is _NOTHING:
+            v = self._value = self._decode()
+        if isinstance(v, _Raise):
+            raise v.exc
+        return v
+
+    def _decode(self):
+        frames, status = self._frames, self._status
+        try:
+            if status == P.OK:
+                return serde.loads_value(frames[2].buffer, [f.buffer for f in frames[3:]])
+            if status == P.USER_ERROR:
+                return _Raise(serde.loads_error(frames[2].buffer))
+            msg = frames[2].bytes.decode("utf-8", "replace")
+            return _Raise(_ERRORS.get(status, FabricError)(f"{self.label}: {msg}"))
+        except Exception as e:  # noqa: BLE001 - a result that cannot be rebuilt here
+            if status == P.OK:
+                return _Raise(SerializationError(f"the result of {self.label} cannot be unpickled here: "
+                                                 f"{type(e).__name__}: {e}"))
+            raise
+        finally:
+            self._frames = None
+
+
+class _Raise:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc):
+        self.exc = exc
+
+
+class ReadyFuture(Future):
+    """A Future that is done from birth (fabric.put): holds the object itself."""
+
+    __slots__ = ()
+
+    def __init__(self, cid, client, label, value):
+        super().__init__(cid, client, label)
+        self._state, self._status, self._value = _DONE, P.OK, value
+
+
+class Client:
+    def __init__(self, address: str, *, shm: bool = False, connect_timeout: float = 10.0, name: str = ""):
+        self.address = address
+        self.id = P.new_id()
+        self.ctx = zmq.Context()
+        did, rid = P.driver_ids(self.id)
+        self.d = self._socket(did)
+        self.r = self._socket(rid)
+        self.lock = threading.Lock()                   # the d socket, _pin, code_sent
+        self.cond = threading.Condition(threading.Lock())  # Future states
+        self.pending: dict[bytes, Future] = {}
+        self.code_sent: set[bytes] = set()
+        self.to_release: list[Future] = []
+        self.dropped: collections.deque[bytes] = collections.deque()  # ids of dropped put() objects
+        self.dropped_actors: collections.deque[bytes] = collections.deque()  # instances with no handle left
+        self._counter = itertools.count(1)
+        self.shm_dir = "/dev/shm" if shm and os.path.isdir("/dev/shm") else None
+        self.closed = False
+        self.log_to_driver = True
+        hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
+        self.d.send_multipart([P.C[P.HELLO], hello])
+        self.r.send_multipart([P.C[P.HELLO], hello])
+        for s in (self.d, self.r):
+            if not s.poll(connect_timeout * 1000):
+                self._close_sockets()
+                raise ConnectionFailed(f"no fabric broker answered at {address} within {connect_timeout:g}s; "
+                                       f"is the cluster running (`fabric start`)?")
+            msg = s.recv_multipart()
+            if P.command_of(msg[0]) != P.WELCOME:
+                self._close_sockets()
+                raise ConnectionFailed(f"the broker at {address} refused this driver: {msg[-1][:200]!r}")
+        self.io = threading.Thread(target=self._io_loop, name="fabric-io", daemon=True)
+        self.io.start()
+
+    def _socket(self, ident):
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, ident)
+        s.setsockopt(zmq.LINGER, 1000)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.connect(self.address)
+        return s
+
+    # ------------------------------------------------------------------ submitting
+    def new_id(self) -> bytes:
+        return self.id + next(self._counter).to_bytes(8, "big")
+
+    def submit(self, kind, code_blob, code_hash, args, kwargs, *, actor_id=P.NO_ID, cpus=1.0, gpus=0.0,
+               memory=0, retries=0, timeout=0.0, flags=0, label="call") -> Future:
+        if self.closed:
+            raise ConnectionFailed("this fabric client is shut down; call fabric.init() again")
+        cid = self.new_id()
+        deps: list[Future] = []
+        shm_paths: list[str] = []
+        try:
+            payload, bufs = serde.dumps_args(args, kwargs, ref_type=Future, on_ref=lambda f: self._ref(f, deps),
+                                             shm_dir=self.shm_dir, shm_paths=shm_paths)
+        except BaseException:
+            self._unpin(deps)
+            _unlink(shm_paths)
+            raise
+        fut = Future(cid, self, label)
+        if shm_paths:
+            fut._shm = shm_paths
+        hdr = P.pack_call(cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
+                          float(timeout or 0.0), len(bufs), flags)
+        dep_ids = b"".join(f.id for f in deps)
+        self.pending[cid] = fut
+        with self.lock:
+            code = b""
+            if code_blob is not None and code_hash not in self.code_sent:
+                code = code_blob
+                self.code_sent.add(code_hash)
+            self.d.send_multipart([P.C[P.SUBMIT], hdr, code, dep_ids, payload, *bufs], copy=False)
+            for f in deps:
+                f._pin -= 1
+        return fut
+
+    def _ref(self, f: Future, deps: list):
+        """How a Future inside arguments is pickled: by value if done, else as a reference."""
+        if f._client is not self:
+            if f._client is None or f._state == _DONE:
+                return _identity, (f.result(),)
+            raise SerializationError("a Future from another fabric connection cannot be passed to this one")
+        with self.lock:
+            if f._state != _DONE:
+                f._pin += 1
+                deps.append(f)
+                return serde._dep, (f.id,)
+        if f._status == P.OK:
+            return _identity, (f._outcome(),)
+        f._outcome()  # a failed argument: the call fails at once, with the argument's error
+
+    def _unpin(self, deps):
+        with self.lock:
+            for f in deps:
+                f._pin -= 1
+
+    def put(self, value) -> Future:
+        cid = self.new_id()
+        payload, bufs = serde.dumps_value(value)
+        with self.lock:
+            self.d.send_multipart([P.C[P.PUT], P.pack_result(cid, P.OK, len(bufs)), payload, *bufs], copy=False)
+        fut = ReadyFuture(cid, self, "fabric.put", value)
+        # the IO thread sends the release: a finalizer may run inside any send, on any thread
+        weakref.finalize(fut, self.dropped.append, cid)
+        return fut
+
+    def cancel(self, fut: Future):
+        with self.lock:
+            self.d.send_multipart([P.C[P.CANCEL], fut.id])
+
+    def kill_actor(self, actor_id: bytes, now: bool):
+        if self.closed:
+            return
+        with self.lock:
+            self.d.send_multipart([P.C[P.KILL_ACTOR], actor_id, b"1" if now else b"0"])
+
+    def status(self, timeout=5.0) -> dict:
+        """The broker's view of the cluster (what ``fabric status`` prints)."""
+        return request(self.address, P.STATUS, timeout=timeout, ctx=self.ctx)
+
+    # ------------------------------------------------------------------ waiting
+    def wait(self, futures, num_returns, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while True:
+                n = sum(1 for f in futures if f._state == _DONE)
+                if n >= num_returns:
+                    return
+                if self.closed:
+                    raise ConnectionFailed("the fabric client was shut down while waiting for results")
+                if deadline is None:
+                    self.cond.wait(1.0)
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    self.cond.wait(min(left, 1.0))
+
+    # ------------------------------------------------------------------ the IO thread
+    def _io_loop(self):
+        r = self.r
+        pending = self.pending
+        result_cmd, log_cmd = P.C[P.RESULT], P.C[P.LOG]
+        while not self.closed:
+            try:
+                if not r.poll(100):
+                    if self.to_release or self.dropped or self.dropped_actors:
+                        self._flush_releases()
+                    continue
+                batch = []
+                for _ in range(1000):
+                    try:
+                        batch.append(r.recv_multipart(zmq.NOBLOCK, copy=False))
+                    except zmq.Again:
+                        break
+            except zmq.ZMQError:
+                if self.closed:
+                    return
+                raise
+            done = []
+            for frames in batch:
+                c = frames[0].bytes
+                if c == result_cmd:
+                    continue
+                if c == log_cmd:
+                    if self.log_to_driver:
+                        self._print_output(frames[1].bytes, frames[2].bytes)
+                elif c == P.C[P.ERROR]:
+                    log.warning("the broker refused a message: %s", frames[1].bytes.decode("utf-8", "replace"))
+            with self.cond:
+                for frames in batch:
+                    if frames[0].bytes != result_cmd:
+                        continue
+                    hdr = frames[1].bytes
+                    fut = pending.pop(hdr[:16], None)
+                    if fut is None:
+                        continue
+                    fut._frames = frames
+                    fut._status = hdr[16]
+                    fut._state = _DONE
+                    done.append(fut)
+                self.cond.notify_all()
+            for fut in done:
+                if fut._shm:
+                    _unlink(fut._shm)
+                    fut._shm = None
+                if fut._callbacks:
+                    for cb in fut._callbacks:
+                        try:
+                            cb(fut)
+                        except Exception:  # noqa: BLE001
+                            log.exception("a Future callback raised")
+                    fut._callbacks = None
+            self.to_release.extend(done)
+            self._flush_releases()
+
+    def _flush_releases(self):
+        keep, ids = [], []
+        while self.dropped:
+            ids.append(self.dropped.popleft())
+        with self.lock:
+            for f in self.to_release:
+                (keep if f._pin else ids).append(f if f._pin else f.id)
+            self.to_release = keep
+            if self.closed:
+                return
+            if ids:
+                self.d.send_multipart([P.C[P.RELEASE], b"".join(ids)])
+            while self.dropped_actors:
+                self.d.send_multipart([P.C[P.KILL_ACTOR], self.dropped_actors.popleft(), b"0"])
+
+    def _print_output(self, source: bytes, text: bytes):
+        prefix = "(" + source.decode("utf-8", "replace") + ") "
+        lines = text.decode("utf-8", "replace").splitlines()
+        out = sys.stdout
+        try:
+            out.write("".join(prefix + line + "\n" for line in lines))
+            out.flush()
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ closing
+    def close(self):
+        if self.closed:
+            return
+        try:
+            with self.lock:
+                self.d.send_multipart([P.C[P.BYE]], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.closed = True
+        with self.cond:
+            self.cond.notify_all()
+        self.io.join(2)
+        for f in list(self.pending.values()):
+            if f._shm:
+                _unlink(f._shm)
+        self._close_sockets()
+
+    def _close_sockets(self):
+        self.d.close(linger=500)
+        self.r.close(linger=0)
+        self.ctx.term()
+
+
+def _identity(x):
+    return x
+
+
+def _unlink(paths):
+    for p in paths:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+
+
+def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:
+    """One control request (STATUS, SHUTDOWN) from a throwaway socket; a dict reply or {}."""
+    own = ctx is None
+    ctx = ctx or zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.ROUTING_ID, b"c" + P.new_id())
+    s.setsockopt(zmq.LINGER, 1000)
+    s.connect(address)
+    try:
+        s.send_multipart([P.C[command]])
+        if command == P.SHUTDOWN:
+            return {}
+        if not s.poll(timeout * 1000):
+            raise ConnectionFailed(f"no fabric broker answered at {address} within {timeout:g}s")
+        msg = s.recv_multipart()
+        if P.command_of(msg[0]) == P.ERROR:
+            raise ProtocolError(msg[1].decode("utf-8", "replace"))
+        return P.loads_json(msg[1])
+    finally:
+        s.close()
+        if own:
+            ctx.term()

@@ -1,0 +1,67 @@
+"""The exceptions a fabric user can see.
+
+Every error fabric itself raises derives from :class:`FabricError`. An exception raised by
+user code on the cluster is re-raised on the driver with its own type; its remote traceback
+hangs off ``__cause__`` as a :class:`RemoteTraceback`, as in ``concurrent.futures``.
+This module is a leaf: every layer may import it.
+"""
+
+
+class FabricError(Exception):
+    """Base class of every error raised by fabric itself."""
+
+
+class WorkerCrashed(FabricError):
+    """The process running the call died (signal, ``os._exit``) and its retries are spent."""
+
+
+class ActorDied(WorkerCrashed):
+    """The process hosting a ``@fabric.cls`` instance died, was killed, or its ``__init__`` failed."""
+
+
+class TaskTimeout(FabricError, TimeoutError):
+    """The call ran longer than its ``timeout=``; its worker was killed and replaced."""
+
+
+class GetTimeout(FabricError, TimeoutError):
+    """``result(timeout=...)``/``fabric.get(..., timeout=...)`` gave up waiting; the call goes on."""
+
+
+class Cancelled(FabricError):
+    """The call was cancelled before it produced a result."""
+
+
+class SerializationError(FabricError):
+    """An argument or a result cannot be pickled; the message names the offending value's type."""
+
+
+class Unschedulable(FabricError):
+    """No executor of the cluster can ever satisfy the call's resource request."""
+
+
+class RemoteError(FabricError):
+    """User code raised an exception whose type cannot be rebuilt on this side."""
+
+    def __init__(self, type_name: str, message: str, traceback_text: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_traceback = traceback_text
+
+
+class ConnectionFailed(FabricError):
+    """The driver cannot reach (or lost) the broker."""
+
+
+class ProtocolError(FabricError):
+    """A peer sent a message that does not follow ``docs/protocol.md``."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the text of a traceback from the worker; set as ``__cause__`` of re-raised errors."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return "\n\nRemote traceback:\n" + self.tb

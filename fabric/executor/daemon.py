@@ -1,0 +1,208 @@
+"""The executor daemon: one per host. It tells the broker what the host offers, runs the
+worker processes, and reports their deaths; it never sees a call.
+
+On start it sends ``EXEC_HELLO`` (cpus, gpus, memory, host, labels) and forks one *pool*
+worker per CPU. The broker may ask it to ``SPAWN`` a dedicated worker (an instance of a
+``@fabric.cls``, or a GPU call's worker with ``CUDA_VISIBLE_DEVICES`` set) or to
+``KILL_WORKER`` (timeout, cancel). A worker that exits is reported with ``WORKER_DIED``, so the
+broker can retry what it was running; a pool worker is replaced at once. A heartbeat every
+second lets the broker notice a silent host. Worker output and this daemon's log go to one
+file per executor.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import zmq
+
+from .. import protocol as P
+from ..resources import parse_memory
+from .gpus import detect_gpus, parse_gpu_list
+
+log = logging.getLogger("fabric.executor")
+
+HEARTBEAT_EVERY = float(os.environ.get("FABRIC_HEARTBEAT_EVERY", 1.0))
+
+
+class ExecutorDaemon:
+    def __init__(self, broker: str, cpus=None, gpus=None, memory=None, labels=None, parent_pid=0,
+                 log_file=None, prefetch=None, ident: bytes | None = None):
+        self.broker = broker
+        self.id = ident or P.new_id()
+        self.cpus = float(cpus if cpus is not None else (os.cpu_count() or 1))
+        self.gpus = list(gpus) if gpus is not None else detect_gpus()
+        if memory is None:
+            import psutil
+
+            memory = psutil.virtual_memory().total
+        self.memory = int(memory)
+        self.labels = dict(labels or {})
+        self.parent_pid = parent_pid
+        self.log_file = log_file
+        self.prefetch = int(prefetch or os.environ.get("FABRIC_PREFETCH", 4))
+        self.procs: dict[int, tuple] = {}   # n -> (Popen, kind, token)
+        self.counter = itertools.count(1)
+        self.running = True
+        self.ctx = zmq.Context()
+        self.sock = None
+
+    def hello(self):
+        info = {"cpus": self.cpus, "gpus": self.gpus, "memory": self.memory, "host": socket.gethostname(),
+                "labels": self.labels, "pid": os.getpid()}
+        self.sock.send_multipart([P.C[P.EXEC_HELLO], P.dumps_json(info)])
+
+    def connect(self):
+        s = self.sock = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, b"e" + self.id)
+        s.setsockopt(zmq.LINGER, 500)
+        s.connect(self.broker)
+        self.hello()
+
+    def serve(self):
+        self.connect()
+        pool = max(1, int(self.cpus))
+        for _ in range(pool):
+            self.start_worker("pool")
+        log.info("executor %s: %g cpus, gpus %s, %d MiB, %d pool workers, broker %s",
+                 self.id.hex(), self.cpus, self.gpus, self.memory >> 20, pool, self.broker)
+        next_beat = 0.0
+        try:
+            while self.running:
+                if self.sock.poll(50):
+                    while True:
+                        try:
+                            frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self.handle(frames)
+                self.reap()
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + HEARTBEAT_EVERY
+                    self.sock.send_multipart([P.C[P.HEARTBEAT], b"{}"])
+                    if self.parent_pid and not _alive(self.parent_pid):
+                        log.info("parent %d is gone; stopping", self.parent_pid)
+                        self.running = False
+        finally:
+            self.stop()
+
+    def handle(self, frames):
+        try:
+            c = P.command_of(frames[0])
+        except Exception as e:  # noqa: BLE001
+            log.warning("ignored a malformed message from the broker: %s", e)
+            return
+        if c == P.SPAWN:
+            req = P.loads_json(frames[1])
+            self.start_worker("spawned", token=str(req["token"]), gpus=req.get("gpus") or [])
+        elif c == P.KILL_WORKER:
+            wid = frames[1]
+            for n, (p, _, _) in self.procs.items():
+                if P.worker_id(self.id, n) == wid:
+                    p.kill()
+        elif c == P.EXEC_SHUTDOWN:
+            self.running = False
+        elif c == P.ERROR:
+            msg = frames[1].decode(errors="replace")
+            log.warning("broker: %s", msg)
+            if "EXEC_HELLO" in msg:  # the broker restarted and forgot us
+                self.hello()
+
+    def start_worker(self, kind, token=None, gpus=()):
+        n = next(self.counter)
+        env = dict(os.environ)
+        env["FABRIC_ADDRESS"] = self.broker  # nested .remote() calls join this cluster
+        env.pop("FABRIC_STORE_SECRET", None)
+        if kind == "pool" and self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU calls must not grab a GPU
+        elif gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        cmd = [sys.executable, "-m", "fabric.executor.worker", "--broker", self.broker,
+               "--executor-id", self.id.hex(), "--n", str(n), "--kind", kind,
+               "--credit", str(self.prefetch if kind == "pool" else 1)]
+        if token is not None:
+            cmd += ["--token", token]
+        out = open(self.log_file, "ab") if self.log_file else None
+        try:
+            p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            if out:
+                out.close()
+        self.procs[n] = (p, kind, token)
+
+    def reap(self):
+        for n, (p, kind, token) in list(self.procs.items()):
+            rc = p.poll()
+            if rc is None:
+                continue
+            del self.procs[n]
+            if not self.running:
+                continue
+            info = {"exitcode": rc}
+            if token is not None:
+                info["token"] = token
+            log.info("worker %d (pid %d) exited with %s", n, p.pid, rc)
+            self.sock.send_multipart([P.C[P.WORKER_DIED], P.worker_id(self.id, n), P.dumps_json(info)])
+            if kind == "pool":
+                self.start_worker("pool")
+
+    def stop(self):
+        self.running = False
+        procs = [p for p, _, _ in self.procs.values()]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 2
+        for p in procs:
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        try:
+            self.sock.send_multipart([P.C[P.EXEC_BYE]], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.sock.close(linger=200)
+        self.ctx.term()
+        log.info("executor %s stopped", self.id.hex())
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fabric.executor")
+    ap.add_argument("--broker", required=True)
+    ap.add_argument("--cpus", type=float)
+    ap.add_argument("--gpus", help="comma-separated device numbers (default: detect)")
+    ap.add_argument("--memory")
+    ap.add_argument("--label", action="append", default=[])
+    ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--log-file")
+    a = ap.parse_args(argv)
+    logging.basicConfig(filename=a.log_file, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s executor: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
+    labels = dict(kv.split("=", 1) for kv in a.label)
+    d = ExecutorDaemon(a.broker, cpus=a.cpus, gpus=parse_gpu_list(a.gpus) if a.gpus is not None else None,
+                       memory=parse_memory(a.memory) if a.memory else None, labels=labels,
+                       parent_pid=a.parent_pid, log_file=a.log_file)
+    d.serve()
+    return 0

@@ -1,0 +1,288 @@
+"""A worker process: the "container" that runs calls.
+
+Started by its executor daemon (``python -m fabric.executor.worker``), it connects straight to
+the broker with a DEALER socket and runs the calls the broker sends it, in arrival order, on
+its main thread. It caches function code by content hash, so code crosses the wire once per
+worker. A *pool* worker runs any function; a *spawned* worker hosts one ``@fabric.cls``
+instance (kept warm between calls, ``concurrency=N`` calls at once on a thread pool) or runs
+calls pinned to a set of GPUs (``CUDA_VISIBLE_DEVICES`` fixed when the process starts, before
+any CUDA library can read it).
+
+What user code prints goes to the executor's log file and, prefixed, to the driver that made
+the call: flushed on the worker's socket before the call's result (so it reaches the driver
+first) and every 100 ms from a second socket during long calls; at most ``LOG_RATE`` bytes/s.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import inspect
+import os
+import signal
+import sys
+import threading
+import time
+
+import zmq
+
+from .. import protocol as P
+from .. import serde
+from ..errors import SerializationError
+
+LOG_RATE = int(os.environ.get("FABRIC_LOG_RATE", 256 * 1024))  # bytes per second per worker
+
+
+def _die_with_parent():
+    """Ask Linux to SIGKILL us when our executor dies, so no worker outlives its cluster."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class OutputChannel:
+    """Collects what user code prints and ships it to the drivers, rate-limited."""
+
+    def __init__(self, ctx, address, ident, tee):
+        self.lock = threading.Lock()
+        self.parts: dict[tuple, list] = {}   # (driver id, source) -> [text]
+        self.tee = tee
+        self.ctx, self.address, self.ident = ctx, address, ident
+        self.allowance, self.stamp, self.dropped = LOG_RATE, time.monotonic(), 0
+        self.local = threading.local()
+        self.sock = None
+        threading.Thread(target=self._flusher, name="fabric-output", daemon=True).start()
+
+    def write(self, text):
+        ctx = getattr(self.local, "ctx", None)
+        if ctx is None or not text:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.allowance = min(LOG_RATE, self.allowance + (now - self.stamp) * LOG_RATE)
+            self.stamp = now
+            if len(text) > self.allowance:
+                self.dropped += len(text)
+                return
+            self.allowance -= len(text)
+            self.parts.setdefault(ctx, []).append(text)
+
+    def take(self):
+        with self.lock:
+            parts, self.parts = self.parts, {}
+            dropped, self.dropped = self.dropped, 0
+        out = []
+        for (did, source), texts in parts.items():
+            text = "".join(texts)
+            if dropped:
+                text += f"[fabric: {dropped} bytes of output dropped: over {LOG_RATE} bytes/s]\n"
+                dropped = 0
+            out.append([P.C[P.WLOG], did, source, text.encode("utf-8", "replace")])
+        return out
+
+    def flush_on(self, sock):
+        for msg in self.take():
+            sock.send_multipart(msg)
+
+    def _flusher(self):
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.ident)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.connect(self.address)
+        while True:
+            time.sleep(0.1)
+            self.flush_on(sock)
+
+
+class _Tee:
+    """sys.stdout/sys.stderr replacement: the log file gets everything, the driver its share."""
+
+    def __init__(self, stream, channel):
+        self.stream, self.channel = stream, channel
+
+    def write(self, s):
+        self.channel.write(s)
+        return self.stream.write(s)
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class Worker:
+    def __init__(self, address, executor_id: bytes, n: int, kind="pool", token=None, credit=1):
+        self.address = address
+        self.ident = P.worker_id(executor_id, n)
+        self.ctx = zmq.Context()
+        s = self.sock = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.ROUTING_ID, self.ident)
+        s.setsockopt(zmq.LINGER, 1000)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.RCVHWM, 0)
+        s.connect(address)
+        self.kind, self.token, self.credit = kind, token, credit
+        self.code: dict[bytes, object] = {}
+        self.instance = None
+        self.label = f"pid={os.getpid()}"
+        self.pool = None            # thread pool of a concurrent instance
+        self.results_in = None      # where that pool's threads hand their results to the main loop
+        self.polled = set()
+        self.loop = None            # event loop for async functions and methods
+        self.output = OutputChannel(self.ctx, address, P.log_id(executor_id, n), sys.stdout)
+        sys.stdout = _Tee(sys.stdout, self.output)
+        sys.stderr = _Tee(sys.stderr, self.output)
+        self.ppid = os.getppid()
+
+    def serve(self):
+        ready = {"kind": self.kind, "pid": os.getpid(), "credit": self.credit}
+        if self.token is not None:
+            ready["token"] = self.token
+        self.sock.send_multipart([P.C[P.READY], P.dumps_json(ready)])
+        sock = self.sock
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while True:
+            if self.results_in is not None and self.results_in not in self.polled:
+                poller.register(self.results_in, zmq.POLLIN)  # a concurrent instance started
+                self.polled.add(self.results_in)
+            events = dict(poller.poll(1000))
+            if not events:
+                if os.getppid() != self.ppid:
+                    return  # our executor is gone
+                continue
+            if sock in events:
+                frames = sock.recv_multipart(copy=False)
+                if frames[0].bytes == P.C[P.CALL]:
+                    if self.pool is not None:
+                        self.pool.submit(self.run_threaded, frames)
+                    else:
+                        sock.send_multipart(self.run(frames), copy=False)
+                # anything else is not for workers; the broker never sends it
+            if self.results_in is not None and self.results_in in events:
+                while True:  # results and output of the instance's threads, sent from this thread
+                    try:
+                        sock.send_multipart(self.results_in.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                    except zmq.Again:
+                        break
+
+    # --------------------------------------------------------------- running one call
+    def run(self, frames):
+        hdr = frames[1].bytes
+        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags = P.CALL_HDR.unpack(hdr)
+        t0 = time.perf_counter()
+        source = self.label
+        try:
+            code = frames[2].bytes
+            if code:
+                self.code[code_hash] = serde.load_code(code)
+            deps = None
+            dep_ids = frames[3].bytes
+            if dep_ids:
+                deps, i = {}, 5 + nbuf
+                for d in P.split_ids(dep_ids):
+                    _, _, dn, _ = P.unpack_result(frames[i].bytes)
+                    deps[d] = serde.loads_value(frames[i + 1].buffer, [f.buffer for f in frames[i + 2:i + 2 + dn]])
+                    i += 2 + dn
+            args, kwargs = serde.loads_args(frames[4].buffer, [f.buffer for f in frames[5:5 + nbuf]], deps)
+            if kind == P.TASK:
+                fn = self.code[code_hash]
+                source = f"{getattr(fn, '__name__', 'fn')} {self.label}"
+                self.output.local.ctx = (cid[:8], source.encode())
+                value = fn(*args, **kwargs)
+            elif kind == P.ACTOR_CALL:
+                name, args = args[0], args[1:]
+                source = f"{type(self.instance).__name__}.{name} {self.label}"
+                self.output.local.ctx = (cid[:8], source.encode())
+                value = getattr(self.instance, name)(*args, **kwargs)
+            else:
+                value = self.create(self.code[code_hash], args, kwargs, flags, cid)
+            if inspect.isawaitable(value):
+                value = self.await_(value)
+        except BaseException as e:  # noqa: BLE001 - everything user code raises goes back to the caller
+            return self.reply_error(cid, e, t0)
+        finally:
+            self.output.local.ctx = None
+        try:
+            payload, bufs = serde.dumps_value(value)
+        except SerializationError as e:
+            return [P.C[P.DONE], P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
+                    f"the result of {source.split(' ')[0]} cannot be pickled: {e}".encode()]
+        out = [P.C[P.DONE], P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0), payload, *bufs]
+        self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
+        return out
+
+    def reply_error(self, cid, e, t0):
+        self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
+        return [P.C[P.DONE], P.pack_result(cid, P.USER_ERROR, 0, time.perf_counter() - t0), serde.dumps_error(e)]
+
+    def create(self, cls, args, kwargs, concurrency, cid):
+        """Build the instance, run its @fabric.enter methods, start its thread pool if concurrent."""
+        self.label = f"pid={os.getpid()}"
+        self.output.local.ctx = (cid[:8], f"{cls.__name__} {self.label}".encode())
+        self.instance = cls(*args, **kwargs)
+        for name in dir(type(self.instance)):
+            attr = getattr(type(self.instance), name, None)
+            if callable(attr) and getattr(attr, "__fabric_enter__", False):
+                r = getattr(self.instance, name)()
+                if inspect.isawaitable(r):
+                    self.await_(r)
+        if concurrency > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="fabric-call")
+            self.tls = threading.local()
+            results_in = self.ctx.socket(zmq.PULL)
+            results_in.bind(f"inproc://results-{id(self)}")
+            self.results_in = results_in
+        return None
+
+    def await_(self, aw):
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            if self.pool is not None:
+                threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        if self.pool is not None:
+            return asyncio.run_coroutine_threadsafe(_as_coro(aw), self.loop).result()
+        return self.loop.run_until_complete(aw)
+
+    # --------------------------------------------------------------- concurrent instances
+    def thread_sock(self):
+        s = getattr(self.tls, "sock", None)
+        if s is None:
+            s = self.tls.sock = self.ctx.socket(zmq.PUSH)
+            s.connect(f"inproc://results-{id(self)}")
+        return s
+
+    def run_threaded(self, frames):
+        out = self.run(frames)
+        self.thread_sock().send_multipart(out, copy=False)
+
+
+async def _as_coro(aw):
+    return await aw
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fabric.executor.worker")
+    ap.add_argument("--broker", required=True)
+    ap.add_argument("--executor-id", required=True)
+    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--kind", default="pool", choices=["pool", "spawned"])
+    ap.add_argument("--token")
+    ap.add_argument("--credit", type=int, default=1)
+    a = ap.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver's terminal
+    w = Worker(a.broker, bytes.fromhex(a.executor_id), a.n, a.kind, a.token, a.credit)
+    try:
+        w.serve()
+    finally:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The wire format: every byte fabric puts on a ZeroMQ socket is framed here, and only here.
+
+Spec, frame by frame: ``docs/protocol.md``. Summary: every message is a multipart ZeroMQ
+message whose first frame is a 4-byte command frame ``b"FB" + VERSION + command``. The
+broker binds one ROUTER socket; every peer connects a DEALER whose routing id names its role:
+
+    d<driver-id:8>   a driver's submit socket      r<driver-id:8>   the same driver's result socket
+    e<executor-id:8> an executor daemon            w<executor-id:8><n:4>  a worker process
+    l<executor-id:8><n:4> that worker's log socket c<random:8>      a control client (CLI)
+
+Call headers are fixed-size ``struct`` records, so the broker routes without unpickling
+anything: argument, code and result frames pass through it untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+from .errors import ProtocolError
+
+VERSION = 1
+SIG = b"FB" + bytes([VERSION])
+
+# --- commands -------------------------------------------------------------------------------
+# driver -> broker
+HELLO = 1         # [cmd, json]                      register a driver socket (both d and r send it)
+SUBMIT = 2        # [cmd, call-hdr, code, deps, payload, *buffers]
+CANCEL = 3        # [cmd, ids]                       ids: concatenated 16-byte call ids
+RELEASE = 4       # [cmd, ids]                       the driver holds these results now / dropped them
+PUT = 5           # [cmd, result-hdr, payload, *buffers]   store an object under a driver-made id
+KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
+BYE = 7           # [cmd]                            the driver is going away
+STATUS = 8        # [cmd]                            -> STATUS_REPLY
+SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients only)
+# broker -> driver
+WELCOME = 20      # [cmd, json]
+RESULT = 21       # [cmd, result-hdr, payload, *buffers]
+LOG = 22          # [cmd, source, text]              worker output for this driver
+ERROR = 23        # [cmd, text]                      a message of this peer was refused
+STATUS_REPLY = 24 # [cmd, json]
+# executor -> broker
+EXEC_HELLO = 40   # [cmd, json]                      resources: cpus, gpus, memory, host, labels
+HEARTBEAT = 41    # [cmd, json]
+WORKER_DIED = 42  # [cmd, worker-id, json]
+EXEC_BYE = 43     # [cmd]
+# broker -> executor
+SPAWN = 50        # [cmd, json]                      start a worker: {"actor": hex|None, "gpus": [..]}
+KILL_WORKER = 51  # [cmd, worker-id]
+EXEC_SHUTDOWN = 52  # [cmd]
+# worker -> broker
+READY = 60        # [cmd, json]                      {"actor": hex|None, "credit": n, "pid": p}
+DONE = 61         # [cmd, result-hdr, payload, *buffers]
+WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
+# broker -> worker
+CALL = 70         # [cmd, call-hdr, code, deps, payload, *buffers, *dep-blobs]
+                  # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order
+
+NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
+
+
+def cmd(c: int) -> bytes:
+    return SIG + bytes([c])
+
+
+C = {c: cmd(c) for c in NAMES}  # pre-built command frames
+
+# --- call header ----------------------------------------------------------------------------
+# call_id 16s  driver id (8) + counter (8): unique per driver, so replays are recognisable
+# code_hash 16s  blake2b-128 of the cloudpickled function/class; zero for method calls
+# kind B  TASK | ACTOR_NEW | ACTOR_CALL
+# actor_id 16s  zero for plain tasks
+# cpus d, gpus d, memory Q (bytes), retries h, timeout d (seconds, 0 = none), nbuf H, flags B
+CALL_HDR = struct.Struct("<16s16sB16sddQhdHB")
+TASK, ACTOR_NEW, ACTOR_CALL = 0, 1, 2
+NO_ID = bytes(16)
+
+# --- result header --------------------------------------------------------------------------
+# call_id 16s, status B, nbuf H, duration d (seconds the call ran on the worker)
+RESULT_HDR = struct.Struct("<16sBHd")
+OK = 0            # payload: pickled value
+USER_ERROR = 1    # payload: pickled (exception | None, type name, message, traceback text)
+CRASHED = 2       # payload: utf-8 message (this and below are made by the broker)
+TIMEOUT = 3
+CANCELLED = 4
+UNSCHEDULABLE = 5
+SERIALIZATION = 6  # payload: utf-8 message (made by a worker that could not pickle a result)
+ACTOR_DIED = 7
+REFUSED = 8       # the call itself was malformed
+
+ID_LEN = 16
+
+
+def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags=0) -> bytes:
+    return CALL_HDR.pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags)
+
+
+def unpack_call(b):
+    if len(b) != CALL_HDR.size:
+        raise ProtocolError(f"call header must be {CALL_HDR.size} bytes, got {len(b)}")
+    return CALL_HDR.unpack(b)
+
+
+def pack_result(call_id: bytes, status: int, nbuf: int = 0, duration: float = 0.0) -> bytes:
+    return RESULT_HDR.pack(call_id, status, nbuf, duration)
+
+
+def unpack_result(b):
+    if len(b) != RESULT_HDR.size:
+        raise ProtocolError(f"result header must be {RESULT_HDR.size} bytes, got {len(b)}")
+    return RESULT_HDR.unpack(b)
+
+
+def command_of(frame0: bytes) -> int:
+    """The command of a message, or ProtocolError when the first frame is not ours."""
+    if len(frame0) != 4 or frame0[:3] != SIG:
+        if len(frame0) >= 3 and frame0[:2] == b"FB":
+            raise ProtocolError(f"protocol version {frame0[2]} is not supported (this side speaks {VERSION})")
+        raise ProtocolError("not a fabric message (first frame must be b'FB' + version + command)")
+    c = frame0[3]
+    if c not in NAMES:
+        raise ProtocolError(f"unknown command {c}")
+    return c
+
+
+def split_ids(b: bytes) -> list[bytes]:
+    if len(b) % ID_LEN:
+        raise ProtocolError(f"id list length {len(b)} is not a multiple of {ID_LEN}")
+    return [b[i:i + ID_LEN] for i in range(0, len(b), ID_LEN)]
+
+
+def dumps_json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def loads_json(b: bytes) -> dict:
+    try:
+        obj = json.loads(bytes(b))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed json frame: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("json frame must hold an object")
+    return obj
+
+
+# --- identities -----------------------------------------------------------------------------
+def new_id(n: int = 8) -> bytes:
+    return os.urandom(n)
+
+
+def driver_ids(driver_id: bytes) -> tuple[bytes, bytes]:
+    """(submit socket id, result socket id) of a driver."""
+    return b"d" + driver_id, b"r" + driver_id
+
+
+def worker_id(executor_id: bytes, n: int) -> bytes:
+    return b"w" + executor_id + n.to_bytes(4, "big")
+
+
+def log_id(executor_id: bytes, n: int) -> bytes:
+    return b"l" + executor_id + n.to_bytes(4, "big")

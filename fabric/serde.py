@@ -1,0 +1,175 @@
+"""Payload (de)serialisation: what goes *inside* the frames that ``protocol`` lays out.
+
+- Code (functions, classes) is cloudpickled once and keyed by its content hash.
+- Data uses pickle protocol 5 with out-of-band buffers: numpy/arrow buffers become separate
+  frames that ZeroMQ sends without copying. cloudpickle is the pickler, so lambdas and classes
+  defined in ``__main__`` travel by value; plain pickle is the fast path for simple arguments.
+- On one host, numpy arrays above ``SHM_THRESHOLD`` go through a shared-memory file instead of
+  the sockets: one copy in, a private mapping out. The driver that wrote the file unlinks it once
+  the call has its outcome.
+- Futures inside arguments become references (``_dep``) that the worker resolves from the
+  results the broker attached to the call; the broker itself never unpickles anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import mmap
+import os
+import pickle
+import socket
+import threading
+import traceback
+
+import cloudpickle
+
+from .errors import RemoteError, RemoteTraceback, SerializationError
+
+SHM_THRESHOLD = int(os.environ.get("FABRIC_SHM_THRESHOLD", 1 << 20))
+HOST = socket.gethostname()
+_SIMPLE = (int, float, str, bytes, bool, type(None))
+
+
+def code_blob(obj) -> tuple[bytes, bytes]:
+    """(cloudpickled code, its 16-byte content hash)."""
+    blob = cloudpickle.dumps(obj, protocol=5)
+    return blob, hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def load_code(blob) -> object:
+    return cloudpickle.loads(blob)
+
+
+# --- worker-side resolution of references ------------------------------------------------
+_deps = threading.local()
+
+
+def _dep(call_id: bytes):
+    """Unpickled on the worker in place of a Future: the dependency's value."""
+    try:
+        return _deps.values[call_id]
+    except (AttributeError, KeyError):
+        raise SerializationError("a Future argument was not resolved on the cluster") from None
+
+
+def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool):
+    import numpy as np
+
+    if host != HOST:
+        raise SerializationError(f"array in shared memory on host {host!r} cannot be read on {HOST!r}")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
+    arr = np.frombuffer(mm, dtype=np.dtype(dtype))
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+class ArgPickler(cloudpickle.Pickler):
+    """cloudpickle with two hooks: Futures become references, big arrays go to shared memory."""
+
+    def __init__(self, file, buffers, ref_type=None, on_ref=None, shm_dir=None, shm_paths=None):
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.ref_type, self.on_ref = ref_type, on_ref
+        self.shm_dir, self.shm_paths = shm_dir, shm_paths
+
+    def reducer_override(self, obj):
+        t = type(obj)
+        if t is self.ref_type:
+            return self.on_ref(obj)
+        if self.shm_dir is not None and t.__name__ == "ndarray" and t.__module__ == "numpy":
+            if obj.nbytes >= SHM_THRESHOLD and not obj.dtype.hasobject:
+                return self._to_shm(obj)
+        return super().reducer_override(obj)
+
+    def _to_shm(self, arr):
+        import numpy as np
+
+        fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous
+        if not (arr.flags.c_contiguous or fortran):
+            arr = np.ascontiguousarray(arr)
+        path = os.path.join(self.shm_dir, f"fabric-{os.getpid()}-{os.urandom(6).hex()}")
+        with open(path, "wb", buffering=0) as f:
+            view = memoryview(arr.reshape(-1, order="F" if fortran else "C")).cast("B")
+            while view:
+                view = view[f.write(view):]
+        self.shm_paths.append(path)
+        return _shm_ndarray, (HOST, path, arr.dtype.str, arr.shape, fortran)
+
+
+def _offender(values):
+    """Name the first value that cannot be pickled, for an error message a user can act on."""
+    for label, v in values:
+        try:
+            cloudpickle.dumps(v, protocol=5)
+        except Exception as e:  # noqa: BLE001 - any failure to pickle is the answer we want
+            return f"{label} of type {type(v).__module__}.{type(v).__qualname__} cannot be pickled: {e}"
+    return None
+
+
+def dumps_args(args: tuple, kwargs: dict, *, ref_type=None, on_ref=None, shm_dir=None, shm_paths=None):
+    """(payload, [buffers]) for a call's arguments; SerializationError names the bad argument."""
+    if all(type(a) in _SIMPLE for a in args) and all(type(v) in _SIMPLE for v in kwargs.values()):
+        return pickle.dumps((args, kwargs), protocol=5), []
+    buffers: list = []
+    f = io.BytesIO()
+    try:
+        ArgPickler(f, buffers, ref_type, on_ref, shm_dir, shm_paths).dump((args, kwargs))
+    except SerializationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pickling can raise nearly anything
+        where = _offender([(f"argument {i}", a) for i, a in enumerate(args)]
+                          + [(f"argument {k!r}", v) for k, v in kwargs.items()])
+        raise SerializationError(where or f"arguments cannot be pickled: {e}") from e
+    return f.getvalue(), [b.raw() for b in buffers]
+
+
+def loads_args(payload, buffers, deps: dict | None = None):
+    _deps.values = deps or {}
+    try:
+        return pickle.loads(payload, buffers=buffers)
+    finally:
+        _deps.values = None
+
+
+def dumps_value(value) -> tuple[bytes, list]:
+    """A result (or a put object): pickle 5 with out-of-band buffers."""
+    if type(value) in _SIMPLE:
+        return pickle.dumps(value, protocol=5), []
+    buffers: list = []
+    try:
+        payload = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception as e:  # noqa: BLE001
+        t = type(value)
+        raise SerializationError(f"value of type {t.__module__}.{t.__qualname__} cannot be pickled: {e}") from e
+    return payload, [b.raw() for b in buffers]
+
+
+def loads_value(payload, buffers):
+    return pickle.loads(payload, buffers=buffers)
+
+
+def dumps_error(exc: BaseException) -> bytes:
+    """A user exception, with its traceback text; the exception object itself when it pickles."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = cloudpickle.dumps(exc, protocol=5)
+        pickle.loads(blob)  # an exception whose __init__ cannot take its args fails here, not there
+    except Exception:  # noqa: BLE001
+        blob = None
+    t = type(exc)
+    return pickle.dumps((blob, f"{t.__module__}.{t.__qualname__}", str(exc), tb), protocol=5)
+
+
+def loads_error(payload) -> BaseException:
+    """The exception to raise on the driver: the user's own type, remote traceback as cause."""
+    blob, type_name, message, tb = pickle.loads(payload)
+    exc = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:  # noqa: BLE001 - e.g. the exception's module is not importable here
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message, tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
