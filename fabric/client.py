@@ -34,6 +34,7 @@ _ERRORS = {P.CRASHED: WorkerCrashed, P.TIMEOUT: TaskTimeout, P.CANCELLED: Cancel
            P.UNSCHEDULABLE: Unschedulable, P.SERIALIZATION: SerializationError, P.ACTOR_DIED: ActorDied,
            P.REFUSED: ProtocolError}
 _PENDING, _DONE = 0, 1
+USER_IDLE = 0.05  # seconds without a waiting user thread before the IO thread receives
 _NOTHING = object()
 
 
@@ -180,6 +181,9 @@ class Client:
         self.shm_dir = "/dev/shm" if shm and os.path.isdir("/dev/shm") else None
         self.closed = False
         self.log_to_driver = True
+        self.rlock = threading.Lock()                  # whoever holds it receives on r
+        self.last_user = 0.0                           # when a user thread last waited
+        self.last_flush = 0.0
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
         self.d.send_multipart([P.C[P.HELLO], hello])
         self.r.send_multipart([P.C[P.HELLO], hello])
@@ -283,83 +287,103 @@ class Client:
         """The broker's view of the cluster (what ``fabric status`` prints)."""
         return request(self.address, P.STATUS, timeout=timeout, ctx=self.ctx)
 
-    # ------------------------------------------------------------------ waiting
+    # ------------------------------------------------------------------ waiting and receiving
+    # Leader/follower on the result socket: a thread that waits for results receives them itself
+    # (no thread hand-off on the sync path); the IO thread receives only while no user thread
+    # has waited for USER_IDLE seconds, for callbacks, ``await`` and worker output.
     def wait(self, futures, num_returns, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self.cond:
-            while True:
-                n = sum(1 for f in futures if f._state == _DONE)
-                if n >= num_returns:
-                    return
-                if self.closed:
-                    raise ConnectionFailed("the fabric client was shut down while waiting for results")
-                if deadline is None:
-                    self.cond.wait(1.0)
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return
-                    self.cond.wait(min(left, 1.0))
+        todo = [f for f in futures if f._state != _DONE]
+        need = num_returns - (len(futures) - len(todo))
+        while need > 0:
+            if self.closed:
+                raise ConnectionFailed("the fabric client was shut down while waiting for results")
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                return
+            self.last_user = time.monotonic()
+            if self.rlock.acquire(blocking=False):
+                try:
+                    self._pump(left)
+                finally:
+                    self.rlock.release()
+            else:
+                with self.cond:
+                    if all(f._state != _DONE for f in todo):
+                        self.cond.wait(min(left, 0.005))
+            still = [f for f in todo if f._state != _DONE]
+            need -= len(todo) - len(still)
+            todo = still
 
-    # ------------------------------------------------------------------ the IO thread
     def _io_loop(self):
-        r = self.r
-        pending = self.pending
-        result_cmd, log_cmd = P.C[P.RESULT], P.C[P.LOG]
         while not self.closed:
             try:
-                if not r.poll(100):
-                    if self.to_release or self.dropped or self.dropped_actors:
-                        self._flush_releases()
-                    continue
-                batch = []
-                for _ in range(1000):
+                if time.monotonic() - self.last_user < USER_IDLE:
+                    time.sleep(0.01)
+                elif self.rlock.acquire(timeout=0.01):
                     try:
-                        batch.append(r.recv_multipart(zmq.NOBLOCK, copy=False))
-                    except zmq.Again:
-                        break
+                        self._pump(0.01)
+                    finally:
+                        self.rlock.release()
+                if (self.to_release or self.dropped or self.dropped_actors) and \
+                        time.monotonic() - self.last_flush > 0.05:
+                    self._flush_releases()
             except zmq.ZMQError:
                 if self.closed:
                     return
                 raise
-            done = []
-            for frames in batch:
-                c = frames[0].bytes
-                if c == result_cmd:
-                    continue
-                if c == log_cmd:
-                    if self.log_to_driver:
-                        self._print_output(frames[1].bytes, frames[2].bytes)
-                elif c == P.C[P.ERROR]:
-                    log.warning("the broker refused a message: %s", frames[1].bytes.decode("utf-8", "replace"))
-            with self.cond:
-                for frames in batch:
-                    if frames[0].bytes != result_cmd:
-                        continue
-                    hdr = frames[1].bytes
-                    fut = pending.pop(hdr[:16], None)
-                    if fut is None:
-                        continue
+
+    def _pump(self, timeout):
+        """Receive what has arrived (waiting up to ``timeout``) and complete its Futures."""
+        r = self.r
+        if not r.poll(timeout * 1000):
+            return
+        batch = []
+        for _ in range(1000):
+            try:
+                batch.append(r.recv_multipart(zmq.NOBLOCK, copy=False))
+            except zmq.Again:
+                break
+        result_cmd = P.C[P.RESULT]
+        done = []
+        pending = self.pending
+        for frames in batch:  # output first: it was printed before the result it precedes
+            c = frames[0].bytes
+            if c == result_cmd:
+                hdr = frames[1].bytes
+                fut = pending.pop(hdr[:16], None)
+                if fut is not None:
                     fut._frames = frames
                     fut._status = hdr[16]
-                    fut._state = _DONE
                     done.append(fut)
-                self.cond.notify_all()
+            elif c == P.C[P.LOG]:
+                if self.log_to_driver:
+                    self._print_output(frames[1].bytes, frames[2].bytes)
+            elif c == P.C[P.ERROR]:
+                log.warning("the broker refused a message: %s", frames[1].bytes.decode("utf-8", "replace"))
+        if not done:
+            return
+        with self.cond:
             for fut in done:
-                if fut._shm:
-                    _unlink(fut._shm)
-                    fut._shm = None
-                if fut._callbacks:
-                    for cb in fut._callbacks:
-                        try:
-                            cb(fut)
-                        except Exception:  # noqa: BLE001
-                            log.exception("a Future callback raised")
-                    fut._callbacks = None
-            self.to_release.extend(done)
+                fut._state = _DONE
+            self.cond.notify_all()
+        for fut in done:
+            if fut._shm:
+                _unlink(fut._shm)
+                fut._shm = None
+            if fut._callbacks:
+                for cb in fut._callbacks:
+                    try:
+                        cb(fut)
+                    except Exception:  # noqa: BLE001
+                        log.exception("a Future callback raised")
+                fut._callbacks = None
+        self.to_release.extend(done)
+        if len(self.to_release) >= 512:
             self._flush_releases()
 
     def _flush_releases(self):
+        self.last_flush = time.monotonic()
         keep, ids = [], []
         while self.dropped:
             ids.append(self.dropped.popleft())
