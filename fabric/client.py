@@ -238,7 +238,7 @@ class Client:
             if code_blob is not None and code_hash not in self.code_sent:
                 code = code_blob
                 self.code_sent.add(code_hash)
-            self.d.send_multipart([P.C[P.SUBMIT], hdr, code, dep_ids, payload, *bufs], copy=False)
+            P.send(self.d, [P.C[P.SUBMIT], hdr, code, dep_ids, payload, *bufs])
             for f in deps:
                 f._pin -= 1
         return fut
@@ -267,7 +267,7 @@ class Client:
         cid = self.new_id()
         payload, bufs = serde.dumps_value(value)
         with self.lock:
-            self.d.send_multipart([P.C[P.PUT], P.pack_result(cid, P.OK, len(bufs)), payload, *bufs], copy=False)
+            P.send(self.d, [P.C[P.PUT], P.pack_result(cid, P.OK, len(bufs)), payload, *bufs])
         fut = ReadyFuture(cid, self, "fabric.put", value)
         # the IO thread sends the release: a finalizer may run inside any send, on any thread
         weakref.finalize(fut, self.dropped.append, cid)
@@ -341,7 +341,7 @@ class Client:
         batch = []
         for _ in range(1000):
             try:
-                batch.append(r.recv_multipart(zmq.NOBLOCK, copy=False))
+                batch.append(P.recv(r, 1))  # 1: NOBLOCK
             except zmq.Again:
                 break
         result_cmd = P.C[P.RESULT]

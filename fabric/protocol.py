@@ -159,3 +159,31 @@ def worker_id(executor_id: bytes, n: int) -> bytes:
 
 def log_id(executor_id: bytes, n: int) -> bytes:
     return b"l" + executor_id + n.to_bytes(4, "big")
+
+
+# --- sending --------------------------------------------------------------------------------
+_SNDMORE = 2  # zmq.SNDMORE as a plain int: pyzmq's enum arithmetic costs microseconds per frame
+_COPY_BELOW = 65536
+
+
+def send(sock, parts, flags: int = 0) -> None:
+    """Send one multipart message; small parts are copied (cheapest), large ones zero-copy.
+
+    pyzmq's ``send_multipart`` costs ~11 us for a 5-part call message, this ~4 us."""
+    s = sock.send
+    last = len(parts) - 1
+    for i, p in enumerate(parts):
+        f = flags if i == last else flags | _SNDMORE
+        if type(p) is bytes and len(p) < _COPY_BELOW:
+            s(p, f)
+        else:
+            s(p, f, copy=False)
+
+
+def recv(sock, flags: int = 0) -> list:
+    """Receive one multipart message as zero-copy Frames (~3 us; ``recv_multipart`` ~8 us)."""
+    r = sock.recv
+    parts = [r(flags, False)]
+    while parts[-1].more:
+        parts.append(r(flags, False))
+    return parts

@@ -37,7 +37,8 @@ from collections import deque
 import zmq
 
 from .. import protocol as P
-from ..errors import ProtocolError
+from .. import config
+from ..errors import FabricError, ProtocolError
 
 log = logging.getLogger("fabric.broker")
 
@@ -137,6 +138,10 @@ class Broker:
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 0)
+        if not config.is_local_address(address) and not os.environ.get("FABRIC_ALLOW_INSECURE_REMOTE"):
+            s.close()
+            raise FabricError(f"refusing to listen on {address}: a fabric broker runs any code it is sent, so "
+                              f"without CurveZMQ keys it listens on loopback or ipc:// only")
         s.bind(address)
         self.started = time.monotonic()
         self.drivers: dict[bytes, dict] = {}        # driver id -> info
@@ -192,7 +197,7 @@ class Broker:
                 if poller.poll(timeout):
                     for _ in range(2000):  # drain a batch, then schedule once for all of it
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = P.recv(sock, 1)  # 1: NOBLOCK
                         except zmq.Again:
                             break
                         self.handle(frames)
@@ -243,7 +248,7 @@ class Broker:
 
     def send(self, frames) -> bool:
         try:
-            self.sock.send_multipart(frames, copy=False)
+            P.send(self.sock, frames)
             return True
         except zmq.ZMQError as e:  # EHOSTUNREACH: that peer is gone
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):

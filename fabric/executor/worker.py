@@ -155,17 +155,17 @@ class Worker:
                     return  # our executor is gone
                 continue
             if sock in events:
-                frames = sock.recv_multipart(copy=False)
+                frames = P.recv(sock)
                 if frames[0].bytes == P.C[P.CALL]:
                     if self.pool is not None:
                         self.pool.submit(self.run_threaded, frames)
                     else:
-                        sock.send_multipart(self.run(frames), copy=False)
+                        P.send(sock, self.run(frames))
                 # anything else is not for workers; the broker never sends it
             if self.results_in is not None and self.results_in in events:
                 while True:  # results and output of the instance's threads, sent from this thread
                     try:
-                        sock.send_multipart(self.results_in.recv_multipart(zmq.NOBLOCK, copy=False), copy=False)
+                        P.send(sock, P.recv(self.results_in, 1))
                     except zmq.Again:
                         break
 
@@ -259,7 +259,7 @@ class Worker:
 
     def run_threaded(self, frames):
         out = self.run(frames)
-        self.thread_sock().send_multipart(out, copy=False)
+        P.send(self.thread_sock(), out)
 
 
 async def _as_coro(aw):

@@ -1,0 +1,263 @@
+"""The ``fabric`` command: start, join, inspect and stop a cluster.
+
+    fabric start [--port 5555] [--detach]   broker + local executor; prints the address
+    fabric executor --broker ADDR           join this host's executor to a running broker
+    fabric status [--address ADDR]          executors, workers, resources, queues
+    fabric stop [--address ADDR]            stop the cluster
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import click
+
+from . import config
+from . import protocol as P
+from .errors import FabricError
+
+DEFAULT_PORT = 5555
+
+
+def _recorded():
+    try:
+        with open(config.state_file()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _address(address):
+    if address:
+        return address
+    if os.environ.get("FABRIC_ADDRESS"):
+        return os.environ["FABRIC_ADDRESS"]
+    rec = _recorded()
+    if rec:
+        return rec["address"]
+    raise click.ClickException("no cluster address: pass --address, set FABRIC_ADDRESS, or `fabric start` one")
+
+
+def _check_host(host):
+    """Listening beyond loopback needs CurveZMQ keys: whoever can submit can run code."""
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        return
+    raise click.ClickException(
+        f"refusing to listen on {host}: a fabric broker runs any code it is sent, so it listens on loopback "
+        f"(127.0.0.1) only. To reach it from other hosts, use an SSH tunnel; encrypted, key-authenticated "
+        f"listening (CurveZMQ) is not available in this version.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fabric-compute", prog_name="fabric")
+def main():
+    """fabric: a serverless, function-style compute fabric for Python."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on (loopback only)")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--cpus", type=click.FloatRange(min=1), help="CPUs of the local executor (default: all)")
+@click.option("--gpus", help="GPU device numbers of the local executor, e.g. 0,1 (default: detect)")
+@click.option("--memory", help="memory of the local executor, e.g. 8GiB (default: all)")
+@click.option("--no-executor", is_flag=True, help="start the broker only")
+@click.option("--detach", is_flag=True, help="run in the background and return")
+def start(host, port, cpus, gpus, memory, no_executor, detach):
+    """Start a broker and a local executor; prints the address drivers use."""
+    from .cluster import LocalCluster
+    from .executor.gpus import parse_gpu_list
+    from .resources import parse_memory
+
+    _check_host(host)
+    try:
+        gpu_list = parse_gpu_list(gpus) if gpus is not None else None
+        mem = parse_memory(memory) if memory else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    rec = _recorded()
+    if rec and _alive(rec.get("broker_pid", 0)):
+        raise click.ClickException(f"a cluster started by `fabric start` is already running at {rec['address']}; "
+                                   f"`fabric stop` it first")
+    address = f"tcp://{host}:{port}"
+    if _port_taken(host, port):
+        raise click.ClickException(f"port {port} on {host} is in use; choose another with --port")
+    cluster = LocalCluster(address=address, cpus=cpus, gpus=gpu_list, memory=mem,
+                           parent_pid=0 if detach else os.getpid(), log_dir=config.new_log_dir("cluster"))
+    cluster.start(executor=not no_executor)
+    with open(config.state_file(), "w") as f:
+        json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
+                   "log_dir": cluster.log_dir}, f)
+    from .client import request
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            request(address, P.STATUS, timeout=0.5)
+            break
+        except FabricError:
+            if time.monotonic() > deadline or cluster.procs[0].poll() is not None:
+                cluster.stop()
+                raise click.ClickException(f"the broker did not start; see {cluster.log_dir}/broker.log") from None
+    click.echo(f"fabric cluster running at {address}")
+    click.echo(f"  connect a driver:   fabric.init(address=\"{address}\")  or  export FABRIC_ADDRESS={address}")
+    click.echo(f"  add an executor:    fabric executor --broker {address}")
+    click.echo(f"  logs:               {cluster.log_dir}")
+    if detach:
+        return
+    click.echo("press Ctrl-C to stop")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop and cluster.procs[0].poll() is None:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    cluster.stop()
+    _forget(address)
+    click.echo("stopped")
+
+
+@main.command()
+@click.option("--broker", "broker", required=True, help="address of the broker, e.g. tcp://127.0.0.1:5555")
+@click.option("--cpus", type=click.FloatRange(min=1))
+@click.option("--gpus", help="GPU device numbers, e.g. 0,1 (default: detect)")
+@click.option("--memory", help="e.g. 8GiB (default: all of this host's)")
+@click.option("--label", multiple=True, help="key=value, repeatable")
+def executor(broker, cpus, gpus, memory, label):
+    """Join this host's executor to a running broker (runs in the foreground)."""
+    from .executor.daemon import ExecutorDaemon
+    from .executor.gpus import parse_gpu_list
+    from .resources import parse_memory
+
+    if not broker.startswith(("tcp://", "ipc://")):
+        raise click.BadParameter("must look like tcp://host:port or ipc:///path", param_hint="--broker")
+    try:
+        labels = dict(kv.split("=", 1) for kv in label)
+    except ValueError:
+        raise click.BadParameter("labels look like key=value", param_hint="--label") from None
+    try:
+        gpu_list = parse_gpu_list(gpus) if gpus is not None else None
+        mem = parse_memory(memory) if memory else None
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    log_file = os.path.join(config.new_log_dir("executor"), "executor.log")
+    logging.basicConfig(filename=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s executor: %(message)s")
+    click.echo(f"executor joining {broker}; log: {log_file}")
+    d = ExecutorDaemon(broker, cpus=cpus, gpus=gpu_list, memory=mem, labels=labels, log_file=log_file)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
+    try:
+        d.serve()
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--address", help="broker address (default: FABRIC_ADDRESS or the cluster `fabric start` recorded)")
+@click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
+def status(address, as_json):
+    """Show executors, workers, resources and queue depth."""
+    from .client import request
+
+    address = _address(address)
+    try:
+        st = request(address, P.STATUS, timeout=3)
+    except FabricError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(st, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    con.print(f"[bold]fabric cluster[/] {st['address']}  broker pid {st['pid']}  up {st['uptime_s']}s  "
+              f"drivers {st['drivers']}  pending calls {st['calls_pending']}  instances {st['instances']}")
+    t = Table(title="executors")
+    for col in ("id", "host", "cpus (free)", "gpus (free)", "memory (free)", "workers", "busy", "instances",
+                "last seen"):
+        t.add_column(col)
+    for ex in st["executors"]:
+        t.add_row(ex["id"][:8], ex["host"], f"{ex['cpus']:g} ({ex['free_cpus']:g})",
+                  f"{len(ex['gpus'])} ({len(ex['free_gpus'])})",
+                  f"{ex['memory'] >> 20}MiB ({ex['free_memory'] >> 20}MiB)", str(ex["workers"]), str(ex["busy"]),
+                  str(ex["instances"]), f"{ex['last_seen_s']}s ago")
+    con.print(t)
+    q = Table(title="queues")
+    for col in ("cpus", "gpus", "memory", "queued"):
+        q.add_column(col)
+    for row in st["queues"]:
+        q.add_row(f"{row['cpus']:g}", f"{row['gpus']:g}", f"{row['memory'] >> 20}MiB", str(row["depth"]))
+    con.print(q)
+    s = st["stats"]
+    con.print(f"calls submitted {s['submitted']}  completed {s['completed']}  retried {s['retried']}  "
+              f"refused messages {s['refused']}")
+
+
+@main.command()
+@click.option("--address", help="broker address (default: the cluster `fabric start` recorded)")
+def stop(address):
+    """Stop a cluster: its broker, executors and workers."""
+    from .client import request
+
+    address = _address(address)
+    rec = _recorded()
+    try:
+        request(address, P.STATUS, timeout=2)
+    except FabricError:
+        _forget(address)
+        raise click.ClickException(f"no fabric broker answers at {address}") from None
+    request(address, P.SHUTDOWN)
+    pids = rec.get("pids", []) if rec and rec.get("address") == address else []
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in pids:
+        if _alive(p):
+            os.kill(p, signal.SIGKILL)
+    _forget(address)
+    click.echo(f"stopped the cluster at {address}")
+
+
+def _forget(address):
+    rec = _recorded()
+    if rec and rec.get("address") == address:
+        try:
+            os.unlink(config.state_file())
+        except OSError:
+            pass
+
+
+def _alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _port_taken(host, port):
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
