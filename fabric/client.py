@@ -250,7 +250,7 @@ class Client:
                 return _identity, (f.result(),)
             raise SerializationError("a Future from another fabric connection cannot be passed to this one")
         with self.lock:
-            if f._state != _DONE:
+            if f._state != _DONE or type(f) is ReadyFuture:  # put() objects always go by reference
                 f._pin += 1
                 deps.append(f)
                 return serde._dep, (f.id,)

@@ -73,9 +73,9 @@ class ArgPickler(cloudpickle.Pickler):
         self.shm_dir, self.shm_paths = shm_dir, shm_paths
 
     def reducer_override(self, obj):
-        t = type(obj)
-        if t is self.ref_type:
+        if self.ref_type is not None and isinstance(obj, self.ref_type):
             return self.on_ref(obj)
+        t = type(obj)
         if self.shm_dir is not None and t.__name__ == "ndarray" and t.__module__ == "numpy":
             if obj.nbytes >= SHM_THRESHOLD and not obj.dtype.hasobject:
                 return self._to_shm(obj)

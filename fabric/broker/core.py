@@ -613,9 +613,16 @@ class Broker:
         if self.partial:
             avg = self.avg_duration.get(call.code_hash)
             if avg is not None and avg < PREFETCH_BELOW:
+                # only behind a call that is short too and not overdue: a call queued behind a
+                # long one (or one waiting on nested calls) would wait needlessly, or forever
+                now = time.monotonic()
+                durations = self.avg_duration
                 best = None
                 for w in self.partial:
-                    if w.held == shape and (best is None or len(w.inflight) < len(best.inflight)):
+                    if w.held != shape or (best is not None and len(w.inflight) >= len(best.inflight)):
+                        continue
+                    head = next(iter(w.inflight.values()))
+                    if durations.get(head.code_hash, 1.0) < PREFETCH_BELOW and now - head.started < 4 * PREFETCH_BELOW:
                         best = w
                 return best
         return None

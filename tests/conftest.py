@@ -1,0 +1,50 @@
+"""Shared fixtures: every test runs against real processes (broker, executors, workers)."""
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+# keep logs and state of the tests out of the user's home
+os.environ.setdefault("FABRIC_HOME", tempfile.mkdtemp(prefix="fabric-home-"))
+os.environ.pop("FABRIC_ADDRESS", None)
+
+import fabric  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """An embedded cluster with 2 CPUs, shared by the tests of one module."""
+    fabric.shutdown()
+    info = fabric.init(num_cpus=2)
+    yield info
+    fabric.shutdown()
+
+
+def wait_for(pred, timeout=10.0, every=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return pred()
+
+
+def run_script(code, env=None, timeout=60):
+    """Run ``code`` in a fresh interpreter, as a user's script would run."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=e,
+                          cwd=REPO)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

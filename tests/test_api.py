@@ -1,0 +1,193 @@
+"""Every name of the public API contract, used as a new user would, on an embedded cluster."""
+import asyncio
+import os
+import time
+
+import numpy as np
+import pytest
+
+import fabric
+from conftest import wait_for
+
+
+@fabric.fn
+def square(x):
+    return x * x
+
+
+@fabric.fn
+def add(a, b):
+    return a + b
+
+
+@fabric.fn(cpus=1, retries=0)
+def whoami():
+    return os.getpid()
+
+
+@fabric.fn
+def total(a):
+    return float(a.sum()), a.shape, a.dtype.str
+
+
+@fabric.fn
+def echo(x):
+    return x
+
+
+def test_remote_result(cluster):
+    fut = square.remote(3)
+    assert isinstance(fut, fabric.Future)
+    assert fut.result(timeout=30) == 9
+    assert fut.done()
+
+
+def test_local_runs_in_this_process(cluster):
+    assert square.local(4) == 16
+    assert whoami.local() == os.getpid()
+    assert whoami.remote().result() != os.getpid()
+
+
+def test_direct_call_is_refused_with_a_hint(cluster):
+    with pytest.raises(TypeError, match=r"square.remote\(...\)"):
+        square(3)
+
+
+def test_map_is_ordered_and_streams(cluster):
+    assert list(square.map(range(100))) == [x * x for x in range(100)]
+    assert list(add.map([1, 2, 3], [10, 20, 30])) == [11, 22, 33]
+    it = square.map(iter(range(5)), window=2)  # a plain iterator, a small window
+    assert next(it) == 0
+    assert list(it) == [1, 4, 9, 16]
+
+
+def test_map_progress_bar(cluster, capsys):
+    assert list(square.map(range(20), progress=True)) == [x * x for x in range(20)]
+    err = capsys.readouterr().err
+    assert "square" in err and "20/20" in err
+
+
+def test_options_override_per_call(cluster):
+    fut = square.options(cpus=2).remote(5)
+    assert fut.result() == 25
+    with pytest.raises(TypeError, match="unknown option"):
+        square.options(cpu=2)
+
+
+def test_get_and_wait(cluster):
+    futs = [square.remote(i) for i in range(10)]
+    assert fabric.get(futs) == [i * i for i in range(10)]
+    assert fabric.get(futs[3]) == 9
+    slow = echo.remote(1)
+    done, pending = fabric.wait([slow, square.remote(2)], num_returns=2, timeout=30)
+    assert len(done) == 2 and pending == []
+    done, pending = fabric.wait(futs, num_returns=3)
+    assert len(done) == 3 and len(pending) == 7
+
+
+def test_wait_timeout_returns_pending(cluster):
+    @fabric.fn
+    def nap(t):
+        time.sleep(t)
+        return t
+
+    f = nap.remote(1.5)
+    done, pending = fabric.wait([f], num_returns=1, timeout=0.1)
+    assert done == [] and pending == [f]
+    with pytest.raises(fabric.GetTimeout):
+        f.result(timeout=0.05)
+    with pytest.raises(fabric.GetTimeout):
+        fabric.get([f], timeout=0.05)
+    assert f.result(timeout=30) == 1.5  # the call went on
+
+
+def test_put_passes_by_reference(cluster):
+    arr = np.arange(1000, dtype=np.float64)
+    ref = fabric.put(arr)
+    assert ref.done() and ref.result() is arr
+    assert total.remote(ref).result()[0] == arr.sum()
+    assert add.remote(square.remote(2), fabric.put(10)).result() == 14
+
+
+def test_futures_as_arguments_resolve_on_the_cluster(cluster):
+    assert add.remote(square.remote(2), square.remote(3)).result() == 13
+    chain = square.remote(2)
+    for _ in range(3):
+        chain = add.remote(chain, 1)
+    assert chain.result() == 7
+    nested = echo.remote({"a": [square.remote(4)]})  # a Future inside a container
+    assert nested.result() == {"a": [16]}
+
+
+def test_dependent_calls_do_not_round_trip_through_the_driver(cluster, tmp_path):
+    """Hold the driver's result socket so it receives nothing: a chain still completes."""
+    marker = tmp_path / "done"
+
+    @fabric.fn
+    def touch(x, path):
+        with open(path, "w") as f:
+            f.write(str(x))
+        return x
+
+    client = fabric.api._state.client
+    with client.rlock:  # nobody in this process can receive results while we hold this
+        first = square.remote(6)
+        touch.remote(add.remote(first, 1), str(marker))
+        assert wait_for(marker.exists, timeout=30)
+        assert marker.read_text() == "37"
+        assert not first.done()  # the driver never saw the first result
+    assert first.result() == 36
+
+
+def test_await_future(cluster):
+    async def main():
+        a, b = await asyncio.gather(square.remote(7), square.remote(8))
+        return a + b + await add.remote(1, 2)
+
+    assert asyncio.run(main()) == 49 + 64 + 3
+
+
+def test_done_callback(cluster):
+    seen = []
+    f = square.remote(9)
+    f.add_done_callback(lambda fut: seen.append(fut.result()))
+    f.result()
+    assert wait_for(lambda: seen == [81])
+
+
+def test_large_numpy_arguments_and_results(cluster):
+    big = np.random.default_rng(0).random((1000, 1500))  # 12 MB: goes through shared memory
+    s, shape, dtype = total.remote(big).result()
+    assert s == pytest.approx(big.sum()) and shape == big.shape and dtype == big.dtype.str
+    fortran = np.asfortranarray(big)
+    assert total.remote(fortran).result()[0] == pytest.approx(big.sum())
+    back = echo.remote(big[:, :10].copy()).result()
+    assert np.array_equal(back, big[:, :10])
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"fabric-{os.getpid()}-")]
+
+
+def test_lambdas_and_main_classes_travel_by_value(cluster):
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    got = echo.remote(Point(3)).result()
+    assert got.x == 3
+    assert echo.remote(lambda: 5).result()() == 5
+
+
+def test_nested_calls_from_a_worker(cluster):
+    @fabric.fn
+    def outer(n):
+        return sum(square.map(range(n)))
+
+    assert outer.remote(4).result() == 0 + 1 + 4 + 9
+
+
+def test_init_twice_and_status(cluster):
+    assert fabric.init() == fabric.init()
+    assert fabric.is_initialized()
+    st = fabric.cluster_status()
+    assert len(st["executors"]) == 1 and st["executors"][0]["cpus"] == 2
+    with pytest.raises(fabric.FabricError, match="already connected"):
+        fabric.init(address="tcp://127.0.0.1:1")
