@@ -50,6 +50,9 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
     without it, starts an embedded local cluster (broker + one executor) owned by this process
     and stopped when it exits. ``num_cpus``/``num_gpus``/``memory`` size the embedded cluster.
     """
+    if address is not None and address != "auto" and (
+            not isinstance(address, str) or not address.startswith(("tcp://", "ipc://"))):
+        raise ValueError(f"address must look like 'tcp://host:port' or 'ipc:///path', got {address!r}")
     with _lock:
         if _state.client is not None and _state.pid == os.getpid():
             if address is None or address == _state.client.address:
@@ -458,8 +461,11 @@ def _rebuild_handle(rclass, aid):
 
 
 class InstanceMethod:
+    """``handle.method``: holds what a call needs, not the handle (no cycle delays its release)."""
+
     def __init__(self, handle, name, sig):
-        self._h, self._name, self._sig = handle, name, sig
+        self._rclass, self._id, self._client = handle._rclass, handle._id, handle._client
+        self._name, self._sig = name, sig
         self._label = f"{handle._rclass._name}.{name}"
 
     def __call__(self, *args, **kwargs):
@@ -467,10 +473,9 @@ class InstanceMethod:
 
     def remote(self, *args, **kwargs) -> Future:
         _bind(self._sig, self._label, args, kwargs)
-        h = self._h
-        client = h._client or _client()
-        o = h._rclass._options
-        return client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=h._id,
+        client = self._client or _client()
+        o = self._rclass._options
+        return client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
                              cpus=0.0, gpus=0.0, memory=0, retries=0, timeout=o["timeout"] or 0.0,
                              label=self._label)
 

@@ -124,7 +124,10 @@ class Future:
         if v is _NOTHING:
             v = self._value = self._decode()
         if isinstance(v, _Raise):
-            raise v.exc
+            try:
+                raise v.exc
+            finally:  # as concurrent.futures does: no cycle future -> traceback -> frame -> future
+                self = v = None  # noqa: F841
         return v
 
     def _decode(self):
@@ -301,7 +304,9 @@ class Client:
             left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
             if left <= 0:
                 return
-            self.last_user = time.monotonic()
+            self.last_user = now = time.monotonic()
+            if self.dropped or self.dropped_actors or (self.to_release and now - self.last_flush > 0.05):
+                self._flush_releases()  # dropped instances free resources this wait may need
             if self.rlock.acquire(blocking=False):
                 try:
                     self._pump(left)

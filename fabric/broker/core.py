@@ -32,7 +32,7 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import zmq
 
@@ -155,6 +155,7 @@ class Broker:
         self.waiters: dict[bytes, list] = {}        # dep id -> calls waiting for it
         self.actors: dict[bytes, Actor] = {}
         self.pending_actors: deque[Actor] = deque()
+        self.dead_actors: OrderedDict[bytes, list] = OrderedDict()  # id -> the failure its calls get
         self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
         self.code: dict[bytes, object] = {}         # code hash -> code frame
         self.avg_duration: dict[bytes, float] = {}  # code hash -> moving average of run time
@@ -543,10 +544,11 @@ class Broker:
         if w.actor is not None:
             a = w.actor
             a.worker = None
-            msg = f"the instance's process died ({why})".encode()
-            for c in calls:
-                self.finish(c, P.ACTOR_DIED, msg)
-            self.kill_actor(a, msg)
+            if a.id in self.actors:  # not already ended on purpose (kill, failed __init__)
+                msg = f"the instance's process died ({why})".encode()
+                for c in calls:
+                    self.finish(c, P.ACTOR_DIED, msg)
+                self.kill_actor(a, msg)
         else:
             requeue = []
             for i, c in enumerate(calls):
@@ -743,6 +745,9 @@ class Broker:
     def actor_call(self, call):
         a = self.actors.get(call.actor)
         if a is None:
+            failure = self.dead_actors.get(call.actor)
+            if failure is not None:
+                return self.finish_copy(call, failure)
             return self.finish(call, P.ACTOR_DIED, b"no such instance (it was killed or never created)")
         if a.failure is not None:
             return self.finish_copy(call, a.failure)
@@ -808,6 +813,9 @@ class Broker:
                     ex.free_mem += a.shape[2]
                     ex.free_gpus.extend(sp[1])
         self.actors.pop(a.id, None)
+        self.dead_actors[a.id] = failure  # later calls get the same answer
+        if len(self.dead_actors) > 10000:
+            self.dead_actors.popitem(last=False)
 
     # ---------------------------------------------------------------- outcomes
     def finish(self, call, status, message, frames=None, deliver=True):

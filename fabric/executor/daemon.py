@@ -68,6 +68,15 @@ class ExecutorDaemon:
 
     def serve(self):
         self.connect()
+        # workers register under this executor: start them only once the broker knows it
+        while self.running:
+            if self.sock.poll(1000):
+                if P.command_of(self.sock.recv_multipart()[0]) == P.WELCOME:
+                    break
+            else:
+                self.hello()
+            if self.parent_pid and not _alive(self.parent_pid):
+                return self.stop()
         pool = max(1, int(self.cpus))
         for _ in range(pool):
             self.start_worker("pool")

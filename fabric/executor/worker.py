@@ -156,7 +156,10 @@ class Worker:
                 continue
             if sock in events:
                 frames = P.recv(sock)
-                if frames[0].bytes == P.C[P.CALL]:
+                if frames[0].bytes == P.C[P.ERROR]:  # e.g. our READY overtook our executor's HELLO
+                    time.sleep(0.1)
+                    self.sock.send_multipart([P.C[P.READY], P.dumps_json(ready)])
+                elif frames[0].bytes == P.C[P.CALL]:
                     if self.pool is not None:
                         self.pool.submit(self.run_threaded, frames)
                     else:

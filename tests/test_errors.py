@@ -1,0 +1,200 @@
+"""Errors as the contract states them, and the cluster keeps serving after each."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import fabric
+from conftest import wait_for
+
+
+@fabric.fn
+def ok(x=1):
+    return x
+
+
+class Custom(Exception):
+    pass
+
+
+@fabric.fn
+def boom(msg):
+    raise Custom(msg)
+
+
+@fabric.fn
+def exit_hard(code):
+    os._exit(code)
+
+
+@fabric.fn(retries=0)
+def kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@fabric.fn(retries=2)
+def crash_until(path, crashes):
+    """Crash the worker the first ``crashes`` times, then succeed: retries at work."""
+    n = int(open(path).read()) if os.path.exists(path) else 0
+    with open(path, "w") as f:
+        f.write(str(n + 1))
+    if n < crashes:
+        os._exit(1)
+    return n
+
+
+@fabric.fn(timeout=0.5, retries=0)
+def sleepy(t):
+    time.sleep(t)
+    return os.getpid()
+
+
+@fabric.fn
+def nap(t):
+    time.sleep(t)
+    return t
+
+
+def test_user_exception_keeps_its_type_and_remote_traceback(cluster):
+    with pytest.raises(Custom, match="bad input") as ei:
+        boom.remote("bad input").result()
+    cause = ei.value.__cause__
+    assert isinstance(cause, fabric.RemoteTraceback)
+    assert "boom" in str(cause) and "raise Custom(msg)" in str(cause)
+    assert ok.remote(2).result() == 2
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_remote_error(cluster):
+    @fabric.fn
+    def weird():
+        class Odd(Exception):
+            def __init__(self, a, b):
+                super().__init__(a)
+
+        raise Odd(1, 2)
+
+    with pytest.raises((fabric.RemoteError, Exception)) as ei:
+        weird.remote().result()
+    assert "Odd" in type(ei.value).__name__ or "Odd" in str(ei.value)
+
+
+def test_worker_crash_is_retried_then_succeeds(cluster, tmp_path):
+    path = str(tmp_path / "count")
+    assert crash_until.remote(path, 2).result(timeout=60) == 2
+    assert open(path).read() == "3"
+
+
+def test_worker_crash_after_retries_raises_worker_crashed(cluster, tmp_path):
+    path = str(tmp_path / "count")
+    with pytest.raises(fabric.WorkerCrashed, match="retries are spent"):
+        crash_until.remote(path, 10).result(timeout=60)
+    assert open(path).read() == "3"  # 1 try + 2 retries
+    with pytest.raises(fabric.WorkerCrashed):
+        kill_self.remote().result(timeout=60)
+    with pytest.raises(fabric.WorkerCrashed):
+        exit_hard.options(retries=1).remote(3).result(timeout=60)
+    assert ok.remote(5).result(timeout=30) == 5  # workers were replaced
+
+
+def test_timeout_kills_and_replaces_the_worker(cluster):
+    f = sleepy.remote(30)
+    t0 = time.monotonic()
+    with pytest.raises(fabric.TaskTimeout, match="timeout of 0.5s"):
+        f.result(timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert sleepy.remote(0).result(timeout=30) > 0
+    assert ok.remote(6).result() == 6
+
+
+def test_cancel_queued_and_running(cluster):
+    blockers = [nap.remote(1.0) for _ in range(2)]  # occupy both CPUs
+    queued = nap.remote(0.1)
+    assert queued.cancel()
+    with pytest.raises(fabric.Cancelled):
+        queued.result(timeout=30)
+    running = nap.remote(30)
+    time.sleep(1.5)  # blockers are done, so it is running now
+    assert running.cancel()
+    with pytest.raises(fabric.Cancelled):
+        running.result(timeout=30)
+    assert fabric.get(blockers) == [1.0, 1.0]
+    done = ok.remote(7)
+    assert done.result() == 7 and done.cancel() is False
+
+
+def test_unpicklable_argument_is_refused_at_remote(cluster):
+    with pytest.raises(fabric.SerializationError, match=r"argument 1 of type _thread.lock"):
+        ok.remote.__func__  # noqa: B018 - the attribute exists
+        fabric.fn(lambda a, b: a).remote(1, threading.Lock())
+    with pytest.raises(fabric.SerializationError, match=r"argument 'x'.*lock"):
+        ok.remote(x=threading.Lock())
+    assert ok.remote(8).result() == 8
+
+
+def test_unpicklable_result_raises_at_result(cluster):
+    @fabric.fn
+    def give_lock():
+        return threading.Lock()
+
+    with pytest.raises(fabric.SerializationError, match="cannot be pickled"):
+        give_lock.remote().result(timeout=30)
+    assert ok.remote(9).result() == 9
+
+
+def test_unsatisfiable_resources_fail_fast(cluster):
+    t0 = time.monotonic()
+    with pytest.raises(fabric.Unschedulable, match="cpus=64"):
+        ok.options(cpus=64).remote().result(timeout=30)
+    with pytest.raises(fabric.Unschedulable, match="gpus=1"):
+        ok.options(gpus=1).remote().result(timeout=30)
+    with pytest.raises(fabric.Unschedulable, match="memory"):
+        ok.options(memory="100TiB").remote().result(timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert ok.remote(10).result() == 10
+
+
+def test_failed_dependency_fails_the_dependent(cluster):
+    bad = boom.remote("upstream")
+    with pytest.raises(Custom, match="upstream"):
+        ok.remote(bad).result(timeout=30)
+
+
+@pytest.mark.parametrize("make, exc, pattern", [
+    (lambda: fabric.fn(cpus="two"), TypeError, "cpus must be a number"),
+    (lambda: fabric.fn(cpus=-1), ValueError, "cpus must be >= 0"),
+    (lambda: fabric.fn(gpus=1.5), ValueError, "whole number"),
+    (lambda: fabric.fn(memory="lots"), ValueError, "memory must be a size"),
+    (lambda: fabric.fn(retries=-1), ValueError, "retries"),
+    (lambda: fabric.fn(timeout=0), ValueError, "timeout"),
+    (lambda: fabric.fn(max_containers=0), ValueError, "max_containers"),
+    (lambda: fabric.fn(colour="red"), TypeError, "unknown option"),
+    (lambda: fabric.cls(concurrency=0), ValueError, "concurrency"),
+    (lambda: fabric.fn(int.__add__ if False else 3), TypeError, "decorates functions"),
+    (lambda: fabric.fn(Custom), TypeError, "use @fabric.cls"),
+    (lambda: fabric.cls(ok), TypeError, "decorates classes"),
+    (lambda: ok.remote(1, 2, 3), TypeError, "ok\\(\\).*too many"),
+    (lambda: ok.remote(y=1), TypeError, "unexpected keyword"),
+    (lambda: ok.map(5), TypeError, "iterables"),
+    (lambda: fabric.get(5), TypeError, "list of Futures"),
+    (lambda: fabric.get([1]), TypeError, "expects Futures"),
+    (lambda: fabric.wait(ok.remote()), TypeError, "list of Futures"),
+    (lambda: fabric.wait([ok.remote()], num_returns=2), ValueError, "num_returns"),
+    (lambda: fabric.get([ok.remote()], timeout=-1), ValueError, "timeout"),
+    (lambda: fabric.kill("c"), TypeError, "instance handle"),
+    (lambda: fabric.put(ok.remote()), TypeError, "pass the Future itself"),
+    (lambda: fabric.init(address="http://x"), ValueError, "tcp://host:port"),
+])
+def test_bad_api_input_is_refused_clearly(cluster, make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        make()
+    assert ok.remote(11).result() == 11
+
+
+def test_connecting_to_nothing_fails_clearly():
+    from conftest import run_script, free_port
+
+    r = run_script(f"import fabric; fabric.init(address='tcp://127.0.0.1:{free_port()}', connect_timeout=1)")
+    assert r.returncode != 0
+    assert "ConnectionFailed" in r.stderr and "no fabric broker answered" in r.stderr

@@ -1,0 +1,163 @@
+"""@fabric.cls: warm stateful containers, @fabric.enter, ordering, concurrency, kill, death."""
+import os
+import threading
+import time
+
+import pytest
+
+import fabric
+from conftest import wait_for
+
+
+@fabric.cls
+class Counter:
+    def __init__(self, start=0):
+        self.n = start
+        self.log = []
+
+    @fabric.enter
+    def setup(self):
+        self.entered = os.getpid()
+
+    def inc(self, k=1):
+        self.n += k
+        self.log.append(k)
+        return self.n
+
+    def history(self):
+        return self.log
+
+    def pid(self):
+        return os.getpid(), self.entered
+
+    def fail(self):
+        raise ValueError("instance method failed")
+
+    def die(self):
+        os._exit(3)
+
+
+@fabric.cls(concurrency=2)
+class Pair:
+    def span(self, t):
+        start = time.time()
+        time.sleep(t)
+        return start, time.time(), threading.get_ident()
+
+
+@fabric.cls
+class BadInit:
+    def __init__(self):
+        raise RuntimeError("cannot start")
+
+    def ping(self):
+        return 1
+
+
+def test_counter_contract(cluster):
+    c = Counter.remote(5)
+    assert c.inc.remote(2).result(timeout=30) == 7
+    assert c.inc.remote().result() == 8
+    pid, entered = c.pid.remote().result()
+    assert pid == entered  # @enter ran in the container that serves the calls
+    fabric.kill(c)
+
+
+def test_calls_run_in_submission_order(cluster):
+    c = Counter.remote(0)
+    futs = [c.inc.remote(k) for k in range(1, 301)]
+    assert [f.result(timeout=60) for f in futs] == [k * (k + 1) // 2 for k in range(1, 301)]
+    assert c.history.remote().result() == list(range(1, 301))
+
+
+def test_instance_is_warm_between_calls(cluster):
+    c = Counter.remote(0)
+    pids = {c.pid.remote().result()[0] for _ in range(5)}
+    assert len(pids) == 1
+    fabric.kill(c)
+
+
+def test_method_exception_keeps_instance_alive(cluster):
+    c = Counter.remote(1)
+    with pytest.raises(ValueError, match="instance method failed"):
+        c.fail.remote().result(timeout=30)
+    assert c.inc.remote().result() == 2
+    fabric.kill(c)
+
+
+def test_concurrency_runs_calls_at_once(cluster):
+    p = Pair.remote()
+    a, b = p.span.remote(1.0), p.span.remote(1.0)
+    (s1, e1, t1), (s2, e2, t2) = a.result(timeout=30), b.result(timeout=30)
+    assert max(s1, s2) < min(e1, e2)  # their running intervals overlap
+    assert t1 != t2
+    fabric.kill(p)
+
+
+def test_init_failure_reaches_every_call(cluster):
+    b = BadInit.remote()
+    with pytest.raises(RuntimeError, match="cannot start"):
+        b.ready().result(timeout=30)
+    with pytest.raises(RuntimeError, match="cannot start"):
+        b.ping.remote().result(timeout=30)
+
+
+def test_kill_fails_pending_calls_and_frees_resources(cluster):
+    c = Counter.remote(0)
+    assert c.inc.remote().result(timeout=30) == 1
+    fabric.kill(c)
+    with pytest.raises(fabric.ActorDied):
+        c.inc.remote().result(timeout=30)
+    # its CPU came back: two more instances fit on the 2-CPU cluster
+    a, b = Counter.remote(1), Counter.remote(2)
+    assert a.inc.remote().result(timeout=30) == 2 and b.inc.remote().result(timeout=30) == 3
+    fabric.kill(a)
+    fabric.kill(b)
+
+
+def test_instance_process_death_is_actor_died(cluster):
+    c = Counter.remote(0)
+    c.inc.remote().result(timeout=30)
+    with pytest.raises(fabric.ActorDied, match="died"):
+        c.die.remote().result(timeout=30)
+    with pytest.raises(fabric.ActorDied):
+        c.inc.remote().result(timeout=30)
+    assert fabric.cluster_status()["instances"] == 0
+
+
+def test_dropping_the_handle_stops_the_instance(cluster):
+    def instances():
+        return fabric.cluster_status()["instances"]
+
+    assert wait_for(lambda: instances() == 0, timeout=15)
+    c = Counter.remote(0)
+    last = c.inc.remote(5)
+    del c
+    assert last.result(timeout=30) == 5  # calls already made still run
+    assert wait_for(lambda: instances() == 0, timeout=15)
+
+
+def test_bad_instance_use(cluster):
+    c = Counter.remote(0)
+    with pytest.raises(AttributeError, match="no method 'nope'"):
+        c.nope
+    with pytest.raises(TypeError, match=r"Counter.inc.remote"):
+        c.inc(1)
+    with pytest.raises(TypeError, match="too many"):
+        c.inc.remote(1, 2, 3)
+    with pytest.raises(TypeError, match=r"Counter.remote\(...\)"):
+        Counter(1)
+    assert c.inc.remote(4).result(timeout=30) == 4
+    fabric.kill(c)
+
+
+def test_instance_handle_passed_to_a_function(cluster):
+    c = Counter.remote(10)
+
+    @fabric.fn
+    def bump(h):
+        return h.inc.remote(5).result()
+
+    assert bump.remote(c).result(timeout=30) == 15
+    assert c.inc.remote().result() == 16
+    fabric.kill(c)
