@@ -1,0 +1,177 @@
+"""A `fabric start` cluster joined by a second `fabric executor`, driven by user scripts; and
+hostile frames thrown at the broker's socket by a raw ZeroMQ client."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import zmq
+
+import fabric
+from fabric import protocol as P
+from conftest import REPO, free_port, run_script, wait_for
+
+FABRIC = [sys.executable, "-m", "fabric.cli"]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+    """`fabric start --detach` on a free port plus a second `fabric executor` process."""
+    home = str(tmp_path_factory.mktemp("home"))
+    env = dict(os.environ, FABRIC_HOME=home)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    r = subprocess.run(FABRIC + ["start", "--port", str(port), "--cpus", "2", "--detach"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert address in r.stdout
+    second = subprocess.Popen(FABRIC + ["executor", "--broker", address, "--cpus", "1", "--label", "zone=b"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    status = lambda: json.loads(subprocess.run(FABRIC + ["status", "--json"], env=env, capture_output=True,  # noqa: E731
+                                               text=True, timeout=30).stdout or "{}")
+    assert wait_for(lambda: len(status().get("executors", [])) == 2, timeout=30)
+    rec = json.load(open(os.path.join(home, "cluster.json")))
+    yield {"address": address, "env": env, "status": status, "second": second, "pids": rec["pids"]}
+    second.terminate()
+    second.wait(10)
+    subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, timeout=60)
+
+
+def test_contract_script_on_embedded_and_started_clusters(started):
+    demo = open(os.path.join(REPO, "functions", "contract_demo.py")).read()
+    embedded = run_script(demo, timeout=120)
+    assert embedded.returncode == 0, embedded.stderr
+    assert "contract ok" in embedded.stdout
+    remote = run_script(demo, env={**started["env"], "FABRIC_ADDRESS": started["address"]}, timeout=120)
+    assert remote.returncode == 0, remote.stderr
+    assert "contract ok" in remote.stdout
+
+
+def test_calls_spread_over_both_executors(started):
+    code = """
+import os, time, fabric
+fabric.init(address=%r)
+@fabric.fn
+def where(t):
+    time.sleep(t)
+    return os.getppid()
+print(len(set(fabric.get([where.remote(0.5) for _ in range(6)]))))
+""" % started["address"]
+    r = run_script(code, env=started["env"], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "2"  # two executor daemons' workers ran them
+
+
+def test_status_table_and_json(started):
+    st = started["status"]()
+    assert sorted(e["cpus"] for e in st["executors"]) == [1, 2]
+    assert any(e["labels"] == {"zone": "b"} for e in st["executors"])
+    r = subprocess.run(FABRIC + ["status"], env=started["env"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "executors" in r.stdout and "queues" in r.stdout
+
+
+def test_many_calls_on_two_executors(started):
+    code = """
+import fabric
+fabric.init(address=%r)
+@fabric.fn
+def one():
+    return 1
+print(sum(fabric.get([one.remote() for _ in range(50)])))
+""" % started["address"]
+    r = run_script(code, env=started["env"], timeout=60)
+    assert r.stdout.strip() == "50", r.stderr
+
+
+GARBAGE = [
+    [b"hello"],
+    [b"FB"],
+    [b"FB\x09\x02"],                         # another protocol version
+    [b"FB\x01\xff"],                         # unknown command
+    [P.C[P.SUBMIT], b"short header"],
+    [P.C[P.SUBMIT], b"x" * P.CALL_HDR.size, b"", b"", b"p"],  # before HELLO
+    [P.C[P.DONE], b"x" * P.RESULT_HDR.size, b"p"],            # a driver pretending to be a worker
+    [P.C[P.HELLO], b"{not json"],
+    [P.C[P.RELEASE], b"abc"],                # not a multiple of 16
+    [P.C[P.EXEC_HELLO], b'{"cpus": "many"}'],
+    [],
+]
+
+
+def test_garbage_frames_are_refused_logged_and_the_broker_keeps_serving(started):
+    ctx = zmq.Context()
+    try:
+        socks = []
+        for prefix in (b"d", b"e", b"w", b"x", b"c"):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.ROUTING_ID, prefix + os.urandom(8))
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(started["address"])
+            socks.append(s)
+        for s in socks:
+            for msg in GARBAGE:
+                if msg:
+                    s.send_multipart(msg)
+        # a driver that said HELLO, then sends a SUBMIT whose frames do not match its header
+        d, r = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        did = os.urandom(8)
+        for s, ident in ((d, b"d" + did), (r, b"r" + did)):
+            s.setsockopt(zmq.ROUTING_ID, ident)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(started["address"])
+            s.send_multipart([P.C[P.HELLO], b"{}"])
+            assert s.poll(10000)
+            s.recv_multipart()
+        hdr = P.pack_call(did + bytes(8), bytes(16), P.TASK, P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 5)
+        d.send_multipart([P.C[P.SUBMIT], hdr, b"", b"", b"payload"])
+        assert r.poll(10000)
+        reply = r.recv_multipart()
+        assert reply[0] == P.C[P.ERROR] and b"buffers" in reply[1]
+        # the driver socket of a garbage sender got told why, too
+        c = socks[-1]
+        assert c.poll(10000)
+    finally:
+        ctx.destroy(linger=0)
+    st = started["status"]()
+    assert st["stats"]["refused"] >= 10
+    assert len(st["executors"]) == 2
+    code = "import fabric; fabric.init(address=%r)\n@fabric.fn\ndef f(x): return x + 1\nprint(f.remote(1).result())"
+    r2 = run_script(code % started["address"], env=started["env"], timeout=60)
+    assert r2.stdout.strip() == "2", r2.stderr
+    log_dir = json.load(open(os.path.join(started["env"]["FABRIC_HOME"], "cluster.json")))["log_dir"]
+    assert "refused a message" in open(os.path.join(log_dir, "broker.log")).read()
+
+
+def test_cli_refuses_bad_input(started):
+    env = started["env"]
+    bad = [
+        (["start", "--host", "0.0.0.0"], "loopback"),
+        (["start", "--port", "0"], "0"),
+        (["start", "--memory", "lots", "--port", str(free_port())], "memory must be a size"),
+        (["executor", "--broker", "localhost:1"], "tcp://host:port"),
+        (["status", "--address", f"tcp://127.0.0.1:{free_port()}"], "no fabric broker answered"),
+    ]
+    for args, msg in bad:
+        r = subprocess.run(FABRIC + args, env=env, capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0, args
+        assert msg in r.stderr + r.stdout, (args, r.stderr)
+    assert started["status"]()["executors"]
+
+
+def test_stop_leaves_no_process(tmp_path):
+    env = dict(os.environ, FABRIC_HOME=str(tmp_path))
+    port = free_port()
+    r = subprocess.run(FABRIC + ["start", "--port", str(port), "--cpus", "1", "--detach"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    pids = json.load(open(tmp_path / "cluster.json"))["pids"]
+    workers = [c.pid for p in pids for c in psutil.Process(p).children(recursive=True)]
+    r = subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    alive = lambda p: psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"  # noqa: E731
+    assert wait_for(lambda: not any(alive(p) for p in pids + workers), timeout=15)
+    assert not (tmp_path / "cluster.json").exists()
