@@ -1,0 +1,1 @@
+"""Ready-made fabric apps: the quickstart, the API-contract demo, examples."""

@@ -1,0 +1,272 @@
+"""fabric against its peers on the same microbenchmarks, in one run.
+
+    bash loadtests/setup_peers.sh                       # once: Ray and Dask in .venv-peers
+    python loadtests/bench_core.py --repeat 3 --write docs/benchmarks.md
+
+Runs fabric's side of the workloads of ../shared/bench/peers.py (sync, async, actor, bigarg,
+fanout, startup; plus memory: broker RSS over 1,000,000 calls and the cost of 100,000 pending
+calls), then runs the peers' side (Ray, Dask, the raw ZeroMQ floor) with the peers' venv, and
+prints one table of medians over ``--repeat`` runs with fabric's ratio to each peer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(REPO), "shared", "bench", "peers.py")
+N_SYNC, N_ASYNC, N_ACTOR, FANOUT = 2000, 10000, 10000, 200
+BIG = 100 * 1024 * 1024 // 8
+
+STARTUP = """
+import time
+t0 = time.perf_counter()
+import fabric
+fabric.init(num_cpus={cpus})
+@fabric.fn
+def noop():
+    return None
+noop.remote().result()
+print(time.perf_counter() - t0)
+fabric.shutdown()
+"""
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def bench_fabric(cpus: int, memory: bool) -> dict:
+    env = dict(os.environ)
+    env.pop("FABRIC_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", STARTUP.format(cpus=cpus)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    startup = float(out.stdout.strip().splitlines()[-1])
+
+    import fabric
+
+    fabric.init(num_cpus=cpus)
+
+    @fabric.fn
+    def noop():
+        return None
+
+    @fabric.fn
+    def total(a):
+        return float(a.sum())
+
+    @fabric.fn
+    def nap():
+        time.sleep(0.01)
+
+    @fabric.cls
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def inc(self):
+            self.n += 1
+            return self.n
+
+    fabric.get([noop.remote() for _ in range(200)])
+    lat = []
+    for _ in range(N_SYNC):
+        t = time.perf_counter()
+        noop.remote().result()
+        lat.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    fabric.get([noop.remote() for _ in range(N_ASYNC)])
+    async_rate = N_ASYNC / (time.perf_counter() - t)
+
+    c = Counter.remote()
+    c.inc.remote().result()
+    alat = []
+    for _ in range(N_SYNC):
+        t = time.perf_counter()
+        c.inc.remote().result()
+        alat.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    fabric.get([c.inc.remote() for _ in range(N_ACTOR)])
+    actor_rate = N_ACTOR / (time.perf_counter() - t)
+    fabric.kill(c)
+
+    a = np.ones(BIG)
+    total.remote(np.ones(10)).result()
+    t = time.perf_counter()
+    for _ in range(3):
+        assert total.remote(a).result() == BIG
+    bigarg = 3 * a.nbytes / (time.perf_counter() - t) / 1e9
+
+    fabric.get([nap.remote() for _ in range(cpus)])
+    t = time.perf_counter()
+    fabric.get([nap.remote() for _ in range(FANOUT)])
+    eff = (FANOUT * 0.01 / cpus) / (time.perf_counter() - t)
+    row = dict(sync_p50_us=pct(lat, 50) * 1e6, sync_p99_us=pct(lat, 99) * 1e6, async_per_s=async_rate,
+               actor_p50_us=pct(alat, 50) * 1e6, actor_per_s=actor_rate, bigarg_gb_s=bigarg, fanout_eff=eff,
+               startup_s=startup)
+    if memory:
+        row.update(memory_figures(noop))
+    fabric.shutdown()
+    return row
+
+
+def memory_figures(noop) -> dict:
+    """Broker RSS over 1,000,000 calls, and driver+broker memory for 100,000 pending calls."""
+    import psutil
+
+    import fabric
+
+    broker = psutil.Process(fabric.api._state.cluster.procs[0].pid)
+    me = psutil.Process()
+    rss = []
+    for i in range(100):
+        fabric.get([noop.remote() for _ in range(10_000)])
+        if i % 10 == 9:
+            rss.append(broker.memory_info().rss)
+    base = broker.memory_info().rss + me.memory_info().rss
+
+    @fabric.fn
+    def hold(t):
+        time.sleep(t)
+
+    blockers = [hold.remote(3.0) for _ in range(4)]
+    pending = [noop.remote() for _ in range(100_000)]
+    time.sleep(0.5)
+    peak = broker.memory_info().rss + me.memory_info().rss
+    fabric.get(blockers)
+    fabric.get(pending)
+    return {"broker_rss_growth_mb_1m": (rss[-1] - rss[0]) / 2**20, "broker_rss_mb": rss[-1] / 2**20,
+            "pending_100k_mb": (peak - base) / 2**20}
+
+
+def run_peer(python: str, peer: str, cpus: int) -> dict | None:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        r = subprocess.run([python, PEERS, peer, "--cpus", str(cpus), "--json", f.name], capture_output=True,
+                           text=True, timeout=900)
+        if r.returncode != 0:
+            print(f"  {peer} failed: {r.stderr.strip().splitlines()[-1:] if r.stderr else r.returncode}")
+            return None
+        return json.load(open(f.name))
+
+
+METRICS = [  # key, label, higher is better
+    ("sync_p50_us", "sync p50 (us)", False), ("sync_p99_us", "sync p99 (us)", False),
+    ("async_per_s", "async calls/s", True), ("actor_p50_us", "actor p50 (us)", False),
+    ("actor_per_s", "actor pipelined calls/s", True), ("bigarg_gb_s", "bigarg GB/s", True),
+    ("fanout_eff", "fanout efficiency", True), ("startup_s", "startup (s)", False),
+]
+
+
+def median_rows(rows):
+    keys = {k for r in rows for k in r if isinstance(r[k], (int, float))}
+    return {k: statistics.median(r[k] for r in rows if k in r) for k in keys}
+
+
+def table(results: dict) -> str:
+    peers = [p for p in ("ray", "dask", "zmq-floor") if p in results]
+    head = "| workload | fabric | " + " | ".join(peers) + " | " + " | ".join(f"fabric vs {p}" for p in peers) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(peers))]
+    fab = results["fabric"]
+    for key, label, higher in METRICS:
+        cells = [label, _fmt(fab.get(key))]
+        ratios = []
+        for p in peers:
+            v = results[p].get(key)
+            cells.append(_fmt(v))
+            if v and fab.get(key):
+                ratio = fab[key] / v if higher else v / fab[key]
+                ratios.append(f"{ratio:.2f}x {'better' if ratio >= 1 else 'worse'}")
+            else:
+                ratios.append("-")
+        lines.append("| " + " | ".join(cells + ratios) + " |")
+    extra = [k for k in ("broker_rss_growth_mb_1m", "broker_rss_mb", "pending_100k_mb") if k in fab]
+    for k in extra:
+        lines.append(f"| {k} | {_fmt(fab[k])} |" + " |" * (2 * len(peers)))
+    return "\n".join(lines)
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the table shows medians")
+    ap.add_argument("--peers", default="ray,dask,zmq", help="comma-separated; empty for fabric alone")
+    ap.add_argument("--peers-python", default=os.path.join(REPO, ".venv-peers", "bin", "python"))
+    ap.add_argument("--memory", action="store_true", help="also measure memory over 1,000,000 calls")
+    ap.add_argument("--write", help="write the table into this markdown file (docs/benchmarks.md)")
+    a = ap.parse_args()
+    results = {}
+    rows = []
+    for i in range(a.repeat):
+        rows.append(bench_fabric(a.cpus, a.memory and i == 0))
+        print(f"fabric run {i + 1}: " + json.dumps({k: round(v, 3) for k, v in rows[-1].items()}), flush=True)
+    results["fabric"] = median_rows(rows)
+    peers = [p for p in a.peers.split(",") if p]
+    if peers and not os.path.exists(a.peers_python):
+        sys.exit(f"no peers venv at {a.peers_python}: run `bash loadtests/setup_peers.sh` first, or --peers ''")
+    for peer in peers:
+        prow = [r for r in (run_peer(a.peers_python, peer, a.cpus) for _ in range(a.repeat)) if r]
+        if prow:
+            name = prow[0]["peer"]
+            results[name] = median_rows(prow)
+            print(f"{name}: " + json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
+    out = table(results)
+    print(out)
+    if a.write:
+        cmd = "python loadtests/bench_core.py " + " ".join(sys.argv[1:])
+        write_doc(a.write, out, cmd, a)
+
+
+def write_doc(path, tab, cmd, a):
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"""# Benchmarks
+
+fabric against Ray, Dask and the raw ZeroMQ floor on the workloads of `shared/bench/peers.py`,
+all measured in one invocation on the same machine. Each cell is the median of {a.repeat} runs;
+the ratio columns say how many times better (or worse) fabric is than that peer.
+
+- machine: {os.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}
+- date: {time.strftime('%Y-%m-%d')}
+- command: `{cmd}` (after `bash loadtests/setup_peers.sh`)
+
+{tab}
+
+Workloads: *sync* sequential no-op calls (latency); *async* 10,000 no-op calls submitted at once;
+*actor* sequential calls on one instance and 10,000 pipelined ones; *bigarg* a 100 MB float64
+array passed to a call that sums it; *fanout* 200 calls of 10 ms sleep on the cluster's CPUs
+(parallel efficiency); *startup* a fresh process from `import` to its first result on an
+embedded cluster. The memory rows (with `--memory`): the broker's RSS growth between 100,000
+and 1,000,000 no-op calls, its RSS after them, and what 100,000 queued calls cost the driver and
+broker together.
+"""
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
