@@ -45,6 +45,7 @@ log = logging.getLogger("fabric.broker")
 HEARTBEAT_TIMEOUT = float(os.environ.get("FABRIC_HEARTBEAT_TIMEOUT", 10.0))
 NO_EXECUTOR_GRACE = float(os.environ.get("FABRIC_NO_EXECUTOR_GRACE", 30.0))
 PREFETCH_BELOW = float(os.environ.get("FABRIC_PREFETCH_BELOW", 0.005))  # seconds
+PREFETCH_ONE_BELOW = float(os.environ.get("FABRIC_PREFETCH_ONE_BELOW", 0.1))  # seconds
 ACTOR_PIPELINE = int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000))
 
 WAITING, QUEUED, SPAWNING, RUNNING, DONE = range(5)
@@ -57,7 +58,7 @@ class Call:
     def __init__(self, cid, driver, frames, h):
         self.id = cid
         self.driver = driver            # the driver's result-socket identity
-        self.frames = frames            # [hdr, code, deps, payload, *buffers]
+        self.frames = frames            # [hdr, deps, payload, *buffers]: small ones as bytes
         _, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, _ = h
         self.shape = (cpus, gpus, mem)
         self.deps = None
@@ -272,7 +273,8 @@ class Broker:
         did = ident[1:]
         if did not in self.drivers:
             raise ProtocolError("driver has not said HELLO")
-        h = P.unpack_call(f[0].bytes)
+        hdr = f[0].bytes
+        h = P.unpack_call(hdr)
         cid, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _ = h
         if len(f) != 4 + nbuf:
             raise ProtocolError(f"SUBMIT announces {nbuf} buffers but carries {len(f) - 4}")
@@ -286,10 +288,15 @@ class Broker:
             self.code[code_hash] = f[1]
         elif kind != P.ACTOR_CALL and code_hash not in self.code:
             raise ProtocolError("call names code the broker has never received")
-        call = Call(cid, b"r" + did, f, h)
+        # keep small frames as bytes: a zmq Frame costs ~10x its size in memory, and 100,000
+        # queued calls must stay cheap; large payloads and buffers stay zero-copy Frames
+        payload = f[3]
+        if len(payload) < 4096:
+            payload = payload.bytes
+        call = Call(cid, b"r" + did, [hdr, f[2].bytes, payload, *f[4:]], h)
         self.calls[cid] = call
         self.stats["submitted"] += 1
-        deps = f[2].bytes
+        deps = call.frames[1]
         if deps:
             call.deps = P.split_ids(deps)
             call.depv = {}
@@ -613,20 +620,27 @@ class Broker:
             if w.ex.fits(shape):
                 return w
         if self.partial:
-            avg = self.avg_duration.get(call.code_hash)
-            if avg is not None and avg < PREFETCH_BELOW:
-                # only behind a call that is short too and not overdue: a call queued behind a
-                # long one (or one waiting on nested calls) would wait needlessly, or forever
-                now = time.monotonic()
-                durations = self.avg_duration
-                best = None
-                for w in self.partial:
-                    if w.held != shape or (best is not None and len(w.inflight) >= len(best.inflight)):
-                        continue
-                    head = next(iter(w.inflight.values()))
-                    if durations.get(head.code_hash, 1.0) < PREFETCH_BELOW and now - head.started < 4 * PREFETCH_BELOW:
-                        best = w
-                return best
+            # Prefetch: only calls of known, short duration, and only behind a call that is
+            # known-short too and not overdue; a call queued behind a long one (or behind one
+            # that waits on nested calls) would wait needlessly, or forever. Short calls get
+            # the worker's whole credit; medium ones (under PREFETCH_ONE_BELOW) one call ahead,
+            # which keeps every worker busy between round trips while all of them are.
+            durations = self.avg_duration
+            avg = durations.get(call.code_hash)
+            if avg is None or avg >= PREFETCH_ONE_BELOW:
+                return None
+            depth = None if avg < PREFETCH_BELOW else 2
+            now = time.monotonic()
+            best = None
+            for w in self.partial:
+                n = len(w.inflight)
+                if w.held != shape or (best is not None and n >= len(best.inflight)) or (depth and n >= depth):
+                    continue
+                head = next(iter(w.inflight.values()))
+                expected = durations.get(head.code_hash, 1e9)
+                if expected < PREFETCH_ONE_BELOW and now - head.started < max(4 * expected, 4 * PREFETCH_BELOW):
+                    best = w
+            return best
         return None
 
     def run_on(self, w, call):
@@ -635,7 +649,7 @@ class Broker:
         if call.kind != P.ACTOR_CALL and call.code_hash not in w.code_seen:
             code = self.code[call.code_hash]
             w.code_seen.add(call.code_hash)
-        out = [w.ident, P.C[P.CALL], frames[0], code, *frames[2:]]
+        out = [w.ident, P.C[P.CALL], frames[0], code, *frames[1:]]
         if call.deps:
             depv = call.depv
             for d in call.deps:
