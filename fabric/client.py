@@ -181,7 +181,7 @@ class Client:
         self.dropped: collections.deque[bytes] = collections.deque()  # ids of dropped put() objects
         self.dropped_actors: collections.deque[bytes] = collections.deque()  # instances with no handle left
         self._counter = itertools.count(1)
-        self.shm_dir = "/dev/shm" if shm and os.path.isdir("/dev/shm") else None
+        self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
         self.closed = False
         self.log_to_driver = True
         self.rlock = threading.Lock()                  # whoever holds it receives on r
@@ -221,17 +221,18 @@ class Client:
             raise ConnectionFailed("this fabric client is shut down; call fabric.init() again")
         cid = self.new_id()
         deps: list[Future] = []
-        shm_paths: list[str] = []
+        shm_used: list = []
         try:
             payload, bufs = serde.dumps_args(args, kwargs, ref_type=Future, on_ref=lambda f: self._ref(f, deps),
-                                             shm_dir=self.shm_dir, shm_paths=shm_paths)
+                                             shm_pool=self.shm, shm_used=shm_used)
         except BaseException:
             self._unpin(deps)
-            _unlink(shm_paths)
+            if shm_used:
+                self.shm.give_back(shm_used, reuse=False)
             raise
         fut = Future(cid, self, label)
-        if shm_paths:
-            fut._shm = shm_paths
+        if shm_used:
+            fut._shm = shm_used
         hdr = P.pack_call(cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
                           float(timeout or 0.0), len(bufs), flags)
         dep_ids = b"".join(f.id for f in deps)
@@ -374,7 +375,8 @@ class Client:
             self.cond.notify_all()
         for fut in done:
             if fut._shm:
-                _unlink(fut._shm)
+                hdr = fut._frames[1].bytes
+                self.shm.give_back(fut._shm, reuse=hdr[16] == P.OK and bool(hdr[-1] & P.SHM_FREE))
                 fut._shm = None
             if fut._callbacks:
                 for cb in fut._callbacks:
@@ -426,9 +428,11 @@ class Client:
         with self.cond:
             self.cond.notify_all()
         self.io.join(2)
-        for f in list(self.pending.values()):
-            if f._shm:
-                _unlink(f._shm)
+        if self.shm is not None:
+            for f in list(self.pending.values()):
+                if f._shm:
+                    self.shm.give_back(f._shm, reuse=False)
+            self.shm.close()
         self._close_sockets()
 
     def _close_sockets(self):
@@ -439,14 +443,6 @@ class Client:
 
 def _identity(x):
     return x
-
-
-def _unlink(paths):
-    for p in paths:
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
 
 
 def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:

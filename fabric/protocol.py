@@ -76,8 +76,9 @@ TASK, ACTOR_NEW, ACTOR_CALL = 0, 1, 2
 NO_ID = bytes(16)
 
 # --- result header --------------------------------------------------------------------------
-# call_id 16s, status B, nbuf H, duration d (seconds the call ran on the worker)
-RESULT_HDR = struct.Struct("<16sBHd")
+# call_id 16s, status B, nbuf H, duration d (seconds the call ran on the worker), flags B
+RESULT_HDR = struct.Struct("<16sBHdB")
+SHM_FREE = 1      # result flag: the worker holds no mapping of the call's shared-memory arguments
 OK = 0            # payload: pickled value
 USER_ERROR = 1    # payload: pickled (exception | None, type name, message, traceback text)
 CRASHED = 2       # payload: utf-8 message (this and below are made by the broker)
@@ -101,8 +102,8 @@ def unpack_call(b):
     return CALL_HDR.unpack(b)
 
 
-def pack_result(call_id: bytes, status: int, nbuf: int = 0, duration: float = 0.0) -> bytes:
-    return RESULT_HDR.pack(call_id, status, nbuf, duration)
+def pack_result(call_id: bytes, status: int, nbuf: int = 0, duration: float = 0.0, flags: int = 0) -> bytes:
+    return RESULT_HDR.pack(call_id, status, nbuf, duration, flags)
 
 
 def unpack_result(b):

@@ -5,8 +5,10 @@
   frames that ZeroMQ sends without copying. cloudpickle is the pickler, so lambdas and classes
   defined in ``__main__`` travel by value; plain pickle is the fast path for simple arguments.
 - On one host, numpy arrays above ``SHM_THRESHOLD`` go through a shared-memory file instead of
-  the sockets: one copy in, a private mapping out. The driver that wrote the file unlinks it once
-  the call has its outcome.
+  the sockets: one copy in, a private (copy-on-write) mapping out. The driver owns the files in
+  a small pool: a worker that kept no reference to the mapping says so in its result
+  (``SHM_FREE``), and the file is reused (its pages are already allocated, which is most of the
+  cost of a fresh one); otherwise the driver unlinks it and the worker's mapping lives on.
 - Futures inside arguments become references (``_dep``) that the worker resolves from the
   results the broker attached to the call; the broker itself never unpickles anything.
 """
@@ -52,31 +54,99 @@ def _dep(call_id: bytes):
         raise SerializationError("a Future argument was not resolved on the cluster") from None
 
 
-def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool):
+def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool, nbytes: int):
     import numpy as np
 
     if host != HOST:
         raise SerializationError(f"array in shared memory on host {host!r} cannot be read on {HOST!r}")
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE) if size else b""
+        mm = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    maps = getattr(_deps, "maps", None)
+    if maps is not None:
+        maps.append(mm)
     arr = np.frombuffer(mm, dtype=np.dtype(dtype))
     return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def release_mappings() -> bool:
+    """After a call: unmap its shared-memory arguments. False if user code still holds one
+    (then the driver must not reuse the file)."""
+    maps = getattr(_deps, "maps", None)
+    if not maps:
+        return False
+    free = True
+    for mm in maps:
+        try:
+            mm.close()
+        except BufferError:  # an array still views it (kept in an instance, returned, ...)
+            free = False
+    maps.clear()
+    return free
+
+
+class ShmPool:
+    """The driver's shared-memory files, reused when the worker is done with them."""
+
+    def __init__(self, directory: str, keep_bytes: int = int(os.environ.get("FABRIC_SHM_POOL", 1 << 30))):
+        self.dir, self.keep = directory, keep_bytes
+        self.free: list[tuple[int, str, mmap.mmap]] = []
+        self.lock = threading.Lock()
+
+    def take(self, nbytes: int):
+        with self.lock:
+            for i, (size, path, mm) in enumerate(self.free):
+                if nbytes <= size <= 2 * nbytes + (1 << 20):
+                    return self.free.pop(i)
+        path = os.path.join(self.dir, f"fabric-{os.getpid()}-{os.urandom(6).hex()}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return nbytes, path, mm
+
+    def give_back(self, segments, reuse: bool):
+        drop = [] if reuse else list(segments)
+        if reuse:
+            with self.lock:
+                self.free.extend(segments)
+                while sum(s for s, _, _ in self.free) > self.keep:
+                    drop.append(self.free.pop(0))
+        for _, path, mm in drop:
+            _discard(path, mm)
+
+    def close(self):
+        with self.lock:
+            free, self.free = self.free, []
+        for _, path, mm in free:
+            _discard(path, mm)
+
+
+def _discard(path, mm):
+    try:
+        mm.close()
+    except BufferError:
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class ArgPickler(cloudpickle.Pickler):
     """cloudpickle with two hooks: Futures become references, big arrays go to shared memory."""
 
-    def __init__(self, file, buffers, ref_type=None, on_ref=None, shm_dir=None, shm_paths=None):
+    def __init__(self, file, buffers, ref_type=None, on_ref=None, shm_pool=None, shm_used=None):
         super().__init__(file, protocol=5, buffer_callback=buffers.append)
         self.ref_type, self.on_ref = ref_type, on_ref
-        self.shm_dir, self.shm_paths = shm_dir, shm_paths
+        self.shm_pool, self.shm_used = shm_pool, shm_used
 
     def reducer_override(self, obj):
         if self.ref_type is not None and isinstance(obj, self.ref_type):
             return self.on_ref(obj)
         t = type(obj)
-        if self.shm_dir is not None and t.__name__ == "ndarray" and t.__module__ == "numpy":
+        if self.shm_pool is not None and t.__name__ == "ndarray" and t.__module__ == "numpy":
             if obj.nbytes >= SHM_THRESHOLD and not obj.dtype.hasobject:
                 return self._to_shm(obj)
         return super().reducer_override(obj)
@@ -87,13 +157,11 @@ class ArgPickler(cloudpickle.Pickler):
         fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous
         if not (arr.flags.c_contiguous or fortran):
             arr = np.ascontiguousarray(arr)
-        path = os.path.join(self.shm_dir, f"fabric-{os.getpid()}-{os.urandom(6).hex()}")
-        with open(path, "wb", buffering=0) as f:
-            view = memoryview(arr.reshape(-1, order="F" if fortran else "C")).cast("B")
-            while view:
-                view = view[f.write(view):]
-        self.shm_paths.append(path)
-        return _shm_ndarray, (HOST, path, arr.dtype.str, arr.shape, fortran)
+        seg = self.shm_pool.take(arr.nbytes)
+        self.shm_used.append(seg)
+        flat = arr.reshape(-1, order="F" if fortran else "C").view(np.uint8)
+        np.copyto(np.frombuffer(seg[2], dtype=np.uint8, count=arr.nbytes), flat)
+        return _shm_ndarray, (HOST, seg[1], arr.dtype.str, arr.shape, fortran, arr.nbytes)
 
 
 def _offender(values):
@@ -106,14 +174,14 @@ def _offender(values):
     return None
 
 
-def dumps_args(args: tuple, kwargs: dict, *, ref_type=None, on_ref=None, shm_dir=None, shm_paths=None):
+def dumps_args(args: tuple, kwargs: dict, *, ref_type=None, on_ref=None, shm_pool=None, shm_used=None):
     """(payload, [buffers]) for a call's arguments; SerializationError names the bad argument."""
     if all(type(a) in _SIMPLE for a in args) and all(type(v) in _SIMPLE for v in kwargs.values()):
         return pickle.dumps((args, kwargs), protocol=5), []
     buffers: list = []
     f = io.BytesIO()
     try:
-        ArgPickler(f, buffers, ref_type, on_ref, shm_dir, shm_paths).dump((args, kwargs))
+        ArgPickler(f, buffers, ref_type, on_ref, shm_pool, shm_used).dump((args, kwargs))
     except SerializationError:
         raise
     except Exception as e:  # noqa: BLE001 - pickling can raise nearly anything
@@ -125,6 +193,7 @@ def dumps_args(args: tuple, kwargs: dict, *, ref_type=None, on_ref=None, shm_dir
 
 def loads_args(payload, buffers, deps: dict | None = None):
     _deps.values = deps or {}
+    _deps.maps = []
     try:
         return pickle.loads(payload, buffers=buffers)
     finally:

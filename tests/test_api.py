@@ -163,7 +163,35 @@ def test_large_numpy_arguments_and_results(cluster):
     assert total.remote(fortran).result()[0] == pytest.approx(big.sum())
     back = echo.remote(big[:, :10].copy()).result()
     assert np.array_equal(back, big[:, :10])
-    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"fabric-{os.getpid()}-")]
+
+
+def _shm_files():
+    return sorted(p for p in os.listdir("/dev/shm") if p.startswith(f"fabric-{os.getpid()}-"))
+
+
+def test_shared_memory_files_are_reused_only_when_the_worker_let_go(cluster):
+    a = np.full(300_000, 1.0)  # 2.4 MB: above the shared-memory threshold
+    for _ in range(3):
+        assert total.remote(a).result()[0] == a.sum()
+    before = _shm_files()
+    assert total.remote(a * 2).result()[0] == 2 * a.sum()
+    assert _shm_files() == before  # the same file carried the next array
+
+    @fabric.cls
+    class Keeper:
+        def keep(self, arr):
+            self.arr = arr  # holds a view of the shared memory after the call
+            return float(arr.sum())
+
+        def kept(self):
+            return float(self.arr.sum())
+
+    k = Keeper.remote()
+    assert k.keep.remote(a).result() == a.sum()
+    for i in range(3):  # same-size arrays: they must not overwrite what the instance keeps
+        assert total.remote(a * (i + 5)).result()[0] == a.sum() * (i + 5)
+    assert k.kept.remote().result() == a.sum()
+    fabric.kill(k)
 
 
 def test_lambdas_and_main_classes_travel_by_value(cluster):

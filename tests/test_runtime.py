@@ -102,6 +102,7 @@ class C:
         return os.getpid()
 
 print("ADDR", info["address"])
+print("PID", os.getpid())
 assert total.remote(np.ones(1 << 20)).result() == 1 << 20
 c = C.remote()
 print("WORKER", c.ping.remote().result())
@@ -130,5 +131,8 @@ def test_nothing_is_left_behind(end):
         while os.path.exists(sock) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not os.path.exists(sock)
-    assert not [f for f in os.listdir("/dev/shm") if f.startswith("fabric-")
-                and not psutil.pid_exists(int(f.split("-")[1]))]
+    deadline = time.monotonic() + 5
+    leftovers = lambda: [f for f in os.listdir("/dev/shm") if f.startswith(f"fabric-{out['PID']}-")]  # noqa: E731
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not leftovers()

@@ -220,8 +220,18 @@ class Broker:
         if self.address.startswith("ipc://"):
             try:
                 os.unlink(self.address[6:])
+                if os.path.basename(os.path.dirname(self.address[6:])).startswith("fabric-"):
+                    os.rmdir(os.path.dirname(self.address[6:]))  # the embedded cluster's own folder
             except OSError:
                 pass
+        if self.parent_pid:  # an embedded cluster outlives a killed driver: sweep its shared memory
+            import glob
+
+            for path in glob.glob(f"/dev/shm/fabric-{self.parent_pid}-*"):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         log.info("stopped")
 
     def handle(self, frames):
@@ -364,7 +374,7 @@ class Broker:
 
     def on_put(self, ident, f):
         hdr = f[0].bytes
-        cid, status, nbuf, _ = P.unpack_result(hdr)
+        cid, status, nbuf, _, _ = P.unpack_result(hdr)
         if cid[:8] != ident[1:] or status != P.OK or len(f) != 2 + nbuf:
             raise ProtocolError("malformed PUT")
         self.results[cid] = [P.OK] + list(f)
@@ -490,7 +500,7 @@ class Broker:
         if w is None:
             raise ProtocolError("result from an unknown worker")
         hdr = f[0].bytes
-        cid, status, nbuf, duration = P.unpack_result(hdr)
+        cid, status, nbuf, duration, _ = P.unpack_result(hdr)
         if len(f) != 2 + nbuf:
             raise ProtocolError("DONE announces a different number of buffers")
         call = w.inflight.pop(cid, None)
@@ -870,7 +880,7 @@ class Broker:
     def finish_copy(self, call, outcome):
         """Fail ``call`` with another call's failure (a failed dependency, a dead instance)."""
         status, hdr = outcome[0], outcome[1]
-        _, _, nbuf, dur = P.unpack_result(hdr.bytes if hasattr(hdr, "bytes") else hdr)
+        _, _, nbuf, dur, _ = P.unpack_result(hdr.bytes if hasattr(hdr, "bytes") else hdr)
         self.finish(call, status, None, [P.pack_result(call.id, status, nbuf, dur), *outcome[2:]])
 
     # ---------------------------------------------------------------- time

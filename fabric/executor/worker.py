@@ -187,7 +187,7 @@ class Worker:
             if dep_ids:
                 deps, i = {}, 5 + nbuf
                 for d in P.split_ids(dep_ids):
-                    _, _, dn, _ = P.unpack_result(frames[i].bytes)
+                    _, _, dn, _, _ = P.unpack_result(frames[i].bytes)
                     deps[d] = serde.loads_value(frames[i + 1].buffer, [f.buffer for f in frames[i + 2:i + 2 + dn]])
                     i += 2 + dn
             args, kwargs = serde.loads_args(frames[4].buffer, [f.buffer for f in frames[5:5 + nbuf]], deps)
@@ -205,6 +205,7 @@ class Worker:
                 value = self.create(self.code[code_hash], args, kwargs, flags, cid)
             if inspect.isawaitable(value):
                 value = self.await_(value)
+            del args, kwargs
         except BaseException as e:  # noqa: BLE001 - everything user code raises goes back to the caller
             return self.reply_error(cid, e, t0)
         finally:
@@ -214,7 +215,8 @@ class Worker:
         except SerializationError as e:
             return [P.C[P.DONE], P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
                     f"the result of {source.split(' ')[0]} cannot be pickled: {e}".encode()]
-        out = [P.C[P.DONE], P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0), payload, *bufs]
+        flags = P.SHM_FREE if serde.release_mappings() else 0
+        out = [P.C[P.DONE], P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
         return out
 
