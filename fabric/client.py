@@ -134,10 +134,10 @@ class Future:
         frames, status = self._frames, self._status
         try:
             if status == P.OK:
-                return serde.loads_value(frames[2].buffer, [f.buffer for f in frames[3:]])
+                return serde.loads_value(frames[1].buffer, [f.buffer for f in frames[2:]])
             if status == P.USER_ERROR:
-                return _Raise(serde.loads_error(frames[2].buffer))
-            msg = frames[2].bytes.decode("utf-8", "replace")
+                return _Raise(serde.loads_error(frames[1].buffer))
+            msg = frames[1].bytes.decode("utf-8", "replace")
             return _Raise(_ERRORS.get(status, FabricError)(f"{self.label}: {msg}"))
         except Exception as e:  # noqa: BLE001 - a result that cannot be rebuilt here
             if status == P.OK:
@@ -233,16 +233,18 @@ class Client:
         fut = Future(cid, self, label)
         if shm_used:
             fut._shm = shm_used
-        hdr = P.pack_call(cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
-                          float(timeout or 0.0), len(bufs), flags)
-        dep_ids = b"".join(f.id for f in deps)
+        opts = P.HAS_DEPS if deps else 0
+        parts = [b"", b"".join(f.id for f in deps), payload, *bufs] if deps else [b"", payload, *bufs]
+        fields = (cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
+                  float(timeout or 0.0), len(bufs), flags)
         self.pending[cid] = fut
         with self.lock:
-            code = b""
             if code_blob is not None and code_hash not in self.code_sent:
-                code = code_blob
                 self.code_sent.add(code_hash)
-            P.send(self.d, [P.C[P.SUBMIT], hdr, code, dep_ids, payload, *bufs])
+                parts.insert(1, code_blob)
+                opts |= P.HAS_CODE
+            parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts)
+            P.send(self.d, parts)
             for f in deps:
                 f._pin -= 1
         return fut
@@ -271,7 +273,7 @@ class Client:
         cid = self.new_id()
         payload, bufs = serde.dumps_value(value)
         with self.lock:
-            P.send(self.d, [P.C[P.PUT], P.pack_result(cid, P.OK, len(bufs)), payload, *bufs])
+            P.send(self.d, [P.C[P.PUT] + P.pack_result(cid, P.OK, len(bufs)), payload, *bufs])
         fut = ReadyFuture(cid, self, "fabric.put", value)
         # the IO thread sends the release: a finalizer may run inside any send, on any thread
         weakref.finalize(fut, self.dropped.append, cid)
@@ -354,13 +356,13 @@ class Client:
         done = []
         pending = self.pending
         for frames in batch:  # output first: it was printed before the result it precedes
-            c = frames[0].bytes
+            f0 = frames[0].bytes
+            c = f0[:4]
             if c == result_cmd:
-                hdr = frames[1].bytes
-                fut = pending.pop(hdr[:16], None)
+                fut = pending.pop(f0[4:20], None)
                 if fut is not None:
                     fut._frames = frames
-                    fut._status = hdr[16]
+                    fut._status = f0[20]
                     done.append(fut)
             elif c == P.C[P.LOG]:
                 if self.log_to_driver:
@@ -375,8 +377,8 @@ class Client:
             self.cond.notify_all()
         for fut in done:
             if fut._shm:
-                hdr = fut._frames[1].bytes
-                self.shm.give_back(fut._shm, reuse=hdr[16] == P.OK and bool(hdr[-1] & P.SHM_FREE))
+                f0 = fut._frames[0].bytes
+                self.shm.give_back(fut._shm, reuse=f0[20] == P.OK and bool(f0[-1] & P.SHM_FREE))
                 fut._shm = None
             if fut._callbacks:
                 for cb in fut._callbacks:

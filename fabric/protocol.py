@@ -8,8 +8,9 @@ broker binds one ROUTER socket; every peer connects a DEALER whose routing id na
     e<executor-id:8> an executor daemon            w<executor-id:8><n:4>  a worker process
     l<executor-id:8><n:4> that worker's log socket c<random:8>      a control client (CLI)
 
-Call headers are fixed-size ``struct`` records, so the broker routes without unpickling
-anything: argument, code and result frames pass through it untouched.
+Call and result headers are fixed-size ``struct`` records appended to the command frame (one
+frame fewer per message: in Python each frame costs microseconds on every hop), so the broker
+routes without unpickling anything: argument, code and result frames pass through untouched.
 """
 from __future__ import annotations
 
@@ -23,19 +24,20 @@ VERSION = 1
 SIG = b"FB" + bytes([VERSION])
 
 # --- commands -------------------------------------------------------------------------------
+# "cmd+call-hdr" is one frame: the command frame followed by the header's bytes.
 # driver -> broker
 HELLO = 1         # [cmd, json]                      register a driver socket (both d and r send it)
-SUBMIT = 2        # [cmd, call-hdr, code, deps, payload, *buffers]
+SUBMIT = 2        # [cmd+call-hdr, (code), (deps), payload, *buffers]   (code)/(deps): see opts
 CANCEL = 3        # [cmd, ids]                       ids: concatenated 16-byte call ids
 RELEASE = 4       # [cmd, ids]                       the driver holds these results now / dropped them
-PUT = 5           # [cmd, result-hdr, payload, *buffers]   store an object under a driver-made id
+PUT = 5           # [cmd+result-hdr, payload, *buffers]   store an object under a driver-made id
 KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
 BYE = 7           # [cmd]                            the driver is going away
 STATUS = 8        # [cmd]                            -> STATUS_REPLY
 SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients only)
 # broker -> driver
 WELCOME = 20      # [cmd, json]
-RESULT = 21       # [cmd, result-hdr, payload, *buffers]
+RESULT = 21       # [cmd+result-hdr, payload, *buffers]
 LOG = 22          # [cmd, source, text]              worker output for this driver
 ERROR = 23        # [cmd, text]                      a message of this peer was refused
 STATUS_REPLY = 24 # [cmd, json]
@@ -50,10 +52,10 @@ KILL_WORKER = 51  # [cmd, worker-id]
 EXEC_SHUTDOWN = 52  # [cmd]
 # worker -> broker
 READY = 60        # [cmd, json]                      {"actor": hex|None, "credit": n, "pid": p}
-DONE = 61         # [cmd, result-hdr, payload, *buffers]
+DONE = 61         # [cmd+result-hdr, payload, *buffers]
 WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
 # broker -> worker
-CALL = 70         # [cmd, call-hdr, code, deps, payload, *buffers, *dep-blobs]
+CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, *dep-blobs]
                   # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
@@ -70,8 +72,10 @@ C = {c: cmd(c) for c in NAMES}  # pre-built command frames
 # code_hash 16s  blake2b-128 of the cloudpickled function/class; zero for method calls
 # kind B  TASK | ACTOR_NEW | ACTOR_CALL
 # actor_id 16s  zero for plain tasks
-# cpus d, gpus d, memory Q (bytes), retries h, timeout d (seconds, 0 = none), nbuf H, flags B
-CALL_HDR = struct.Struct("<16s16sB16sddQhdHB")
+# cpus d, gpus d, memory Q (bytes), retries h, timeout d (seconds, 0 = none), nbuf H,
+# flags B (ACTOR_NEW: the instance's concurrency), opts B (which optional frames follow)
+CALL_HDR = struct.Struct("<16s16sB16sddQhdHBB")
+HAS_CODE, HAS_DEPS = 1, 2  # opts bits: a code frame follows / a deps frame follows
 TASK, ACTOR_NEW, ACTOR_CALL = 0, 1, 2
 NO_ID = bytes(16)
 
@@ -92,8 +96,10 @@ REFUSED = 8       # the call itself was malformed
 ID_LEN = 16
 
 
-def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags=0) -> bytes:
-    return CALL_HDR.pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags)
+def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags=0,
+              opts=0) -> bytes:
+    return CALL_HDR.pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags,
+                         opts)
 
 
 def unpack_call(b):
@@ -112,15 +118,21 @@ def unpack_result(b):
     return RESULT_HDR.unpack(b)
 
 
+HEADER_SIZE = {SUBMIT: CALL_HDR.size, CALL: CALL_HDR.size, PUT: RESULT_HDR.size, RESULT: RESULT_HDR.size,
+               DONE: RESULT_HDR.size}
+
+
 def command_of(frame0: bytes) -> int:
     """The command of a message, or ProtocolError when the first frame is not ours."""
-    if len(frame0) != 4 or frame0[:3] != SIG:
+    if len(frame0) < 4 or frame0[:3] != SIG:
         if len(frame0) >= 3 and frame0[:2] == b"FB":
             raise ProtocolError(f"protocol version {frame0[2]} is not supported (this side speaks {VERSION})")
         raise ProtocolError("not a fabric message (first frame must be b'FB' + version + command)")
     c = frame0[3]
     if c not in NAMES:
         raise ProtocolError(f"unknown command {c}")
+    if len(frame0) != 4 + HEADER_SIZE.get(c, 0):
+        raise ProtocolError(f"{NAMES[c]}: first frame must be {4 + HEADER_SIZE.get(c, 0)} bytes, got {len(frame0)}")
     return c
 
 

@@ -92,9 +92,10 @@ GARBAGE = [
     [b"FB"],
     [b"FB\x09\x02"],                         # another protocol version
     [b"FB\x01\xff"],                         # unknown command
-    [P.C[P.SUBMIT], b"short header"],
-    [P.C[P.SUBMIT], b"x" * P.CALL_HDR.size, b"", b"", b"p"],  # before HELLO
-    [P.C[P.DONE], b"x" * P.RESULT_HDR.size, b"p"],            # a driver pretending to be a worker
+    [P.C[P.SUBMIT] + b"short header", b"p"],
+    [P.C[P.SUBMIT] + b"x" * P.CALL_HDR.size, b"p"],           # before HELLO
+    [P.C[P.DONE] + b"x" * P.RESULT_HDR.size, b"p"],           # a driver pretending to be a worker
+    [P.C[P.STATUS] + b"trailing bytes"],
     [P.C[P.HELLO], b"{not json"],
     [P.C[P.RELEASE], b"abc"],                # not a multiple of 16
     [P.C[P.EXEC_HELLO], b'{"cpus": "many"}'],
@@ -127,7 +128,7 @@ def test_garbage_frames_are_refused_logged_and_the_broker_keeps_serving(started)
             assert s.poll(10000)
             s.recv_multipart()
         hdr = P.pack_call(did + bytes(8), bytes(16), P.TASK, P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 5)
-        d.send_multipart([P.C[P.SUBMIT], hdr, b"", b"", b"payload"])
+        d.send_multipart([P.C[P.SUBMIT] + hdr, b"payload"])
         assert r.poll(10000)
         reply = r.recv_multipart()
         assert reply[0] == P.C[P.ERROR] and b"buffers" in reply[1]

@@ -58,8 +58,8 @@ class Call:
     def __init__(self, cid, driver, frames, h):
         self.id = cid
         self.driver = driver            # the driver's result-socket identity
-        self.frames = frames            # [hdr, deps, payload, *buffers]: small ones as bytes
-        _, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, _ = h
+        self.frames = frames            # [hdr (no HAS_CODE), deps, payload, *buffers]: small ones as bytes
+        _, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, _, _ = h
         self.shape = (cpus, gpus, mem)
         self.deps = None
         self.depv = None                # dep id -> its outcome frames, filled as deps resolve
@@ -239,10 +239,11 @@ class Broker:
         try:
             if len(frames) < 2:
                 raise ProtocolError("empty message")
-            c = P.command_of(frames[1].bytes)
+            f0 = frames[1].bytes
+            c = P.command_of(f0)
             if c not in self._allowed.get(ident[0] if ident else -1, ()):
                 raise ProtocolError(f"command {P.NAMES[c]} is not accepted from this peer")
-            self._handlers[c](ident, frames[2:])
+            self._handlers[c](ident, f0[4:], frames[2:])
         except ProtocolError as e:
             self.refuse(ident, str(e))
         except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
@@ -268,7 +269,7 @@ class Broker:
             return False
 
     # ---------------------------------------------------------------- drivers
-    def on_hello(self, ident, f):
+    def on_hello(self, ident, head, f):
         info = P.loads_json(f[0].bytes) if f else {}
         if ident[:1] in b"dr":
             if len(ident) != 9:
@@ -277,33 +278,34 @@ class Broker:
             d.update({k: info[k] for k in ("pid", "host", "name") if k in info})
         self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid()})])
 
-    def on_submit(self, ident, f):
-        if len(f) < 4:
-            raise ProtocolError("SUBMIT needs header, code, deps and payload frames")
+    def on_submit(self, ident, head, f):
         did = ident[1:]
         if did not in self.drivers:
             raise ProtocolError("driver has not said HELLO")
-        hdr = f[0].bytes
-        h = P.unpack_call(hdr)
-        cid, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _ = h
-        if len(f) != 4 + nbuf:
-            raise ProtocolError(f"SUBMIT announces {nbuf} buffers but carries {len(f) - 4}")
+        h = P.unpack_call(head)
+        cid, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, opts = h
+        i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
+        if len(f) != i + 1 + nbuf:
+            raise ProtocolError(f"SUBMIT announces {i} optional frames and {nbuf} buffers but carries "
+                                f"{len(f) - 1} frames after the payload's")
         if cid[:8] != did:
             raise ProtocolError("call ids must start with the driver's id")
         if not (0 <= cpus < 1e6 and 0 <= gpus < 1e4 and retries >= 0 and timeout >= 0) or kind > P.ACTOR_CALL:
             raise ProtocolError("call header out of range")
         if cid in self.calls or cid in self.results:
             return  # a replay of a call we already have: at most one outcome per id
-        if f[1].bytes:
-            self.code[code_hash] = f[1]
+        if opts & P.HAS_CODE:
+            self.code[code_hash] = f[0]
         elif kind != P.ACTOR_CALL and code_hash not in self.code:
             raise ProtocolError("call names code the broker has never received")
         # keep small frames as bytes: a zmq Frame costs ~10x its size in memory, and 100,000
         # queued calls must stay cheap; large payloads and buffers stay zero-copy Frames
-        payload = f[3]
+        payload = f[i]
         if len(payload) < 4096:
             payload = payload.bytes
-        call = Call(cid, b"r" + did, [hdr, f[2].bytes, payload, *f[4:]], h)
+        hdr = head if not opts & P.HAS_CODE else head[:-1] + bytes([opts & ~P.HAS_CODE])
+        deps = f[i - 1].bytes if opts & P.HAS_DEPS else b""
+        call = Call(cid, b"r" + did, [hdr, deps, payload, *f[i + 1:]], h)
         self.calls[cid] = call
         self.stats["submitted"] += 1
         deps = call.frames[1]
@@ -353,7 +355,7 @@ class Broker:
         return (f"no executor can ever run a call that needs cpus={cpus:g} gpus={gpus:g} "
                 f"memory={mem >> 20}MiB; executors: {have}")
 
-    def on_cancel(self, ident, f):
+    def on_cancel(self, ident, head, f):
         for cid in P.split_ids(f[0].bytes):
             call = self.calls.get(cid)
             if call is None or call.driver[1:] != ident[1:]:
@@ -367,19 +369,18 @@ class Broker:
             else:
                 self.finish(call, P.CANCELLED, b"cancelled before it ran")
 
-    def on_release(self, ident, f):
+    def on_release(self, ident, head, f):
         results = self.results
         for cid in P.split_ids(f[0].bytes):
             results.pop(cid, None)
 
-    def on_put(self, ident, f):
-        hdr = f[0].bytes
-        cid, status, nbuf, _, _ = P.unpack_result(hdr)
-        if cid[:8] != ident[1:] or status != P.OK or len(f) != 2 + nbuf:
+    def on_put(self, ident, head, f):
+        cid, status, nbuf, _, _ = P.unpack_result(head)
+        if cid[:8] != ident[1:] or status != P.OK or len(f) != 1 + nbuf:
             raise ProtocolError("malformed PUT")
-        self.results[cid] = [P.OK] + list(f)
+        self.results[cid] = [P.OK, head, *f]
 
-    def on_bye(self, ident, f):
+    def on_bye(self, ident, head, f):
         did = ident[1:]
         self.drivers.pop(did, None)
         rid = b"r" + did
@@ -392,7 +393,7 @@ class Broker:
         for cid in [k for k in self.results if k[:8] == did]:
             del self.results[cid]
 
-    def on_status(self, ident, f):
+    def on_status(self, ident, head, f):
         now = time.monotonic()
         exs = []
         for ex in self.executors.values():
@@ -411,12 +412,12 @@ class Broker:
               "instances": len(self.actors), "stats": self.stats}
         self.send([ident if ident[:1] != b"d" else b"r" + ident[1:], P.C[P.STATUS_REPLY], P.dumps_json(st)])
 
-    def on_shutdown(self, ident, f):
+    def on_shutdown(self, ident, head, f):
         log.info("shutdown requested by %s", ident.hex())
         self.running = False
 
     # ---------------------------------------------------------------- executors
-    def on_exec_hello(self, ident, f):
+    def on_exec_hello(self, ident, head, f):
         info = P.loads_json(f[0].bytes)
         if len(ident) != 9:
             raise ProtocolError("executor ids are 8 bytes")
@@ -430,14 +431,14 @@ class Broker:
                  ex.cpus, ex.gpus, ex.memory >> 20)
         self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION})])
 
-    def on_heartbeat(self, ident, f):
+    def on_heartbeat(self, ident, head, f):
         ex = self.executors.get(ident)
         if ex is None:
             self.send([ident, P.C[P.ERROR], b"unknown executor: say EXEC_HELLO again"])
             return
         ex.last_seen = time.monotonic()
 
-    def on_worker_died(self, ident, f):
+    def on_worker_died(self, ident, head, f):
         info = P.loads_json(f[1].bytes)
         w = self.workers.get(f[0].bytes)
         if w is not None and w.ex.ident == ident:
@@ -447,7 +448,7 @@ class Broker:
             if sp is not None:
                 self.spawn_failed(sp, f"worker failed to start (exit code {info.get('exitcode')})")
 
-    def on_exec_bye(self, ident, f):
+    def on_exec_bye(self, ident, head, f):
         ex = self.executors.get(ident)
         if ex is not None:
             self.lose_executor(ex, "left")
@@ -463,7 +464,7 @@ class Broker:
                 self.spawn_failed(sp, f"executor {why}")
 
     # ---------------------------------------------------------------- workers
-    def on_ready(self, ident, f):
+    def on_ready(self, ident, head, f):
         info = P.loads_json(f[0].bytes)
         ex = self.executors.get(b"e" + ident[1:9])
         if ex is None:
@@ -495,13 +496,12 @@ class Broker:
             else:
                 self.release_worker(w)
 
-    def on_done(self, ident, f):
+    def on_done(self, ident, head, f):
         w = self.workers.get(ident)
         if w is None:
             raise ProtocolError("result from an unknown worker")
-        hdr = f[0].bytes
-        cid, status, nbuf, duration, _ = P.unpack_result(hdr)
-        if len(f) != 2 + nbuf:
+        cid, status, nbuf, duration, _ = P.unpack_result(head)
+        if len(f) != 1 + nbuf:
             raise ProtocolError("DONE announces a different number of buffers")
         call = w.inflight.pop(cid, None)
         if call is None:
@@ -512,11 +512,11 @@ class Broker:
         if call.state == DONE:
             pass
         elif call.kind == P.ACTOR_NEW and status != P.OK:
-            self.finish(call, status, None, f)
-            self.kill_actor(w.actor, None, failure=[status, *f])
+            self.finish(call, status, None, [head, *f])
+            self.kill_actor(w.actor, None, failure=[status, head, *f])
             return
         else:
-            self.finish(call, status, None, f)
+            self.finish(call, status, None, [head, *f])
         if w.actor is not None:
             self.pump_actor(w.actor)
         elif not w.inflight:
@@ -529,7 +529,7 @@ class Broker:
             if len(w.inflight) < w.credit:
                 self.partial[w] = None
 
-    def on_wlog(self, ident, f):
+    def on_wlog(self, ident, head, f):
         if b"w" + ident[1:] not in self.workers:
             return
         did, source, text = f[0].bytes, f[1], f[2]
@@ -655,11 +655,15 @@ class Broker:
 
     def run_on(self, w, call):
         frames = call.frames
-        code = b""
+        hdr = frames[0]
         if call.kind != P.ACTOR_CALL and call.code_hash not in w.code_seen:
-            code = self.code[call.code_hash]
             w.code_seen.add(call.code_hash)
-        out = [w.ident, P.C[P.CALL], frames[0], code, *frames[1:]]
+            out = [w.ident, P.C[P.CALL] + hdr[:-1] + bytes([hdr[-1] | P.HAS_CODE]), self.code[call.code_hash]]
+        else:
+            out = [w.ident, P.C[P.CALL] + hdr]
+        if frames[1]:
+            out.append(frames[1])
+        out.extend(frames[2:])
         if call.deps:
             depv = call.depv
             for d in call.deps:
@@ -797,7 +801,7 @@ class Broker:
         if a.release_when_idle and not q and not w.inflight:
             self.kill_actor(a, b"released")
 
-    def on_kill_actor(self, ident, f):
+    def on_kill_actor(self, ident, head, f):
         a = self.actors.get(f[0].bytes)
         if a is None or a.driver[1:] != ident[1:]:
             return
@@ -855,7 +859,7 @@ class Broker:
                 self.release_worker(w)
         self.calls.pop(call.id, None)
         self.stats["completed"] += 1
-        if deliver and self.send([call.driver, P.C[P.RESULT], *frames]):
+        if deliver and self.send([call.driver, P.C[P.RESULT] + frames[0], *frames[1:]]):
             self.results[call.id] = [status, *frames]
         waiting = self.waiters.pop(call.id, None)
         if waiting:

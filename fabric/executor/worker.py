@@ -159,7 +159,7 @@ class Worker:
                 if frames[0].bytes == P.C[P.ERROR]:  # e.g. our READY overtook our executor's HELLO
                     time.sleep(0.1)
                     self.sock.send_multipart([P.C[P.READY], P.dumps_json(ready)])
-                elif frames[0].bytes == P.C[P.CALL]:
+                elif frames[0].bytes[:4] == P.C[P.CALL]:
                     if self.pool is not None:
                         self.pool.submit(self.run_threaded, frames)
                     else:
@@ -174,23 +174,28 @@ class Worker:
 
     # --------------------------------------------------------------- running one call
     def run(self, frames):
-        hdr = frames[1].bytes
-        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags = P.CALL_HDR.unpack(hdr)
+        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags, opts = P.CALL_HDR.unpack(frames[0].bytes[4:])
         t0 = time.perf_counter()
         source = self.label
         try:
-            code = frames[2].bytes
-            if code:
-                self.code[code_hash] = serde.load_code(code)
+            i = 1
+            if opts & P.HAS_CODE:
+                self.code[code_hash] = serde.load_code(frames[1].bytes)
+                i = 2
             deps = None
-            dep_ids = frames[3].bytes
+            dep_ids = b""
+            if opts & P.HAS_DEPS:
+                dep_ids = frames[i].bytes
+                i += 1
+            payload, bufs = frames[i].buffer, [f.buffer for f in frames[i + 1:i + 1 + nbuf]]
             if dep_ids:
-                deps, i = {}, 5 + nbuf
+                deps, i = {}, i + 1 + nbuf
                 for d in P.split_ids(dep_ids):
                     _, _, dn, _, _ = P.unpack_result(frames[i].bytes)
                     deps[d] = serde.loads_value(frames[i + 1].buffer, [f.buffer for f in frames[i + 2:i + 2 + dn]])
                     i += 2 + dn
-            args, kwargs = serde.loads_args(frames[4].buffer, [f.buffer for f in frames[5:5 + nbuf]], deps)
+            args, kwargs = serde.loads_args(payload, bufs, deps)
+            del payload, bufs
             if kind == P.TASK:
                 fn = self.code[code_hash]
                 source = f"{getattr(fn, '__name__', 'fn')} {self.label}"
@@ -213,16 +218,16 @@ class Worker:
         try:
             payload, bufs = serde.dumps_value(value)
         except SerializationError as e:
-            return [P.C[P.DONE], P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
+            return [P.C[P.DONE] + P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
                     f"the result of {source.split(' ')[0]} cannot be pickled: {e}".encode()]
         flags = P.SHM_FREE if serde.release_mappings() else 0
-        out = [P.C[P.DONE], P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
+        out = [P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
         return out
 
     def reply_error(self, cid, e, t0):
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
-        return [P.C[P.DONE], P.pack_result(cid, P.USER_ERROR, 0, time.perf_counter() - t0), serde.dumps_error(e)]
+        return [P.C[P.DONE] + P.pack_result(cid, P.USER_ERROR, 0, time.perf_counter() - t0), serde.dumps_error(e)]
 
     def create(self, cls, args, kwargs, concurrency, cid):
         """Build the instance, run its @fabric.enter methods, start its thread pool if concurrent."""
