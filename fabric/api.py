@@ -148,11 +148,11 @@ _FN_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 3, "timeout": No
 _CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k != "retries"}, "concurrency": 1}
 
 
-def _check_number(name, v, minimum=0.0):
+def _check_number(name, v, minimum=0.0, maximum=1e6):
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
-    if v < minimum or v != v:
-        raise ValueError(f"{name} must be >= {minimum:g}, got {v!r}")
+    if not minimum <= v < maximum:  # also refuses nan and inf
+        raise ValueError(f"{name} must be >= {minimum:g} and below {maximum:g}, got {v!r}")
 
 
 def _check_options(where: str, given: dict, allowed: dict) -> dict:

@@ -94,7 +94,8 @@ class Future:
         return True
 
     def add_done_callback(self, fn):
-        """Call ``fn(future)`` when done (from fabric's IO thread, or at once if already done)."""
+        """Call ``fn(future)`` when done: on whichever fabric thread received the result (the IO
+        thread, or a user thread waiting for results), or at once if already done."""
         c = self._client
         if c is not None:
             with c.cond:
@@ -262,7 +263,10 @@ class Client:
                 return serde._dep, (f.id,)
         if f._status == P.OK:
             return _identity, (f._outcome(),)
-        f._outcome()  # a failed argument: the call fails at once, with the argument's error
+        try:
+            f._outcome()  # a failed argument: the call fails at once, with the argument's error
+        except BaseException as e:  # noqa: BLE001
+            raise serde.PassThrough(e) from None
 
     def _unpin(self, deps):
         with self.lock:

@@ -1,7 +1,8 @@
 """The wire format: every byte fabric puts on a ZeroMQ socket is framed here, and only here.
 
 Spec, frame by frame: ``docs/protocol.md``. Summary: every message is a multipart ZeroMQ
-message whose first frame is a 4-byte command frame ``b"FB" + VERSION + command``. The
+message whose first frame starts with ``b"FB" + VERSION + command`` (4 bytes), followed by a
+fixed-size header for SUBMIT, CALL, PUT, RESULT and DONE. The
 broker binds one ROUTER socket; every peer connects a DEALER whose routing id names its role:
 
     d<driver-id:8>   a driver's submit socket      r<driver-id:8>   the same driver's result socket
@@ -34,7 +35,7 @@ PUT = 5           # [cmd+result-hdr, payload, *buffers]   store an object under 
 KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
 BYE = 7           # [cmd]                            the driver is going away
 STATUS = 8        # [cmd]                            -> STATUS_REPLY
-SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients only)
+SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients and drivers)
 # broker -> driver
 WELCOME = 20      # [cmd, json]
 RESULT = 21       # [cmd+result-hdr, payload, *buffers]
@@ -47,11 +48,11 @@ HEARTBEAT = 41    # [cmd, json]
 WORKER_DIED = 42  # [cmd, worker-id, json]
 EXEC_BYE = 43     # [cmd]
 # broker -> executor
-SPAWN = 50        # [cmd, json]                      start a worker: {"actor": hex|None, "gpus": [..]}
+SPAWN = 50        # [cmd, json]                      start a worker: {"token", "gpus": [..], "actor": hex|None}
 KILL_WORKER = 51  # [cmd, worker-id]
 EXEC_SHUTDOWN = 52  # [cmd]
 # worker -> broker
-READY = 60        # [cmd, json]                      {"actor": hex|None, "credit": n, "pid": p}
+READY = 60        # [cmd, json]                      {"kind": "pool"|"spawned", "pid", "credit", "token"?}
 DONE = 61         # [cmd+result-hdr, payload, *buffers]
 WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
 # broker -> worker

@@ -164,6 +164,15 @@ class ArgPickler(cloudpickle.Pickler):
         return _shm_ndarray, (HOST, seg[1], arr.dtype.str, arr.shape, fortran, arr.nbytes)
 
 
+class PassThrough(Exception):
+    """Raised inside pickling to surface an error that is not about pickling (a failed Future
+    passed as an argument: the call fails with that Future's own error)."""
+
+    def __init__(self, exc):
+        super().__init__(exc)
+        self.exc = exc
+
+
 def _offender(values):
     """Name the first value that cannot be pickled, for an error message a user can act on."""
     for label, v in values:
@@ -184,6 +193,8 @@ def dumps_args(args: tuple, kwargs: dict, *, ref_type=None, on_ref=None, shm_poo
         ArgPickler(f, buffers, ref_type, on_ref, shm_pool, shm_used).dump((args, kwargs))
     except SerializationError:
         raise
+    except PassThrough as p:
+        raise p.exc from None
     except Exception as e:  # noqa: BLE001 - pickling can raise nearly anything
         where = _offender([(f"argument {i}", a) for i, a in enumerate(args)]
                           + [(f"argument {k!r}", v) for k, v in kwargs.items()])

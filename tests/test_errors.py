@@ -159,6 +159,8 @@ def test_failed_dependency_fails_the_dependent(cluster):
     bad = boom.remote("upstream")
     with pytest.raises(Custom, match="upstream"):
         ok.remote(bad).result(timeout=30)
+    with pytest.raises(Custom, match="upstream"):  # already failed here: .remote() raises it
+        ok.remote(bad)
 
 
 @pytest.mark.parametrize("make, exc, pattern", [
@@ -168,6 +170,8 @@ def test_failed_dependency_fails_the_dependent(cluster):
     (lambda: fabric.fn(memory="lots"), ValueError, "memory must be a size"),
     (lambda: fabric.fn(retries=-1), ValueError, "retries"),
     (lambda: fabric.fn(timeout=0), ValueError, "timeout"),
+    (lambda: fabric.fn(timeout=float("inf")), ValueError, "timeout"),
+    (lambda: ok.options(cpus=2e6), ValueError, "cpus must be >= 0 and below"),
     (lambda: fabric.fn(max_containers=0), ValueError, "max_containers"),
     (lambda: fabric.fn(colour="red"), TypeError, "unknown option"),
     (lambda: fabric.cls(concurrency=0), ValueError, "concurrency"),

@@ -102,6 +102,35 @@ def test_init_failure_reaches_every_call(cluster):
         b.ping.remote().result(timeout=30)
 
 
+def test_instance_calls_time_out_in_turn(cluster):
+    @fabric.cls(timeout=1)
+    class Slow:
+        def nap(self, t):
+            time.sleep(t)
+            return t
+
+    s = Slow.remote()
+    a, b, c = s.nap.remote(1.5), s.nap.remote(1.5), s.nap.remote(0.1)
+    for f in (a, b):  # the second is timed from when it starts, behind the first
+        with pytest.raises(fabric.TaskTimeout, match="instance keeps running"):
+            f.result(timeout=30)
+    assert c.result(timeout=30) == 0.1  # the instance and its state survive
+    fabric.kill(s)
+
+
+def test_instance_with_a_failed_argument_never_starts(cluster):
+    @fabric.fn
+    def bad():
+        raise KeyError("no config")
+
+    c = Counter.remote(bad.remote())
+    with pytest.raises(KeyError, match="no config"):
+        c.ready().result(timeout=30)
+    with pytest.raises(KeyError, match="no config"):
+        c.inc.remote().result(timeout=30)
+    assert wait_for(lambda: fabric.cluster_status()["instances"] == 0, timeout=15)
+
+
 def test_kill_fails_pending_calls_and_frees_resources(cluster):
     c = Counter.remote(0)
     assert c.inc.remote().result(timeout=30) == 1

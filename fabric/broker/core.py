@@ -27,6 +27,7 @@ to ``retries`` and requeues the calls it had prefetched without charging them.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import logging
@@ -144,7 +145,7 @@ class Broker:
             raise FabricError(f"refusing to listen on {address}: a fabric broker runs any code it is sent, so "
                               f"without CurveZMQ keys it listens on loopback or ipc:// only")
         s.bind(address)
-        self.started = time.monotonic()
+        self.started = self.no_executor_since = time.monotonic()
         self.drivers: dict[bytes, dict] = {}        # driver id -> info
         self.executors: dict[bytes, Executor] = {}  # executor identity -> Executor
         self.workers: dict[bytes, Worker] = {}
@@ -283,19 +284,31 @@ class Broker:
         if did not in self.drivers:
             raise ProtocolError("driver has not said HELLO")
         h = P.unpack_call(head)
-        cid, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, opts = h
+        cid = h[0]
+        if cid[:8] != did:
+            raise ProtocolError("call ids must start with the driver's id")
+        if cid in self.calls or cid in self.results:
+            return  # a replay of a call we already have: at most one outcome per id
+        try:
+            self.submit(cid, did, head, h, f)
+        except ProtocolError as e:  # the caller waits on this id: answer it, not only the socket
+            self.calls.pop(cid, None)
+            self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(cid, P.REFUSED), str(e).encode()])
+            raise
+
+    def submit(self, cid, did, head, h, f):
+        _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, opts = h
         i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
         if len(f) != i + 1 + nbuf:
             raise ProtocolError(f"SUBMIT announces {i} optional frames and {nbuf} buffers but carries "
                                 f"{len(f) - 1} frames after the payload's")
-        if cid[:8] != did:
-            raise ProtocolError("call ids must start with the driver's id")
-        if not (0 <= cpus < 1e6 and 0 <= gpus < 1e4 and retries >= 0 and timeout >= 0) or kind > P.ACTOR_CALL:
-            raise ProtocolError("call header out of range")
-        if cid in self.calls or cid in self.results:
-            return  # a replay of a call we already have: at most one outcome per id
-        if opts & P.HAS_CODE:
+        if opts & P.HAS_CODE:  # kept even if the call is refused: the driver sends code only once
+            if hashlib.blake2b(f[0].buffer, digest_size=16).digest() != code_hash:
+                raise ProtocolError("code frame does not match its hash")
             self.code[code_hash] = f[0]
+        if not (0 <= cpus < 1e6 and 0 <= gpus < 1e4 and retries >= 0 and 0 <= timeout < 1e9) or kind > P.ACTOR_CALL:
+            raise ProtocolError("call header out of range (cpus < 1e6, gpus < 1e4, retries >= 0, "
+                                "0 <= timeout < 1e9 seconds)")
         elif kind != P.ACTOR_CALL and code_hash not in self.code:
             raise ProtocolError("call names code the broker has never received")
         # keep small frames as bytes: a zmq Frame costs ~10x its size in memory, and 100,000
@@ -305,12 +318,16 @@ class Broker:
             payload = payload.bytes
         hdr = head if not opts & P.HAS_CODE else head[:-1] + bytes([opts & ~P.HAS_CODE])
         deps = f[i - 1].bytes if opts & P.HAS_DEPS else b""
+        if opts & P.HAS_DEPS and not deps:
+            raise ProtocolError("HAS_DEPS is set but the deps frame is empty")
+        dep_ids = P.split_ids(deps) if deps else None
+        if kind == P.ACTOR_NEW and (aid in self.actors or aid in self.dead_actors):
+            raise ProtocolError("instance id already in use")
         call = Call(cid, b"r" + did, [hdr, deps, payload, *f[i + 1:]], h)
         self.calls[cid] = call
         self.stats["submitted"] += 1
-        deps = call.frames[1]
-        if deps:
-            call.deps = P.split_ids(deps)
+        if dep_ids:
+            call.deps = dep_ids
             call.depv = {}
             for d in call.deps:
                 r = self.results.get(d)
@@ -364,15 +381,19 @@ class Broker:
                 w = call.worker
                 if w.actor is not None:
                     continue  # an instance call that started runs to its end
+                if next(iter(w.inflight)) != cid:  # prefetched, not started: just drop it
+                    self.finish(call, P.CANCELLED, b"cancelled before it ran")
+                    continue
                 self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced")
                 self.kill_worker(w)
             else:
                 self.finish(call, P.CANCELLED, b"cancelled before it ran")
 
     def on_release(self, ident, head, f):
-        results = self.results
+        results, did = self.results, ident[1:]
         for cid in P.split_ids(f[0].bytes):
-            results.pop(cid, None)
+            if cid[:8] == did:  # a driver releases only its own results
+                results.pop(cid, None)
 
     def on_put(self, ident, head, f):
         cid, status, nbuf, _, _ = P.unpack_result(head)
@@ -517,17 +538,18 @@ class Broker:
             return
         else:
             self.finish(call, status, None, [head, *f])
+        if w.inflight:  # the next call in this worker's FIFO starts now: its clock starts too
+            nxt = next(iter(w.inflight.values()))
+            if nxt.started == 0.0:
+                nxt.started = time.monotonic()
+                if nxt.timeout:
+                    heapq.heappush(self.timeouts, (nxt.started + nxt.timeout, next(self._seq), nxt))
         if w.actor is not None:
             self.pump_actor(w.actor)
         elif not w.inflight:
             self.release_worker(w)
-        else:
-            nxt = next(iter(w.inflight.values()))
-            nxt.started = time.monotonic()
-            if nxt.timeout:
-                heapq.heappush(self.timeouts, (nxt.started + nxt.timeout, next(self._seq), nxt))
-            if len(w.inflight) < w.credit:
-                self.partial[w] = None
+        elif len(w.inflight) < w.credit:
+            self.partial[w] = None
 
     def on_wlog(self, ident, head, f):
         if b"w" + ident[1:] not in self.workers:
@@ -583,6 +605,7 @@ class Broker:
             for c in reversed(requeue):
                 c.state = QUEUED
                 c.worker = None
+                c.started = 0.0
                 self.queues.setdefault(c.shape, deque()).appendleft(c)
         self.return_resources(w)  # the executor replaces pool workers by itself
 
@@ -595,7 +618,7 @@ class Broker:
             calls = [c for c in w.inflight.values() if c.state == RUNNING]
             w.inflight.clear()
             for c in reversed(calls):
-                c.state, c.worker = QUEUED, None
+                c.state, c.worker, c.started = QUEUED, None, 0.0
                 self.queues.setdefault(c.shape, deque()).appendleft(c)
             self.return_resources(w)
         self.send([w.ex.ident, P.C[P.KILL_WORKER], w.ident])
@@ -710,7 +733,7 @@ class Broker:
 
     def idle_gpu_workers(self, len_gpus):
         return [w for w in self.workers.values() if w.gpus and not w.pool and w.actor is None
-                and not w.inflight and len(w.gpus) == len_gpus]
+                and not w.inflight and not w.doomed and len(w.gpus) == len_gpus]
 
     def reserve(self, ex, shape):
         cpus, gpus, mem = shape
@@ -751,8 +774,6 @@ class Broker:
     # ---------------------------------------------------------------- instances
     def new_actor(self, call):
         a = Actor(call.actor, call.driver, call.shape)
-        if call.actor in self.actors:
-            raise ProtocolError("instance id already in use")
         self.actors[a.id] = a
         a.queue.append(call)
         why = self.unschedulable(a.shape)
@@ -846,7 +867,7 @@ class Broker:
             self.dead_actors.popitem(last=False)
 
     # ---------------------------------------------------------------- outcomes
-    def finish(self, call, status, message, frames=None, deliver=True):
+    def finish(self, call, status, message, frames=None, deliver=True, keep_slot=False):
         """Give a call its one outcome: send it to the driver, keep it for dependants."""
         if call.state == DONE:
             return
@@ -854,13 +875,17 @@ class Broker:
             frames = [P.pack_result(call.id, status), message or b""]
         call.state = DONE
         w = call.worker
-        if w is not None and w.inflight.pop(call.id, None) is not None:
+        if w is not None and not keep_slot and w.inflight.pop(call.id, None) is not None:
             if w.actor is None and not w.inflight:
                 self.release_worker(w)
         self.calls.pop(call.id, None)
         self.stats["completed"] += 1
         if deliver and self.send([call.driver, P.C[P.RESULT] + frames[0], *frames[1:]]):
             self.results[call.id] = [status, *frames]
+        if call.kind == P.ACTOR_NEW and status != P.OK:
+            a = self.actors.get(call.actor)
+            if a is not None and a.failure is None:
+                self.kill_actor(a, None, failure=[status, *frames])
         waiting = self.waiters.pop(call.id, None)
         if waiting:
             kept = [status, *frames]
@@ -894,16 +919,24 @@ class Broker:
             if call.state != RUNNING or call.started + call.timeout > now + 1e-3:
                 continue
             w = call.worker
-            self.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
-                                         f"its worker was killed and replaced".encode())
             if w.actor is None:
+                self.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
+                                             f"its worker was killed and replaced".encode())
                 self.kill_worker(w)
+            else:
+                # the caller gets its answer now; the call keeps its slot until the instance is
+                # done with it, so the next call's clock starts when that one really starts
+                self.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; the "
+                                             f"instance keeps running it (its state is kept)".encode(),
+                            keep_slot=True)
 
     def tick(self, now):
         for ex in list(self.executors.values()):
             if now - ex.last_seen > HEARTBEAT_TIMEOUT:
                 self.lose_executor(ex, f"no heartbeat for {now - ex.last_seen:.1f}s")
-        if not self.executors and now - self.started > NO_EXECUTOR_GRACE:
+        if self.executors:
+            self.no_executor_since = now
+        elif now - self.no_executor_since > NO_EXECUTOR_GRACE:
             msg = f"no executor joined this cluster within {NO_EXECUTOR_GRACE:g}s".encode()
             for q in self.queues.values():
                 while q:
@@ -913,7 +946,7 @@ class Broker:
             for a in list(self.pending_actors):
                 self.kill_actor(a, msg, status=P.UNSCHEDULABLE)
             self.pending_actors.clear()
-        elif self.executors:
+        if self.executors:
             for shape, q in list(self.queues.items()):
                 why = q and self.unschedulable(shape)
                 if why:

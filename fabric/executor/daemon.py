@@ -122,18 +122,20 @@ class ExecutorDaemon:
         elif c == P.ERROR:
             msg = frames[1].decode(errors="replace")
             log.warning("broker: %s", msg)
-            if "EXEC_HELLO" in msg:  # the broker restarted and forgot us
+            if "EXEC_HELLO" in msg:  # the broker restarted or gave us up: join again, with new workers
                 self.hello()
+                for p, _, _ in list(self.procs.values()):
+                    p.kill()  # reaped below; pool workers are replaced and say READY afresh
 
     def start_worker(self, kind, token=None, gpus=()):
         n = next(self.counter)
         env = dict(os.environ)
         env["FABRIC_ADDRESS"] = self.broker  # nested .remote() calls join this cluster
         env.pop("FABRIC_STORE_SECRET", None)
-        if kind == "pool" and self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU calls must not grab a GPU
-        elif gpus:
+        if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        elif self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # CPU calls and CPU instances must not grab a GPU
         cmd = [sys.executable, "-m", "fabric.executor.worker", "--broker", self.broker,
                "--executor-id", self.id.hex(), "--n", str(n), "--kind", kind,
                "--credit", str(self.prefetch if kind == "pool" else 1)]

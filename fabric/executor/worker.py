@@ -180,8 +180,12 @@ class Worker:
         try:
             i = 1
             if opts & P.HAS_CODE:
-                self.code[code_hash] = serde.load_code(frames[1].bytes)
                 i = 2
+                try:
+                    self.code[code_hash] = serde.load_code(frames[1].bytes)
+                except Exception as e:  # noqa: BLE001 - the broker sends code once: remember the failure
+                    self.code[code_hash] = _Unloadable(e)
+                    raise
             deps = None
             dep_ids = b""
             if opts & P.HAS_DEPS:
@@ -270,6 +274,16 @@ class Worker:
     def run_threaded(self, frames):
         out = self.run(frames)
         P.send(self.thread_sock(), out)
+
+
+class _Unloadable:
+    """Stands in for code that failed to unpickle here, so every call of it gets that error."""
+
+    def __init__(self, exc):
+        self.exc, self.__name__ = exc, "unloadable"
+
+    def __call__(self, *a, **k):
+        raise self.exc
 
 
 async def _as_coro(aw):
