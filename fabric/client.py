@@ -35,13 +35,15 @@ _ERRORS = {P.CRASHED: WorkerCrashed, P.TIMEOUT: TaskTimeout, P.CANCELLED: Cancel
            P.REFUSED: ProtocolError}
 _PENDING, _DONE = 0, 1
 USER_IDLE = 0.05  # seconds without a waiting user thread before the IO thread receives
+BURST_GAP = 50e-6  # a submit this soon after the previous one joins a batch
+BATCH_MAX = 64     # submits per BATCH message
 _NOTHING = object()
 
 
 class Future:
     """The eventual outcome of one call. ``result()``, ``done()``, ``cancel()``, ``await fut``."""
 
-    __slots__ = ("id", "_client", "_state", "_status", "_frames", "_value", "_callbacks", "label",
+    __slots__ = ("id", "_client", "_state", "_status", "_head", "_frames", "_value", "_callbacks", "label",
                  "_shm", "_pin", "__weakref__")
 
     def __init__(self, cid: bytes, client: "Client | None", label: str):
@@ -134,11 +136,11 @@ class Future:
     def _decode(self):
         frames, status = self._frames, self._status
         try:
-            if status == P.OK:
-                return serde.loads_value(frames[1].buffer, [f.buffer for f in frames[2:]])
+            if status == P.OK:  # frames: [payload, *buffers]
+                return serde.loads_value(frames[0].buffer, [f.buffer for f in frames[1:]])
             if status == P.USER_ERROR:
-                return _Raise(serde.loads_error(frames[1].buffer))
-            msg = frames[1].bytes.decode("utf-8", "replace")
+                return _Raise(serde.loads_error(frames[0].buffer))
+            msg = frames[0].bytes.decode("utf-8", "replace")
             return _Raise(_ERRORS.get(status, FabricError)(f"{self.label}: {msg}"))
         except Exception as e:  # noqa: BLE001 - a result that cannot be rebuilt here
             if status == P.OK:
@@ -188,6 +190,8 @@ class Client:
         self.rlock = threading.Lock()                  # whoever holds it receives on r
         self.last_user = 0.0                           # when a user thread last waited
         self.last_flush = 0.0
+        self.outq: list[list] = []                     # submits of a burst, not sent yet
+        self.last_submit = 0.0
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
         self.d.send_multipart([P.C[P.HELLO], hello])
         self.r.send_multipart([P.C[P.HELLO], hello])
@@ -245,10 +249,32 @@ class Client:
                 parts.insert(1, code_blob)
                 opts |= P.HAS_CODE
             parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts)
-            P.send(self.d, parts)
+            now = time.perf_counter()
+            if self.outq or now - self.last_submit < BURST_GAP:
+                self.outq.append(parts)  # a burst: batch it (flushed by size, wait() or the IO thread)
+                if len(self.outq) >= BATCH_MAX:
+                    self._flush_out()
+            else:
+                P.send(self.d, parts)
+            self.last_submit = now
             for f in deps:
                 f._pin -= 1
         return fut
+
+    def _flush_out(self):
+        """Send buffered submits (caller holds self.lock): one BATCH message for all of them."""
+        q, self.outq = self.outq, []
+        if len(q) == 1:
+            P.send(self.d, q[0])
+        elif q:
+            P.send(self.d, [P.C[P.BATCH], *[p for m in q for p in m]])
+
+    def _send_d(self, parts):
+        """Any other message on the submit socket: after the buffered submits, in order."""
+        with self.lock:
+            if self.outq:
+                self._flush_out()
+            P.send(self.d, parts)
 
     def _ref(self, f: Future, deps: list):
         """How a Future inside arguments is pickled: by value if done, else as a reference."""
@@ -276,22 +302,19 @@ class Client:
     def put(self, value) -> Future:
         cid = self.new_id()
         payload, bufs = serde.dumps_value(value)
-        with self.lock:
-            P.send(self.d, [P.C[P.PUT] + P.pack_result(cid, P.OK, len(bufs)), payload, *bufs])
+        self._send_d([P.C[P.PUT] + P.pack_result(cid, P.OK, len(bufs)), payload, *bufs])
         fut = ReadyFuture(cid, self, "fabric.put", value)
         # the IO thread sends the release: a finalizer may run inside any send, on any thread
         weakref.finalize(fut, self.dropped.append, cid)
         return fut
 
     def cancel(self, fut: Future):
-        with self.lock:
-            self.d.send_multipart([P.C[P.CANCEL], fut.id])
+        self._send_d([P.C[P.CANCEL], fut.id])
 
     def kill_actor(self, actor_id: bytes, now: bool):
         if self.closed:
             return
-        with self.lock:
-            self.d.send_multipart([P.C[P.KILL_ACTOR], actor_id, b"1" if now else b"0"])
+        self._send_d([P.C[P.KILL_ACTOR], actor_id, b"1" if now else b"0"])
 
     def status(self, timeout=5.0) -> dict:
         """The broker's view of the cluster (what ``fabric status`` prints)."""
@@ -312,6 +335,9 @@ class Client:
             if left <= 0:
                 return
             self.last_user = now = time.monotonic()
+            if self.outq:
+                with self.lock:
+                    self._flush_out()
             if self.dropped or self.dropped_actors or (self.to_release and now - self.last_flush > 0.05):
                 self._flush_releases()  # dropped instances free resources this wait may need
             if self.rlock.acquire(blocking=False):
@@ -330,8 +356,11 @@ class Client:
     def _io_loop(self):
         while not self.closed:
             try:
+                if self.outq and time.perf_counter() - self.last_submit > 0.001:
+                    with self.lock:  # a burst that nobody waits for yet: send it within ~1 ms
+                        self._flush_out()
                 if time.monotonic() - self.last_user < USER_IDLE:
-                    time.sleep(0.01)
+                    time.sleep(0.001 if self.outq else 0.01)
                 elif self.rlock.acquire(timeout=0.01):
                     try:
                         self._pump(0.01)
@@ -365,9 +394,14 @@ class Client:
             if c == result_cmd:
                 fut = pending.pop(f0[4:20], None)
                 if fut is not None:
-                    fut._frames = frames
-                    fut._status = f0[20]
+                    fut._head, fut._frames, fut._status = f0[4:], frames[1:], f0[20]
                     done.append(fut)
+            elif c == P.C[P.BATCH]:
+                for _, head, fr in P.unbatch(frames):
+                    fut = pending.pop(head[:16], None)
+                    if fut is not None:
+                        fut._head, fut._frames, fut._status = head, fr, head[16]
+                        done.append(fut)
             elif c == P.C[P.LOG]:
                 if self.log_to_driver:
                     self._print_output(frames[1].bytes, frames[2].bytes)
@@ -381,8 +415,8 @@ class Client:
             self.cond.notify_all()
         for fut in done:
             if fut._shm:
-                f0 = fut._frames[0].bytes
-                self.shm.give_back(fut._shm, reuse=f0[20] == P.OK and bool(f0[-1] & P.SHM_FREE))
+                head = fut._head
+                self.shm.give_back(fut._shm, reuse=head[16] == P.OK and bool(head[-1] & P.SHM_FREE))
                 fut._shm = None
             if fut._callbacks:
                 for cb in fut._callbacks:
@@ -401,6 +435,8 @@ class Client:
         while self.dropped:
             ids.append(self.dropped.popleft())
         with self.lock:
+            if self.outq:
+                self._flush_out()
             for f in self.to_release:
                 (keep if f._pin else ids).append(f if f._pin else f.id)
             self.to_release = keep
@@ -427,6 +463,7 @@ class Client:
             return
         try:
             with self.lock:
+                self._flush_out()
                 self.d.send_multipart([P.C[P.BYE]], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass

@@ -36,6 +36,9 @@ KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
 BYE = 7           # [cmd]                            the driver is going away
 STATUS = 8        # [cmd]                            -> STATUS_REPLY
 SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients and drivers)
+# any direction
+BATCH = 10        # [cmd, *message, *message, ...]   several SUBMIT, RESULT or CALL messages in one:
+                  # each inner message keeps its own first frame; its length follows from its header
 # broker -> driver
 WELCOME = 20      # [cmd, json]
 RESULT = 21       # [cmd+result-hdr, payload, *buffers]
@@ -135,6 +138,31 @@ def command_of(frame0: bytes) -> int:
     if len(frame0) != 4 + HEADER_SIZE.get(c, 0):
         raise ProtocolError(f"{NAMES[c]}: first frame must be {4 + HEADER_SIZE.get(c, 0)} bytes, got {len(frame0)}")
     return c
+
+
+_BATCHABLE = {SUBMIT, RESULT, CALL}
+
+
+def unbatch(frames: list, start: int = 1):
+    """Yield ``(command, header bytes, frames)`` for each message inside a BATCH.
+
+    Inner CALLs carry no dependency blobs (the broker never batches those)."""
+    i, n = start, len(frames)
+    while i < n:
+        f0 = frames[i].bytes
+        c = command_of(f0)
+        if c not in _BATCHABLE:
+            raise ProtocolError(f"{NAMES[c]} cannot travel inside a BATCH")
+        head = f0[4:]
+        if c == RESULT:
+            size = 2 + RESULT_HDR.unpack(head)[2]
+        else:
+            h = CALL_HDR.unpack(head)
+            size = 2 + (h[11] & HAS_CODE) + ((h[11] & HAS_DEPS) >> 1) + h[9]
+        if i + size > n:
+            raise ProtocolError("BATCH ends inside a message")
+        yield c, head, frames[i + 1:i + size]
+        i += size
 
 
 def split_ids(b: bytes) -> list[bytes]:

@@ -74,6 +74,13 @@ def test_options_override_per_call(cluster):
         square.options(cpu=2)
 
 
+def test_bursts_travel_in_batches_and_keep_their_order(cluster):
+    futs = [add.remote(i, 1) for i in range(3000)]  # submitted back to back: BATCH messages
+    assert fabric.get(futs) == [i + 1 for i in range(3000)]
+    lone = square.remote(12)  # a single call after the burst is not held back
+    assert lone.result(timeout=10) == 144
+
+
 def test_get_and_wait(cluster):
     futs = [square.remote(i) for i in range(10)]
     assert fabric.get(futs) == [i * i for i in range(10)]

@@ -96,6 +96,8 @@ GARBAGE = [
     [P.C[P.SUBMIT] + b"x" * P.CALL_HDR.size, b"p"],           # before HELLO
     [P.C[P.DONE] + b"x" * P.RESULT_HDR.size, b"p"],           # a driver pretending to be a worker
     [P.C[P.STATUS] + b"trailing bytes"],
+    [P.C[P.BATCH], P.C[P.HELLO], b"{}"],                      # not batchable
+    [P.C[P.BATCH], P.C[P.SUBMIT] + P.pack_call(bytes(16), bytes(16), 0, bytes(16), 1, 0, 0, 0, 0, 3)],  # cut short
     [P.C[P.HELLO], b"{not json"],
     [P.C[P.RELEASE], b"abc"],                # not a multiple of 16
     [P.C[P.EXEC_HELLO], b'{"cpus": "many"}'],

@@ -162,13 +162,15 @@ class Broker:
         self.code: dict[bytes, object] = {}         # code hash -> code frame
         self.avg_duration: dict[bytes, float] = {}  # code hash -> moving average of run time
         self.timeouts: list = []                    # heap of (deadline, seq, call)
+        self.to_drivers: dict[bytes, list] = {}     # results made this loop turn, per driver
+        self.to_workers: dict[Worker, list] = {}    # calls dispatched this loop turn, per worker
         self._seq = itertools.count()
         self.running = True
         self.refused = 0
         self.stats = {"submitted": 0, "completed": 0, "retried": 0, "refused": 0}
         self._tokens = itertools.count(1)
         self._handlers = {
-            P.HELLO: self.on_hello, P.SUBMIT: self.on_submit, P.CANCEL: self.on_cancel,
+            P.HELLO: self.on_hello, P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.CANCEL: self.on_cancel,
             P.RELEASE: self.on_release, P.PUT: self.on_put, P.KILL_ACTOR: self.on_kill_actor,
             P.BYE: self.on_bye, P.STATUS: self.on_status, P.SHUTDOWN: self.on_shutdown,
             P.EXEC_HELLO: self.on_exec_hello, P.HEARTBEAT: self.on_heartbeat,
@@ -177,7 +179,8 @@ class Broker:
         }
         # which identity prefixes may send which commands
         self._allowed = {
-            ord("d"): {P.HELLO, P.SUBMIT, P.CANCEL, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS, P.SHUTDOWN},
+            ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS,
+                       P.SHUTDOWN},
             ord("r"): {P.HELLO},
             ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
@@ -205,6 +208,7 @@ class Broker:
                             break
                         self.handle(frames)
                 self.dispatch()
+                self.flush()
                 now = time.monotonic()
                 if self.timeouts and self.timeouts[0][0] <= now:
                     self.expire(now)
@@ -215,6 +219,7 @@ class Broker:
             self.close()
 
     def close(self):
+        self.flush()
         for ex in list(self.executors.values()):
             self.send([ex.ident, P.C[P.EXEC_SHUTDOWN]])
         self.sock.close(linger=200)
@@ -295,6 +300,36 @@ class Broker:
             self.calls.pop(cid, None)
             self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(cid, P.REFUSED), str(e).encode()])
             raise
+
+    def on_batch(self, ident, head, f):
+        """Several SUBMITs in one message (a driver's burst)."""
+        for c, inner_head, frames in P.unbatch(f, 0):
+            if c != P.SUBMIT:
+                raise ProtocolError("a driver's BATCH may hold SUBMITs only")
+            try:
+                self.on_submit(ident, inner_head, frames)
+            except (ProtocolError, ValueError, KeyError, TypeError, IndexError) as e:
+                self.refuse(ident, f"refused a SUBMIT inside a BATCH: {e}")
+
+    def flush(self):
+        """Send what this loop turn produced: one message per peer, batched when several."""
+        if self.to_workers:
+            out, self.to_workers = self.to_workers, {}
+            for w, msgs in out.items():
+                ok = self.send([w.ident, *msgs[0]] if len(msgs) == 1 else
+                               [w.ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
+                if not ok and w.ident in self.workers:
+                    self.lose_worker(w, "unreachable")
+        if self.to_drivers:
+            out, self.to_drivers = self.to_drivers, {}
+            for driver, msgs in out.items():
+                if len(msgs) == 1:
+                    ok = self.send([driver, *msgs[0]])
+                else:
+                    ok = self.send([driver, P.C[P.BATCH], *[p for m in msgs for p in m]])
+                if not ok:  # that driver is gone: nobody will release what we kept for it
+                    for m in msgs:
+                        self.results.pop(m[0][4:20], None)
 
     def submit(self, cid, did, head, h, f):
         _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, opts = h
@@ -574,6 +609,7 @@ class Broker:
             w.held = None
 
     def lose_worker(self, w, why):
+        self.to_workers.pop(w, None)
         self.workers.pop(w.ident, None)
         w.ex.workers.pop(w.ident, None)
         self.idle.pop(w, None)
@@ -609,9 +645,16 @@ class Broker:
                 self.queues.setdefault(c.shape, deque()).appendleft(c)
         self.return_resources(w)  # the executor replaces pool workers by itself
 
+    def flush_worker(self, w):
+        msgs = self.to_workers.pop(w, None)
+        if msgs:
+            self.send([w.ident, *msgs[0]] if len(msgs) == 1 else
+                      [w.ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
+
     def kill_worker(self, w):
         """Have the executor kill ``w``; calls it had prefetched go back to the queue uncharged."""
         w.doomed = True
+        self.to_workers.pop(w, None)  # not sent yet: they are requeued below, never run twice
         self.idle.pop(w, None)
         self.partial.pop(w, None)
         if w.actor is None and w.inflight:
@@ -691,6 +734,7 @@ class Broker:
             depv = call.depv
             for d in call.deps:
                 out.extend(depv[d][1:])
+            self.flush_worker(w)  # keep this worker's FIFO order; calls with deps travel alone
         idle = not w.inflight
         if idle and w.actor is None and w.held is None:
             cpus, gpus, mem = w.held = call.shape
@@ -710,8 +754,11 @@ class Broker:
                 self.partial[w] = None
             else:
                 self.partial.pop(w, None)
-        if not self.send(out):
-            self.lose_worker(w, "unreachable")
+        if call.deps:
+            if not self.send(out):
+                self.lose_worker(w, "unreachable")
+        else:
+            self.to_workers.setdefault(w, []).append(out[1:])
 
     def place_gpu_call(self, call):
         """GPU calls run in a worker started with CUDA_VISIBLE_DEVICES set to their devices."""
@@ -880,7 +927,8 @@ class Broker:
                 self.release_worker(w)
         self.calls.pop(call.id, None)
         self.stats["completed"] += 1
-        if deliver and self.send([call.driver, P.C[P.RESULT] + frames[0], *frames[1:]]):
+        if deliver and call.driver[1:] in self.drivers:
+            self.to_drivers.setdefault(call.driver, []).append([P.C[P.RESULT] + frames[0], *frames[1:]])
             self.results[call.id] = [status, *frames]
         if call.kind == P.ACTOR_NEW and status != P.OK:
             a = self.actors.get(call.actor)

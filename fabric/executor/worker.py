@@ -159,11 +159,20 @@ class Worker:
                 if frames[0].bytes == P.C[P.ERROR]:  # e.g. our READY overtook our executor's HELLO
                     time.sleep(0.1)
                     self.sock.send_multipart([P.C[P.READY], P.dumps_json(ready)])
-                elif frames[0].bytes[:4] == P.C[P.CALL]:
-                    if self.pool is not None:
-                        self.pool.submit(self.run_threaded, frames)
+                else:
+                    f0 = frames[0].bytes
+                    if f0[:4] == P.C[P.CALL]:
+                        calls = [(f0[4:], frames[1:])]
+                    elif f0 == P.C[P.BATCH]:  # several calls in one message, run in order
+                        calls = [(head, f) for _, head, f in P.unbatch(frames)]
                     else:
-                        P.send(sock, self.run(frames))
+                        calls = ()  # nothing else is for workers; the broker never sends it
+                    del frames
+                    for head, f in calls:
+                        if self.pool is not None:
+                            self.pool.submit(self.run_threaded, head, f)
+                        else:
+                            P.send(sock, self.run(head, f))
                 # anything else is not for workers; the broker never sends it
             if self.results_in is not None and self.results_in in events:
                 while True:  # results and output of the instance's threads, sent from this thread
@@ -173,16 +182,17 @@ class Worker:
                         break
 
     # --------------------------------------------------------------- running one call
-    def run(self, frames):
-        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags, opts = P.CALL_HDR.unpack(frames[0].bytes[4:])
+    def run(self, head, frames):
+        """Run one call (``head``: its header; ``frames``: what follows its first frame)."""
+        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags, opts = P.CALL_HDR.unpack(head)
         t0 = time.perf_counter()
         source = self.label
         try:
-            i = 1
+            i = 0
             if opts & P.HAS_CODE:
-                i = 2
+                i = 1
                 try:
-                    self.code[code_hash] = serde.load_code(frames[1].bytes)
+                    self.code[code_hash] = serde.load_code(frames[0].bytes)
                 except Exception as e:  # noqa: BLE001 - the broker sends code once: remember the failure
                     self.code[code_hash] = _Unloadable(e)
                     raise
@@ -271,8 +281,8 @@ class Worker:
             s.connect(f"inproc://results-{id(self)}")
         return s
 
-    def run_threaded(self, frames):
-        out = self.run(frames)
+    def run_threaded(self, head, frames):
+        out = self.run(head, frames)
         P.send(self.thread_sock(), out)
 
 
