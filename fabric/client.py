@@ -192,6 +192,7 @@ class Client:
         self.last_flush = 0.0
         self.outq: list[list] = []                     # submits of a burst, not sent yet
         self.last_submit = 0.0
+        self.last_beat = 0.0
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
         self.d.send_multipart([P.C[P.HELLO], hello])
         self.r.send_multipart([P.C[P.HELLO], hello])
@@ -366,9 +367,12 @@ class Client:
                         self._pump(0.01)
                     finally:
                         self.rlock.release()
-                if (self.to_release or self.dropped or self.dropped_actors) and \
-                        time.monotonic() - self.last_flush > 0.05:
+                now = time.monotonic()
+                if (self.to_release or self.dropped or self.dropped_actors) and now - self.last_flush > 0.05:
                     self._flush_releases()
+                if now - self.last_beat > 1.0:  # the broker drops a driver it has not heard from
+                    self.last_beat = now
+                    self._send_d([P.C[P.HEARTBEAT]])
             except zmq.ZMQError:
                 if self.closed:
                     return

@@ -182,3 +182,38 @@ def test_stop_leaves_no_process(tmp_path):
     alive = lambda p: psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"  # noqa: E731
     assert wait_for(lambda: not any(alive(p) for p in pids + workers), timeout=15)
     assert not (tmp_path / "cluster.json").exists()
+
+
+def test_a_vanished_driver_has_its_calls_cancelled_and_instances_killed(tmp_path, monkeypatch):
+    """SIGKILL a driver mid-call: after FABRIC_DRIVER_TIMEOUT its worker and instance are freed."""
+    monkeypatch.setenv("FABRIC_DRIVER_TIMEOUT", "2")
+    from fabric.cluster import LocalCluster
+
+    cl = LocalCluster(cpus=2, parent_pid=0, log_dir=str(tmp_path)).start()
+    try:
+        code = """
+import os, sys, time, fabric
+fabric.init(address=%r)
+@fabric.fn
+def forever():
+    time.sleep(3600)
+@fabric.cls
+class Holder:
+    def ping(self):
+        return 1
+h = Holder.remote()
+h.ping.remote().result(timeout=60)
+forever.remote()
+time.sleep(1.0)
+print("READY", flush=True)
+os.kill(os.getpid(), 9)
+""" % cl.address
+        r = run_script(code, timeout=60)
+        assert "READY" in r.stdout, r.stderr
+        status = lambda: fabric.client.request(cl.address, P.STATUS)  # noqa: E731
+        assert wait_for(lambda: status()["calls_pending"] == 0 and status()["instances"] == 0
+                        and status()["drivers"] == 0, timeout=20)
+        assert wait_for(lambda: status()["executors"][0]["free_cpus"] == 2, timeout=10), status()
+        assert "silent for" in open(os.path.join(str(tmp_path), "broker.log")).read()
+    finally:
+        cl.stop()

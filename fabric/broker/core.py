@@ -44,6 +44,7 @@ from ..errors import FabricError, ProtocolError
 log = logging.getLogger("fabric.broker")
 
 HEARTBEAT_TIMEOUT = float(os.environ.get("FABRIC_HEARTBEAT_TIMEOUT", 10.0))
+DRIVER_TIMEOUT = float(os.environ.get("FABRIC_DRIVER_TIMEOUT", 30.0))  # a silent driver is gone
 NO_EXECUTOR_GRACE = float(os.environ.get("FABRIC_NO_EXECUTOR_GRACE", 30.0))
 PREFETCH_BELOW = float(os.environ.get("FABRIC_PREFETCH_BELOW", 0.005))  # seconds
 PREFETCH_ONE_BELOW = float(os.environ.get("FABRIC_PREFETCH_ONE_BELOW", 0.1))  # seconds
@@ -180,7 +181,7 @@ class Broker:
         # which identity prefixes may send which commands
         self._allowed = {
             ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS,
-                       P.SHUTDOWN},
+                       P.SHUTDOWN, P.HEARTBEAT},
             ord("r"): {P.HELLO},
             ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
@@ -282,6 +283,7 @@ class Broker:
                 raise ProtocolError("driver ids are 8 bytes")
             d = self.drivers.setdefault(ident[1:], {"since": time.time()})
             d.update({k: info[k] for k in ("pid", "host", "name") if k in info})
+            d["seen"] = time.monotonic()
         self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid()})])
 
     def on_submit(self, ident, head, f):
@@ -488,6 +490,11 @@ class Broker:
         self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION})])
 
     def on_heartbeat(self, ident, head, f):
+        if ident[:1] == b"d":
+            d = self.drivers.get(ident[1:])
+            if d is not None:
+                d["seen"] = time.monotonic()
+            return
         ex = self.executors.get(ident)
         if ex is None:
             self.send([ident, P.C[P.ERROR], b"unknown executor: say EXEC_HELLO again"])
@@ -1002,6 +1009,11 @@ class Broker:
                         c = q.popleft()
                         if c.state == QUEUED:
                             self.finish(c, P.UNSCHEDULABLE, why.encode())
+        for did, d in list(self.drivers.items()):
+            if now - d.get("seen", now) > DRIVER_TIMEOUT:
+                log.warning("driver %s (pid %s on %s) silent for %.0fs: cancelling its calls and instances",
+                            did.hex(), d.get("pid"), d.get("host"), now - d["seen"])
+                self.on_bye(b"d" + did, b"", [])
         if self.parent_pid and not _alive(self.parent_pid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.running = False
