@@ -66,7 +66,11 @@ def main():
 @click.option("--memory", help="memory of the local executor, e.g. 8GiB (default: all)")
 @click.option("--no-executor", is_flag=True, help="start the broker only")
 @click.option("--detach", is_flag=True, help="run in the background and return")
-def start(host, port, cpus, gpus, memory, no_executor, detach):
+@click.option("--autoscale", metavar="MIN:MAX", help="autoscale local executors (of --cpus each, default 1) "
+              "between MIN and MAX, starting with MIN; see docs/autoscaling.md")
+@click.option("--idle", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="with --autoscale: idle seconds before an executor is stopped")
+def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle):
     """Start a broker and a local executor; prints the address drivers use."""
     from .cluster import LocalCluster
     from .executor.gpus import parse_gpu_list
@@ -78,6 +82,14 @@ def start(host, port, cpus, gpus, memory, no_executor, detach):
         mem = parse_memory(memory) if memory else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    if autoscale:
+        try:
+            lo, hi = (int(x) for x in autoscale.split(":"))
+            if not 0 <= lo <= hi:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter("looks like MIN:MAX with 0 <= MIN <= MAX, e.g. 0:4",
+                                     param_hint="--autoscale") from None
     rec = _recorded()
     if rec and _alive(rec.get("broker_pid", 0)):
         raise click.ClickException(f"a cluster started by `fabric start` is already running at {rec['address']}; "
@@ -87,7 +99,9 @@ def start(host, port, cpus, gpus, memory, no_executor, detach):
         raise click.ClickException(f"port {port} on {host} is in use; choose another with --port")
     cluster = LocalCluster(address=address, cpus=cpus, gpus=gpu_list, memory=mem,
                            parent_pid=0 if detach else os.getpid(), log_dir=config.new_log_dir("cluster"))
-    cluster.start(executor=not no_executor)
+    cluster.start(executor=not no_executor and not autoscale)
+    if autoscale:
+        cluster.start_autoscaler(lo, hi, idle=idle, cpus_per_executor=cpus or 1)
     with open(config.state_file(), "w") as f:
         json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
                    "log_dir": cluster.log_dir}, f)
@@ -167,8 +181,14 @@ def status(address, as_json):
         st = request(address, P.STATUS, timeout=3)
     except FabricError as e:
         raise click.ClickException(str(e)) from None
+    rec = _recorded()
+    decisions = []
+    if rec and rec.get("address") == address and rec.get("log_dir"):
+        from .autoscale import last_decisions
+
+        decisions = last_decisions(rec["log_dir"], 5)
     if as_json:
-        click.echo(json.dumps(st, indent=2))
+        click.echo(json.dumps({**st, "autoscaler": decisions}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -192,6 +212,16 @@ def status(address, as_json):
     for row in st["queues"]:
         q.add_row(f"{row['cpus']:g}", f"{row['gpus']:g}", f"{row['memory'] >> 20}MiB", str(row["depth"]))
     con.print(q)
+    if decisions:
+        d = Table(title="autoscaler: last decisions")
+        for col in ("time", "kind", "action", "reason"):
+            d.add_column(col)
+        for dec in decisions:
+            when = dec.get("time")
+            when = time.strftime("%H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else str(when)
+            action = f"{dec.get('action', '')} {dec.get('count', '') or ''}".strip()
+            d.add_row(when, str(dec.get("kind", "")), action, str(dec.get("reason", "")))
+        con.print(d)
     s = st["stats"]
     con.print(f"calls submitted {s['submitted']}  completed {s['completed']}  retried {s['retried']}  "
               f"refused messages {s['refused']}")

@@ -41,6 +41,7 @@ class LocalCluster:
         self.log_dir = log_dir or config.new_log_dir()
         self.detach = detach
         self.procs: list[subprocess.Popen] = []
+        self.autoscaler: subprocess.Popen | None = None
 
     def start(self, executor: bool = True) -> "LocalCluster":
         self.procs.append(self._spawn("fabric.broker", ["--address", self.address,
@@ -67,6 +68,19 @@ class LocalCluster:
         self.procs.append(p)
         return p
 
+    def start_autoscaler(self, min_executors: int = 0, max_executors: int = 4, idle: float = 60.0,
+                         cpus_per_executor: float = 1.0, extra_args=()) -> subprocess.Popen:
+        """Run ``python -m fabric.autoscale`` (local provider) beside the broker; its decision
+        log is ``autoscaler.jsonl`` in this cluster's log folder."""
+        args = ["--broker", self.address, "--provider", "local", "--min", str(min_executors),
+                "--max", str(max_executors), "--idle", f"{idle:g}", "--cpus-per-executor", f"{cpus_per_executor:g}",
+                "--log-dir", self.log_dir, *extra_args]
+        if self.memory is not None:
+            args += ["--memory-per-executor", str(self.memory)]
+        p = self.autoscaler = self._spawn("fabric.autoscale", args)
+        self.procs.append(p)
+        return p
+
     def _spawn(self, module, args):
         if self.parent_pid:
             args = args + ["--parent-pid", str(self.parent_pid)]
@@ -78,6 +92,13 @@ class LocalCluster:
         return [p.pid for p in self.procs]
 
     def stop(self, timeout: float = 5.0):
+        auto = self.autoscaler
+        if auto is not None and auto.poll() is None:  # first, or it would start executors again
+            auto.terminate()
+            try:
+                auto.wait(timeout)
+            except subprocess.TimeoutExpired:
+                auto.kill()
         try:
             request(self.address, P.SHUTDOWN, timeout=1.0)
         except Exception:  # noqa: BLE001 - the broker may already be gone

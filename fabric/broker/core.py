@@ -989,8 +989,8 @@ class Broker:
         for ex in list(self.executors.values()):
             if now - ex.last_seen > HEARTBEAT_TIMEOUT:
                 self.lose_executor(ex, f"no heartbeat for {now - ex.last_seen:.1f}s")
-        if self.executors:
-            self.no_executor_since = now
+        if self.executors or not (any(self.queues.values()) or self.pending_actors):
+            self.no_executor_since = now  # the grace counts from when calls began to wait with no executor
         elif now - self.no_executor_since > NO_EXECUTOR_GRACE:
             msg = f"no executor joined this cluster within {NO_EXECUTOR_GRACE:g}s".encode()
             for q in self.queues.values():
