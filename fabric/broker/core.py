@@ -253,8 +253,9 @@ class Broker:
             self._handlers[c](ident, f0[4:], frames[2:])
         except ProtocolError as e:
             self.refuse(ident, str(e))
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-            self.refuse(ident, f"malformed message: {type(e).__name__}: {e}")
+        except Exception as e:  # noqa: BLE001 - nothing a peer sends may stop the broker
+            # (json nested too deep, numbers that overflow, fields of the wrong type, ...)
+            self.refuse(ident, f"malformed message: {type(e).__name__}: {str(e)[:200]}")
 
     def refuse(self, ident, why):
         self.stats["refused"] += 1
@@ -321,7 +322,7 @@ class Broker:
                 ok = self.send([w.ident, *msgs[0]] if len(msgs) == 1 else
                                [w.ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
                 if not ok and w.ident in self.workers:
-                    self.lose_worker(w, "unreachable")
+                    self.lose_worker(w, "unreachable", charge=False)
         if self.to_drivers:
             out, self.to_drivers = self.to_drivers, {}
             for driver, msgs in out.items():
@@ -443,8 +444,9 @@ class Broker:
         self.drivers.pop(did, None)
         rid = b"r" + did
         for call in [c for c in self.calls.values() if c.driver == rid]:
-            if call.state == RUNNING and call.worker.actor is None:
-                self.kill_worker(call.worker)
+            w = call.worker
+            if call.state == RUNNING and w.actor is None and next(iter(w.inflight)) == call.id:
+                self.kill_worker(w)  # it is running this call; one only prefetched is just dropped
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.actors.values() if a.driver == rid]:
             self.kill_actor(a, b"its driver left")
@@ -479,8 +481,13 @@ class Broker:
         info = P.loads_json(f[0].bytes)
         if len(ident) != 9:
             raise ProtocolError("executor ids are 8 bytes")
-        if not isinstance(info.get("cpus"), (int, float)) or info["cpus"] < 0:
-            raise ProtocolError("EXEC_HELLO needs a number of cpus")
+        cpus, mem, gpus = info.get("cpus"), info.get("memory", 0), info.get("gpus", [])
+        if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not 0 <= cpus < 1e6:
+            raise ProtocolError("EXEC_HELLO needs a number of cpus from 0 to 1e6")
+        if isinstance(mem, bool) or not isinstance(mem, int) or not 0 <= mem < 1 << 60:
+            raise ProtocolError("EXEC_HELLO memory must be a whole number of bytes")
+        if not isinstance(gpus, list) or len(gpus) > 4096 or not all(type(g) is int and 0 <= g < 1 << 16 for g in gpus):
+            raise ProtocolError("EXEC_HELLO gpus must be a list of device numbers")
         old = self.executors.get(ident)
         if old is not None:
             self.lose_executor(old, "re-registered")
@@ -507,8 +514,9 @@ class Broker:
         if w is not None and w.ex.ident == ident:
             self.lose_worker(w, f"exit code {info.get('exitcode')}")
         elif "token" in info:  # a spawned worker that died before saying READY
-            sp = self.spawns.pop(str(info["token"]), None)
-            if sp is not None:
+            sp = self.spawns.get(str(info["token"]))
+            if sp is not None and sp[0].ident == ident:  # only the executor asked to spawn it may say so
+                del self.spawns[str(info["token"])]
                 self.spawn_failed(sp, f"worker failed to start (exit code {info.get('exitcode')})")
 
     def on_exec_bye(self, ident, head, f):
@@ -542,10 +550,11 @@ class Broker:
             if w.pool:
                 self.idle[w] = None
             return
-        sp = self.spawns.pop(str(token), None)
-        if sp is None:  # nobody waits for it any more
+        sp = self.spawns.get(str(token))
+        if sp is None or sp[0] is not ex:  # nobody waits for it (any more), or not from that executor
             self.kill_worker(w)
             return
+        del self.spawns[str(token)]
         _, devices, what = sp
         w.gpus = tuple(devices)
         if isinstance(what, Actor):
@@ -615,7 +624,9 @@ class Broker:
             ex.free_gpus.extend(g for g in w.gpus if g not in ex.free_gpus)
             w.held = None
 
-    def lose_worker(self, w, why):
+    def lose_worker(self, w, why, charge=True):
+        """``w`` is gone. The call it was running is charged a retry (``charge``: it may have run);
+        calls it had only prefetched, or that never reached it, go back to the queue as they were."""
         self.to_workers.pop(w, None)
         self.workers.pop(w.ident, None)
         w.ex.workers.pop(w.ident, None)
@@ -636,7 +647,7 @@ class Broker:
             for i, c in enumerate(calls):
                 if c.state != RUNNING:
                     continue
-                if i == 0:  # the call that was running: charge it a retry
+                if i == 0 and charge:  # the call that was running: charge it a retry
                     c.retries -= 1
                     if c.retries < 0:
                         self.finish(c, P.CRASHED, (f"the worker running this call died ({why}) and its "
@@ -763,7 +774,7 @@ class Broker:
                 self.partial.pop(w, None)
         if call.deps:
             if not self.send(out):
-                self.lose_worker(w, "unreachable")
+                self.lose_worker(w, "unreachable", charge=False)
         else:
             self.to_workers.setdefault(w, []).append(out[1:])
 
