@@ -84,8 +84,10 @@ class LocalCluster:
     def _spawn(self, module, args):
         if self.parent_pid:
             args = args + ["--parent-pid", str(self.parent_pid)]
-        return subprocess.Popen([sys.executable, "-m", module, *args], env=_child_env(), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # what the process prints outside its log (a crash's traceback) lands next to that log
+        with open(os.path.join(self.log_dir, module.split(".")[-1] + ".out"), "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", module, *args], env=_child_env(), stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
     def pids(self) -> list[int]:

@@ -216,6 +216,9 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + 0.5
                     self.tick(now)
+        except Exception:
+            log.exception("the broker loop failed")
+            raise
         finally:
             self.close()
 
@@ -1012,6 +1015,8 @@ class Broker:
             for a in list(self.pending_actors):
                 self.kill_actor(a, msg, status=P.UNSCHEDULABLE)
             self.pending_actors.clear()
+        for shape in [s for s, q in self.queues.items() if not q]:
+            del self.queues[shape]  # shapes come from callers: keep only those with calls waiting
         if self.executors:
             for shape, q in list(self.queues.items()):
                 why = q and self.unschedulable(shape)
