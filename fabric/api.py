@@ -162,7 +162,7 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
                         f"{', '.join(sorted(allowed))}")
     o = {**allowed, **given}
     _check_number("cpus", o["cpus"])
-    _check_number("gpus", o["gpus"])
+    _check_number("gpus", o["gpus"], maximum=1e4)
     if o["gpus"] > 1 and o["gpus"] != int(o["gpus"]):
         raise ValueError(f"gpus above 1 must be a whole number, got {o['gpus']}")
     o["memory_bytes"] = parse_memory(o["memory"])

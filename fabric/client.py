@@ -1,8 +1,9 @@
 """A driver's connection to the broker: submit calls, receive results, complete Futures.
 
 Two DEALER sockets per driver: the user's threads *send* on ``d`` (under a lock, so a call
-costs no thread hand-off), and one IO thread *receives* on ``r``: results, worker output, and
-refusals. Results are kept as raw frames and unpickled lazily by whoever asks for them, so
+costs no thread hand-off; bursts travel as BATCH messages), and ``r`` *receives* results,
+worker output and refusals: received by whichever thread waits for a result (leader/follower),
+else by the IO thread. Results are kept as raw frames and unpickled lazily by whoever asks for them, so
 the IO thread does little per message.
 
 Ownership: the broker keeps each result until this driver says ``RELEASE``; the IO thread
@@ -358,7 +359,7 @@ class Client:
         while not self.closed:
             try:
                 if self.outq and time.perf_counter() - self.last_submit > 0.001:
-                    with self.lock:  # a burst that nobody waits for yet: send it within ~1 ms
+                    with self.lock:  # a burst nobody waits for yet: sent within ~1-10 ms
                         self._flush_out()
                 if time.monotonic() - self.last_user < USER_IDLE:
                     time.sleep(0.001 if self.outq else 0.01)

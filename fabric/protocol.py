@@ -95,7 +95,7 @@ CANCELLED = 4
 UNSCHEDULABLE = 5
 SERIALIZATION = 6  # payload: utf-8 message (made by a worker that could not pickle a result)
 ACTOR_DIED = 7
-REFUSED = 8       # the call itself was malformed
+REFUSED = 8       # the call was refused: malformed, an unknown dependency, or its driver is not connected
 
 ID_LEN = 16
 

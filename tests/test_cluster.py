@@ -215,5 +215,28 @@ os.kill(os.getpid(), 9)
                         and status()["drivers"] == 0, timeout=20)
         assert wait_for(lambda: status()["executors"][0]["free_cpus"] == 2, timeout=10), status()
         assert "silent for" in open(os.path.join(str(tmp_path), "broker.log")).read()
+        # a driver dropped for silence that submits again is told so, on the call itself
+        ctx = zmq.Context()
+        try:
+            did = os.urandom(8)
+            d = ctx.socket(zmq.DEALER)
+            r = ctx.socket(zmq.DEALER)
+            for sock, ident in ((d, b"d" + did), (r, b"r" + did)):
+                sock.setsockopt(zmq.ROUTING_ID, ident)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(cl.address)
+                sock.send_multipart([P.C[P.HELLO], b"{}"])
+                assert sock.poll(10000)
+                sock.recv_multipart()
+            assert wait_for(lambda: status()["drivers"] == 0, timeout=20)  # no heartbeats: dropped
+            cid = did + bytes(7) + b"\x01"
+            d.send_multipart([P.C[P.SUBMIT] + P.pack_call(cid, bytes(16), P.TASK, P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 0),
+                              b"x"])
+            assert r.poll(10000)
+            reply = r.recv_multipart()
+            assert reply[0][:4] == P.C[P.RESULT] and reply[0][4:20] == cid and reply[0][20] == P.REFUSED
+            assert b"not connected" in reply[1]
+        finally:
+            ctx.destroy(linger=0)
     finally:
         cl.stop()

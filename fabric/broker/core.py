@@ -3,12 +3,12 @@
 Process architecture (one broker per cluster)::
 
     driver ─d/r DEALERs─┐                          ┌─ executor daemon (DEALER "e…")
-    driver ─d/r DEALERs─┼─▶  ROUTER  (this loop)  ◀┼─ worker process  (DEALER "w…") ─┐ forked and
+    driver ─d/r DEALERs─┼─▶  ROUTER  (this loop)  ◀┼─ worker process  (DEALER "w…") ─┐ started and
     fabric status ──────┘     one thread, no       └─ worker process  (DEALER "w…") ─┘ restarted by
                               payload unpickling                                       its executor
 
 Drivers submit calls on their ``d`` socket and receive results on their ``r`` socket (so a
-driver's user thread sends while its IO thread receives, with no hand-off). Workers connect
+driver's user thread sends while another thread may be receiving). Workers connect
 to the broker directly: a call goes driver -> broker -> worker and its result worker ->
 broker -> driver, two hops each way. The executor daemon never touches calls; it reports
 resources, heartbeats and dead workers, and spawns workers on request (GPU sets, instances).
@@ -209,13 +209,13 @@ class Broker:
                             break
                         self.handle(frames)
                 self.dispatch()
-                self.flush()
                 now = time.monotonic()
                 if self.timeouts and self.timeouts[0][0] <= now:
                     self.expire(now)
                 if now >= next_tick:
                     next_tick = now + 0.5
                     self.tick(now)
+                self.flush()
         except Exception:
             log.exception("the broker loop failed")
             raise
@@ -292,10 +292,16 @@ class Broker:
 
     def on_submit(self, ident, head, f):
         did = ident[1:]
-        if did not in self.drivers:
-            raise ProtocolError("driver has not said HELLO")
         h = P.unpack_call(head)
         cid = h[0]
+        d = self.drivers.get(did)
+        if d is None:
+            why = ("this driver is not connected (it never said HELLO, or was dropped after "
+                   f"{DRIVER_TIMEOUT:g}s of silence): call fabric.shutdown() and fabric.init() again")
+            if cid[:8] == did:
+                self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(cid, P.REFUSED), why.encode()])
+            raise ProtocolError(why)
+        d["seen"] = time.monotonic()
         if cid[:8] != did:
             raise ProtocolError("call ids must start with the driver's id")
         if cid in self.calls or cid in self.results:
@@ -502,8 +508,10 @@ class Broker:
     def on_heartbeat(self, ident, head, f):
         if ident[:1] == b"d":
             d = self.drivers.get(ident[1:])
-            if d is not None:
-                d["seen"] = time.monotonic()
+            if d is None:
+                raise ProtocolError("this driver is not connected (dropped after a silence?): "
+                                    "call fabric.shutdown() and fabric.init() again")
+            d["seen"] = time.monotonic()
             return
         ex = self.executors.get(ident)
         if ex is None:
@@ -955,6 +963,8 @@ class Broker:
             a = self.actors.get(call.actor)
             if a is not None and a.failure is None:
                 self.kill_actor(a, None, failure=[status, *frames])
+            elif a is None:  # failed before the instance existed (a failed argument)
+                self.dead_actors[call.actor] = [status, *frames]
         waiting = self.waiters.pop(call.id, None)
         if waiting:
             kept = [status, *frames]

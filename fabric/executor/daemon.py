@@ -1,7 +1,7 @@
 """The executor daemon: one per host. It tells the broker what the host offers, runs the
 worker processes, and reports their deaths; it never sees a call.
 
-On start it sends ``EXEC_HELLO`` (cpus, gpus, memory, host, labels) and forks one *pool*
+On start it sends ``EXEC_HELLO`` (cpus, gpus, memory, host, labels) and starts one *pool*
 worker per CPU. The broker may ask it to ``SPAWN`` a dedicated worker (an instance of a
 ``@fabric.cls``, or a GPU call's worker with ``CUDA_VISIBLE_DEVICES`` set) or to
 ``KILL_WORKER`` (timeout, cancel). A worker that exits is reported with ``WORKER_DIED``, so the

@@ -47,7 +47,7 @@ def set_default(store: str | os.PathLike | Store | None, **storage_options) -> S
 
 
 def default() -> Store:
-    """The store fabric uses for spilled objects, checkpoints and artifacts."""
+    """The store fabric uses for checkpoints, datasets and artifacts."""
     url = os.environ.get("FABRIC_STORE")
     if url:
         return Store(url, **_env_options())
