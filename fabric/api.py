@@ -12,7 +12,6 @@ import os
 import sys
 import sysconfig
 import threading
-import time
 from collections import deque
 
 import cloudpickle

@@ -18,6 +18,7 @@ import click
 
 from . import config
 from . import protocol as P
+from .config import pid_alive
 from .errors import FabricError
 
 DEFAULT_PORT = 5555
@@ -91,7 +92,7 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle):
             raise click.BadParameter("looks like MIN:MAX with 0 <= MIN <= MAX, e.g. 0:4",
                                      param_hint="--autoscale") from None
     rec = _recorded()
-    if rec and _alive(rec.get("broker_pid", 0)):
+    if rec and pid_alive(rec.get("broker_pid", 0)):
         raise click.ClickException(f"a cluster started by `fabric start` is already running at {rec['address']}; "
                                    f"`fabric stop` it first")
     address = f"tcp://{host}:{port}"
@@ -243,10 +244,10 @@ def stop(address):
     request(address, P.SHUTDOWN)
     pids = rec.get("pids", []) if rec and rec.get("address") == address else []
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for p in pids:
-        if _alive(p):
+        if pid_alive(p):
             os.kill(p, signal.SIGKILL)
     _forget(address)
     click.echo(f"stopped the cluster at {address}")
@@ -259,22 +260,6 @@ def _forget(address):
             os.unlink(config.state_file())
         except OSError:
             pass
-
-
-def _alive(pid):
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _port_taken(host, port):

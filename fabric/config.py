@@ -38,3 +38,21 @@ def is_local_address(address: str) -> bool:
         host = address[6:].rsplit(":", 1)[0].strip("[]")
         return host in ("localhost", "::1") or host.startswith("127.")
     return False
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie counts as gone): how fabric's processes notice
+    that the process they serve (a driver, an executor, `fabric start`) has died."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True

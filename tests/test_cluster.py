@@ -2,10 +2,8 @@
 hostile frames thrown at the broker's socket by a raw ZeroMQ client."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest

@@ -7,7 +7,6 @@ import time
 import pytest
 
 import fabric
-from conftest import wait_for
 
 
 @fabric.fn

@@ -1,7 +1,6 @@
 """Parallelism, worker output, resources and GPUs, clean shutdown."""
 import os
 import re
-import sys
 import time
 
 import psutil

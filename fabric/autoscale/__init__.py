@@ -20,6 +20,7 @@ import logging
 import os
 import time
 
+from ..config import pid_alive
 from .policy import Decision, Instance, Policy, Pool
 from .providers import AwsProvider, LocalProvider, Provider
 
@@ -183,7 +184,7 @@ class Autoscaler:
                         last_error = repr(e)
                         log.exception("autoscaler round failed")
                         self.record(Decision(time.time(), "-", "error", "internal", f"{type(e).__name__}: {e}"))
-                if parent_pid and not _alive(parent_pid):
+                if parent_pid and not pid_alive(parent_pid):
                     log.info("parent process %d is gone; stopping", parent_pid)
                     break
                 time.sleep(max(0.0, self.interval - (time.monotonic() - t0)))
@@ -220,11 +221,3 @@ def _endpoint_gone(address: str) -> bool:
     return False
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

@@ -39,6 +39,7 @@ import zmq
 
 from .. import protocol as P
 from .. import config
+
 from ..errors import FabricError, ProtocolError
 
 log = logging.getLogger("fabric.broker")
@@ -1040,16 +1041,8 @@ class Broker:
                 log.warning("driver %s (pid %s on %s) silent for %.0fs: cancelling its calls and instances",
                             did.hex(), d.get("pid"), d.get("host"), now - d["seen"])
                 self.on_bye(b"d" + did, b"", [])
-        if self.parent_pid and not _alive(self.parent_pid):
+        if self.parent_pid and not config.pid_alive(self.parent_pid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.running = False
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

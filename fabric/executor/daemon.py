@@ -24,6 +24,7 @@ import time
 import zmq
 
 from .. import protocol as P
+from ..config import pid_alive
 from ..resources import parse_memory
 from .gpus import detect_gpus, parse_gpu_list
 
@@ -75,7 +76,7 @@ class ExecutorDaemon:
                     break
             else:
                 self.hello()
-            if self.parent_pid and not _alive(self.parent_pid):
+            if self.parent_pid and not pid_alive(self.parent_pid):
                 return self.stop()
         pool = max(1, int(self.cpus))
         for _ in range(pool):
@@ -97,7 +98,7 @@ class ExecutorDaemon:
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_EVERY
                     self.sock.send_multipart([P.C[P.HEARTBEAT], b"{}"])
-                    if self.parent_pid and not _alive(self.parent_pid):
+                    if self.parent_pid and not pid_alive(self.parent_pid):
                         log.info("parent %d is gone; stopping", self.parent_pid)
                         self.running = False
         finally:
@@ -186,16 +187,6 @@ class ExecutorDaemon:
         self.sock.close(linger=200)
         self.ctx.term()
         log.info("executor %s stopped", self.id.hex())
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def main(argv=None):
