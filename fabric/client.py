@@ -52,6 +52,7 @@ class Future:
         self._client = client
         self._state = _PENDING
         self._status = None
+        self._head = None
         self._frames = None
         self._value = _NOTHING
         self._callbacks = None

@@ -39,6 +39,20 @@ def test_worker_output_reaches_the_driver_prefixed(cluster, capsys):
     assert all(re.match(r"\(chatty pid=\d+\) line \d", l) for l in lines), lines
 
 
+def test_a_line_printed_across_flushes_arrives_whole(cluster, capsys):
+    @fabric.fn
+    def slow_line():
+        print("first half,", end="", flush=True)
+        time.sleep(0.35)  # the output channel flushes every 0.1 s meanwhile
+        print(" second half")
+        time.sleep(0.35)
+        return 1
+
+    assert slow_line.remote().result(timeout=30) == 1
+    lines = [l for l in capsys.readouterr().out.splitlines() if "half" in l]
+    assert len(lines) == 1 and re.match(r"\(slow_line pid=\d+\) first half, second half$", lines[0]), lines
+
+
 def test_chatty_function_is_rate_limited_not_stalled(cluster, capsys):
     t0 = time.monotonic()
     assert chatty.remote(200_000).result(timeout=60) == 200_000

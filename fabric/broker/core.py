@@ -989,7 +989,7 @@ class Broker:
     def finish_copy(self, call, outcome):
         """Fail ``call`` with another call's failure (a failed dependency, a dead instance)."""
         status, hdr = outcome[0], outcome[1]
-        _, _, nbuf, dur, _ = P.unpack_result(hdr.bytes if hasattr(hdr, "bytes") else hdr)
+        _, _, nbuf, dur, _ = P.unpack_result(hdr)  # kept outcomes hold their header as bytes
         self.finish(call, status, None, [P.pack_result(call.id, status, nbuf, dur), *outcome[2:]])
 
     # ---------------------------------------------------------------- time

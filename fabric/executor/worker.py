@@ -45,14 +45,12 @@ def _die_with_parent():
 class OutputChannel:
     """Collects what user code prints and ships it to the drivers, rate-limited."""
 
-    def __init__(self, ctx, address, ident, tee):
+    def __init__(self, ctx, address, ident):
         self.lock = threading.Lock()
         self.parts: dict[tuple, list] = {}   # (driver id, source) -> [text]
-        self.tee = tee
         self.ctx, self.address, self.ident = ctx, address, ident
         self.allowance, self.stamp, self.dropped = LOG_RATE, time.monotonic(), 0
         self.local = threading.local()
-        self.sock = None
         threading.Thread(target=self._flusher, name="fabric-output", daemon=True).start()
 
     def write(self, text):
@@ -69,10 +67,22 @@ class OutputChannel:
             self.allowance -= len(text)
             self.parts.setdefault(ctx, []).append(text)
 
-    def take(self):
+    def take(self, whole_lines=False):
+        """What to ship now. ``whole_lines``: keep a trailing partial line for later, so a
+        ``print`` split across flushes (its text, then its newline) reaches the driver whole."""
         with self.lock:
             parts, self.parts = self.parts, {}
             dropped, self.dropped = self.dropped, 0
+            if whole_lines:
+                for key in list(parts):
+                    text = "".join(parts[key])
+                    cut = text.rfind("\n") + 1
+                    if cut < len(text):
+                        self.parts[key] = [text[cut:]]
+                    if cut:
+                        parts[key] = [text[:cut]]
+                    else:
+                        del parts[key]
         out = []
         for (did, source), texts in parts.items():
             text = "".join(texts)
@@ -82,8 +92,8 @@ class OutputChannel:
             out.append([P.C[P.WLOG], did, source, text.encode("utf-8", "replace")])
         return out
 
-    def flush_on(self, sock):
-        for msg in self.take():
+    def flush_on(self, sock, whole_lines=False):
+        for msg in self.take(whole_lines):
             sock.send_multipart(msg)
 
     def _flusher(self):
@@ -93,7 +103,7 @@ class OutputChannel:
         sock.connect(self.address)
         while True:
             time.sleep(0.1)
-            self.flush_on(sock)
+            self.flush_on(sock, whole_lines=True)  # mid-call: the call's end flushes the rest
 
 
 class _Tee:
@@ -132,7 +142,7 @@ class Worker:
         self.results_in = None      # where that pool's threads hand their results to the main loop
         self.polled = set()
         self.loop = None            # event loop for async functions and methods
-        self.output = OutputChannel(self.ctx, address, P.log_id(executor_id, n), sys.stdout)
+        self.output = OutputChannel(self.ctx, address, P.log_id(executor_id, n))
         sys.stdout = _Tee(sys.stdout, self.output)
         sys.stderr = _Tee(sys.stderr, self.output)
         self.ppid = os.getppid()
