@@ -10,14 +10,15 @@
 
 See README.md and docs/ for the whole API.
 """
-from .api import (Future, InstanceHandle, RemoteClass, RemoteFunction, cls, cluster_status, enter, fn, get, init,
-                  is_initialized, kill, put, shutdown, wait)
-from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GetTimeout, ProtocolError, RemoteError,
-                     RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
+from .api import (Future, Gang, GangContext, InstanceHandle, RemoteClass, RemoteFunction, cls, cluster_status, enter,
+                  fn, gang, gang_context, get, init, is_initialized, kill, put, shutdown, wait)
+from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GangFailed, GetTimeout,
+                     MemoryLimitExceeded, ProtocolError, RemoteError, RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
 
 __version__ = "0.1.0"
 
 __all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "wait", "put", "kill",
            "cluster_status", "Future", "RemoteFunction", "RemoteClass", "InstanceHandle", "FabricError",
            "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
-           "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError"]
+           "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError",
+           "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded"]

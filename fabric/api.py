@@ -21,10 +21,12 @@ from . import protocol as P
 from . import serde
 from .client import Client, Future
 from .errors import ConnectionFailed, FabricError, GetTimeout
+from .gangs import GangContext, gang_context
 from .resources import parse_memory
 
 __all__ = ["init", "shutdown", "fn", "cls", "enter", "get", "wait", "put", "kill", "is_initialized",
-           "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status"]
+           "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status", "gang", "Gang",
+           "gang_context", "GangContext"]
 
 _lock = threading.RLock()
 
@@ -48,6 +50,8 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
     the cluster that ``fabric start --detach`` recorded; ``None`` uses ``FABRIC_ADDRESS`` or,
     without it, starts an embedded local cluster (broker + one executor) owned by this process
     and stopped when it exits. ``num_cpus``/``num_gpus``/``memory`` size the embedded cluster.
+    With ``FABRIC_KEYS`` set (a keys directory, docs/security.md) the connection uses CurveZMQ,
+    and a broker that does not accept this process's key raises ``ConnectionFailed`` at once.
     """
     if address is not None and address != "auto" and (
             not isinstance(address, str) or not address.startswith(("tcp://", "ipc://"))):
@@ -79,7 +83,9 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
         elif not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
             raise ValueError(f"address must look like 'tcp://host:port' or 'ipc:///path', got {address!r}")
         try:
-            client = Client(address, shm=config.is_local_address(address), connect_timeout=connect_timeout)
+            # FABRIC_TRANSFER=store sends large objects through the object store even on one host
+            shm = config.is_local_address(address) and serde.transfer_mode() != "store"
+            client = Client(address, shm=shm, connect_timeout=connect_timeout)
         except BaseException:
             if cluster is not None:
                 cluster.stop()
@@ -163,7 +169,8 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
     _check_number("cpus", o["cpus"])
     _check_number("gpus", o["gpus"], maximum=1e4)
     if o["gpus"] > 1 and o["gpus"] != int(o["gpus"]):
-        raise ValueError(f"gpus above 1 must be a whole number, got {o['gpus']}")
+        raise ValueError(f"gpus above 1 must be a whole number of devices, got {o['gpus']}: a fraction "
+                         f"below 1 (gpus=0.5) shares one device with other calls, gpus=2 takes two devices")
     o["memory_bytes"] = parse_memory(o["memory"])
     if "retries" in o:
         if isinstance(o["retries"], bool) or not isinstance(o["retries"], int) or o["retries"] < 0:
@@ -479,6 +486,62 @@ class InstanceMethod:
                              label=self._label)
 
 
+# ---------------------------------------------------------------------- fabric.gang
+_GANG_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 0, "timeout": None, "name": None}
+
+
+class Gang:
+    """``n`` members that start together or not at all: ``fabric.gang(n, cpus=1, gpus=0,
+    memory=None, retries=0, timeout=None)``. ``g.run(fn, *args, **kwargs)`` runs ``fn`` once per
+    member and returns the members' n Futures in rank order; inside, ``fabric.gang_context()``
+    gives each its rank, the world size and every member's address (docs/gangs.md).
+
+    The resources are per member, as in a Ray placement group's bundles; each ``run`` reserves
+    them anew, all n at once, and gives them back when the last member ends."""
+
+    def __init__(self, size: int, options: dict):
+        self.size = size
+        self._options = options
+        self._fns: dict = {}  # plain function -> its RemoteFunction: code pickled once per function
+
+    def __repr__(self):
+        o = self._options
+        return f"<fabric.gang size={self.size} cpus={o['cpus']:g} gpus={o['gpus']:g}>"
+
+    def run(self, func, *args, **kwargs) -> list[Future]:
+        """Start ``func(*args, **kwargs)`` on every member; returns n Futures, rank 0 first.
+
+        ``func`` is a plain function or a ``@fabric.fn`` (whose own resources are not used: the
+        gang's are). If one member fails, the others are stopped and get ``GangFailed``; a
+        member's crash reruns the whole gang while ``retries`` last."""
+        if isinstance(func, RemoteFunction):
+            rf = func
+        elif callable(func) and not inspect.isclass(func):
+            rf = self._fns.get(func)
+            if rf is None:
+                rf = self._fns[func] = RemoteFunction(func, _check_options("fabric.gang", {}, _FN_OPTIONS))
+        else:
+            raise TypeError(f"Gang.run() runs a function, got {type(func).__name__}")
+        _bind(rf._sig, rf._name, args, kwargs)
+        blob, h = rf._blob()
+        o = self._options
+        return _client().submit(P.GANG, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
+                                memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
+                                label=o["name"] or rf._name, gang=self.size)
+
+
+def gang(size: int, **options) -> Gang:
+    """A gang of ``size`` members, each with ``cpus``/``gpus``/``memory``: they start together
+    or not at all. ``fabric.gang(4, cpus=1).run(train, cfg)`` -> 4 Futures (docs/gangs.md)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= P.MAX_GANG:
+        raise ValueError(f"a gang has 1 to {P.MAX_GANG} members, got {size!r}")
+    unknown = sorted(set(options) - set(_GANG_OPTIONS))
+    if unknown:
+        raise TypeError(f"fabric.gang() got unknown option(s) {', '.join(unknown)}; valid options: "
+                        f"{', '.join(sorted(_GANG_OPTIONS))}")
+    return Gang(size, _check_options("fabric.gang()", {**_GANG_OPTIONS, **options}, _FN_OPTIONS))
+
+
 # ---------------------------------------------------------------------- get / wait / put / kill
 def _check_futures(where, futures):
     if isinstance(futures, Future):
@@ -528,7 +591,12 @@ def wait(futures, num_returns: int = 1, timeout: float | None = None):
 
 
 def put(value) -> Future:
-    """Store ``value`` on the cluster once; pass the returned Future to many calls by reference."""
+    """Store ``value`` on the cluster once; pass the returned Future to many calls by reference.
+
+    Held by the broker, unless large transfers go through the object store (a cluster on
+    other hosts with ``FABRIC_STORE`` set, or ``FABRIC_TRANSFER=store``) and its pickled size
+    reaches ``FABRIC_STORE_THRESHOLD``: then it is written to the store once, under its content
+    hash, the broker holds only a reference, and each host fetches it once (docs/storage.md)."""
     if isinstance(value, Future):
         raise TypeError("fabric.put() of a Future: pass the Future itself to calls instead")
     return _client().put(value)

@@ -4,6 +4,7 @@
     fabric executor --broker ADDR           join this host's executor to a running broker
     fabric status [--address ADDR]          executors, workers, resources, queues
     fabric stop [--address ADDR]            stop the cluster
+    fabric keys init DIR                    CurveZMQ keys; then `fabric start --host 0.0.0.0 --keys DIR`
 """
 from __future__ import annotations
 
@@ -39,18 +40,45 @@ def _address(address):
         return os.environ["FABRIC_ADDRESS"]
     rec = _recorded()
     if rec:
+        if rec.get("keys") and not os.environ.get("FABRIC_KEYS"):
+            os.environ["FABRIC_KEYS"] = rec["keys"]  # the keys that cluster was started with
         return rec["address"]
     raise click.ClickException("no cluster address: pass --address, set FABRIC_ADDRESS, or `fabric start` one")
 
 
 def _check_host(host):
     """Listening beyond loopback needs CurveZMQ keys: whoever can submit can run code."""
-    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+    from . import security
+
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.") or security.configured():
         return
     raise click.ClickException(
-        f"refusing to listen on {host}: a fabric broker runs any code it is sent, so it listens on loopback "
-        f"(127.0.0.1) only. To reach it from other hosts, use an SSH tunnel; encrypted, key-authenticated "
-        f"listening (CurveZMQ) is not available in this version.")
+        f"refusing to listen on {host}: a fabric broker runs any code it is sent, so without CurveZMQ keys it "
+        f"listens on loopback (127.0.0.1) only. Make keys with `fabric keys init DIR` and start with "
+        f"`fabric start --host {host} --keys DIR` (see `fabric keys --help`).")
+
+
+def _use_keys(ctx, param, value):
+    if value:  # for this command and every process it starts (they inherit the environment)
+        os.environ["FABRIC_KEYS"] = os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+_keys_option = click.option("--keys", metavar="DIR", callback=_use_keys, expose_value=False, is_eager=True,
+                            help="CurveZMQ keys directory (default: $FABRIC_KEYS); see `fabric keys --help`")
+
+
+def _check_keys(**need):
+    """The keys directory in use (None: no keys), checked up front for what this command needs."""
+    from . import security
+
+    root = security.keys_dir()
+    if root:
+        try:
+            security.check(root, **need)
+        except FabricError as e:
+            raise click.ClickException(str(e)) from None
+    return root
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +88,9 @@ def main():
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="interface to listen on (loopback only)")
+@_keys_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="interface to listen on; beyond loopback (e.g. 0.0.0.0) only with --keys")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--cpus", type=click.FloatRange(min=1), help="CPUs of the local executor (default: all)")
 @click.option("--gpus", help="GPU device numbers of the local executor, e.g. 0,1 (default: detect)")
@@ -71,13 +101,17 @@ def main():
               "between MIN and MAX, starting with MIN; see docs/autoscaling.md")
 @click.option("--idle", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="with --autoscale: idle seconds before an executor is stopped")
-def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle):
+@click.option("--journal/--no-journal", default=True, show_default=True,
+              help="record accepted calls so a broker that dies is restarted without losing any "
+                   "(see docs/guarantees.md)")
+def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, journal):
     """Start a broker and a local executor; prints the address drivers use."""
     from .cluster import LocalCluster
     from .executor.gpus import parse_gpu_list
     from .resources import parse_memory
 
     _check_host(host)
+    keys = _check_keys(broker_secret=True, pair=None if no_executor and not autoscale else "executor")
     try:
         gpu_list = parse_gpu_list(gpus) if gpus is not None else None
         mem = parse_memory(memory) if memory else None
@@ -99,13 +133,14 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle):
     if _port_taken(host, port):
         raise click.ClickException(f"port {port} on {host} is in use; choose another with --port")
     cluster = LocalCluster(address=address, cpus=cpus, gpus=gpu_list, memory=mem,
-                           parent_pid=0 if detach else os.getpid(), log_dir=config.new_log_dir("cluster"))
+                           parent_pid=0 if detach else os.getpid(), log_dir=config.new_log_dir("cluster"),
+                           journal=os.path.join(config.data_dir(), f"journal-{port}.bin") if journal else None)
     cluster.start(executor=not no_executor and not autoscale)
     if autoscale:
         cluster.start_autoscaler(lo, hi, idle=idle, cpus_per_executor=cpus or 1)
     with open(config.state_file(), "w") as f:
         json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
-                   "log_dir": cluster.log_dir}, f)
+                   "log_dir": cluster.log_dir, "keys": keys}, f)
     from .client import request
 
     deadline = time.monotonic() + 10
@@ -119,7 +154,10 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle):
                 raise click.ClickException(f"the broker did not start; see {cluster.log_dir}/broker.log") from None
     click.echo(f"fabric cluster running at {address}")
     click.echo(f"  connect a driver:   fabric.init(address=\"{address}\")  or  export FABRIC_ADDRESS={address}")
-    click.echo(f"  add an executor:    fabric executor --broker {address}")
+    click.echo(f"  add an executor:    fabric executor --broker {address}" + (" --keys DIR" if keys else ""))
+    if keys:
+        click.echo(f"  keys:               {keys} (CurveZMQ); other hosts need a keys directory from "
+                   f"`fabric keys add-client NAME` or `add-executor NAME`")
     click.echo(f"  logs:               {cluster.log_dir}")
     if detach:
         return
@@ -137,6 +175,7 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle):
 
 
 @main.command()
+@_keys_option
 @click.option("--broker", "broker", required=True, help="address of the broker, e.g. tcp://127.0.0.1:5555")
 @click.option("--cpus", type=click.FloatRange(min=1))
 @click.option("--gpus", help="GPU device numbers, e.g. 0,1 (default: detect)")
@@ -159,6 +198,7 @@ def executor(broker, cpus, gpus, memory, label):
         mem = parse_memory(memory) if memory else None
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+    _check_keys(pair="executor")
     log_file = os.path.join(config.new_log_dir("executor"), "executor.log")
     logging.basicConfig(filename=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s executor: %(message)s")
     click.echo(f"executor joining {broker}; log: {log_file}")
@@ -168,9 +208,12 @@ def executor(broker, cpus, gpus, memory, label):
         d.serve()
     except KeyboardInterrupt:
         pass
+    except FabricError as e:  # e.g. the broker did not accept this executor's key
+        raise click.ClickException(str(e)) from None
 
 
 @main.command()
+@_keys_option
 @click.option("--address", help="broker address (default: FABRIC_ADDRESS or the cluster `fabric start` recorded)")
 @click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
 def status(address, as_json):
@@ -229,6 +272,7 @@ def status(address, as_json):
 
 
 @main.command()
+@_keys_option
 @click.option("--address", help="broker address (default: the cluster `fabric start` recorded)")
 def stop(address):
     """Stop a cluster: its broker, executors and workers."""
@@ -238,9 +282,9 @@ def stop(address):
     rec = _recorded()
     try:
         request(address, P.STATUS, timeout=2)
-    except FabricError:
+    except FabricError as e:
         _forget(address)
-        raise click.ClickException(f"no fabric broker answers at {address}") from None
+        raise click.ClickException(str(e)) from None
     request(address, P.SHUTDOWN)
     pids = rec.get("pids", []) if rec and rec.get("address") == address else []
     deadline = time.monotonic() + 10
@@ -251,6 +295,100 @@ def stop(address):
             os.kill(p, signal.SIGKILL)
     _forget(address)
     click.echo(f"stopped the cluster at {address}")
+
+
+@main.group()
+def keys():
+    """CurveZMQ keys: encrypt all of a cluster's traffic and allow-list who may connect.
+
+    Needed to listen beyond loopback: whoever can submit a call runs code (docs/security.md).
+
+    \b
+    On the broker's host:
+      fabric keys init ~/fabric-keys        broker pair + a client pair + an executor pair
+      fabric start --host 0.0.0.0 --keys ~/fabric-keys
+    For each other host, make an allow-listed pair and copy its folder there:
+      fabric keys add-executor gpu1 --keys ~/fabric-keys --out gpu1-keys
+        (on gpu1)   fabric executor --broker tcp://BROKER:5555 --keys gpu1-keys
+      fabric keys add-client alice --keys ~/fabric-keys --out alice-keys
+        (for alice) FABRIC_KEYS=alice-keys python script.py   (fabric.init(address=...))
+    Revoke a key: delete its file in DIR/clients/ or DIR/executors/ (applies to new connections).
+    """
+
+
+@keys.command("init", short_help="make a keys directory: broker, client and executor pairs")
+@click.argument("directory", type=click.Path(file_okay=False))
+def keys_init(directory):
+    """Make a keys directory: the broker's pair, a client pair and an executor pair (both allowed)."""
+    from . import security
+
+    try:
+        info = security.init_keys(directory)
+    except FabricError as e:
+        raise click.ClickException(str(e)) from None
+    d = info["dir"]
+    click.echo(f"keys written to {d} (keep it private: it holds secret keys)")
+    click.echo(f"  broker public key:  {info['broker']}")
+    click.echo(f"  start a cluster:    fabric start --host 0.0.0.0 --keys {d}")
+    click.echo(f"  other hosts:        fabric keys add-client NAME --keys {d}   (or add-executor NAME)")
+
+
+def _add_key_command(role):
+    @keys.command(f"add-{role}", short_help=f"allow-list a new {role} key (makes its host's keys directory)",
+                  help=f"Allow-list a new {role} key NAME; by default make its pair in a new keys "
+                  f"directory (--out) to copy to that {role}'s host.")
+    @click.argument("name")
+    @click.option("--keys", "root", metavar="DIR", envvar="FABRIC_KEYS", required=True,
+                  help="the broker's keys directory (default: $FABRIC_KEYS)")
+    @click.option("--out", metavar="DIR", help="the new host's keys directory [default: ./fabric-keys-NAME]")
+    @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
+                  help="allow-list this public .key file (a pair made elsewhere) instead of making a pair")
+    def add(name, root, out, public_key):
+        from . import security
+
+        try:
+            info = security.add_key(root, role, name, out=out, public_key=public_key)
+        except FabricError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"allowed {role} key {info['public']} ({info['allowed']})")
+        if info["dir"]:
+            click.echo(f"  its keys directory: {info['dir']} (secret: copy it to that host privately)")
+            use = (f"fabric executor --broker tcp://BROKER:PORT --keys {info['dir']}" if role == "executor"
+                   else f"FABRIC_KEYS={info['dir']} python script.py")
+            click.echo(f"  use it there:       {use}")
+    return add
+
+
+_add_key_command("client")
+_add_key_command("executor")
+
+
+@keys.command("show", short_help="print the public keys and the allow-list")
+@click.argument("directory", required=False)
+def keys_show(directory):
+    """Public keys in a keys directory (default: $FABRIC_KEYS): the broker's, this host's, the allowed."""
+    from . import security
+
+    root = os.path.abspath(os.path.expanduser(directory)) if directory else security.keys_dir()
+    if not root:
+        raise click.ClickException("no keys directory: pass one or set FABRIC_KEYS")
+    if not os.path.isdir(root):
+        raise click.ClickException(f"{root} is not a directory")
+    click.echo(f"keys directory {root}")
+    try:
+        for name in ("broker", *security.ROLES):
+            for suffix in (".key_secret", ".key"):
+                path = os.path.join(root, name + suffix)
+                if os.path.exists(path):
+                    what = "pair" if suffix == ".key_secret" else "public key only"
+                    click.echo(f"  {name + '.key':<14} {security._load(path, secret=False)[0].decode()}  ({what})")
+                    break
+        allowed = security.allowed_keys(root)
+    except FabricError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"  allowed ({len(allowed)}):" if allowed else "  allowed: none (this is not a broker's directory)")
+    for key, where in sorted(allowed.items(), key=lambda kv: kv[1]):
+        click.echo(f"    {where:<28} {key.decode()}")
 
 
 def _forget(address):

@@ -25,19 +25,26 @@ import weakref
 import zmq
 
 from . import protocol as P
+from . import security
 from . import serde
 from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GetTimeout, ProtocolError,
-                     SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
+                     SerializationError, TaskTimeout, Unschedulable, WorkerCrashed, GangFailed,
+                     MemoryLimitExceeded)
 
 log = logging.getLogger("fabric.client")
 
 _ERRORS = {P.CRASHED: WorkerCrashed, P.TIMEOUT: TaskTimeout, P.CANCELLED: Cancelled,
            P.UNSCHEDULABLE: Unschedulable, P.SERIALIZATION: SerializationError, P.ACTOR_DIED: ActorDied,
-           P.REFUSED: ProtocolError}
+           P.REFUSED: ProtocolError, P.GANG_FAILED: GangFailed,
+           P.OUT_OF_MEMORY: MemoryLimitExceeded}
 _PENDING, _DONE = 0, 1
 USER_IDLE = 0.05  # seconds without a waiting user thread before the IO thread receives
 BURST_GAP = 50e-6  # a submit this soon after the previous one joins a batch
 BATCH_MAX = 64     # submits per BATCH message
+# backpressure: a driver with this many calls awaiting their outcome waits in .remote() until
+# a tenth of them are done, so a loop that submits faster than the cluster runs cannot exhaust
+# memory (about 1 KB per pending call here and in the broker)
+MAX_PENDING = int(os.environ.get("FABRIC_MAX_PENDING", 100_000))
 _NOTHING = object()
 
 
@@ -45,7 +52,7 @@ class Future:
     """The eventual outcome of one call. ``result()``, ``done()``, ``cancel()``, ``await fut``."""
 
     __slots__ = ("id", "_client", "_state", "_status", "_head", "_frames", "_value", "_callbacks", "label",
-                 "_shm", "_pin", "__weakref__")
+                 "_shm", "_pin", "_sub", "__weakref__")
 
     def __init__(self, cid: bytes, client: "Client | None", label: str):
         self.id = cid
@@ -59,6 +66,7 @@ class Future:
         self.label = label
         self._shm = None
         self._pin = 0
+        self._sub = None  # what was submitted, kept until the outcome: re-sent to a restarted broker
 
     def __repr__(self):
         state = "pending" if self._state == _PENDING else ("ok" if self._status == P.OK else "failed")
@@ -176,7 +184,7 @@ class Client:
         self.id = P.new_id()
         self.ctx = zmq.Context()
         did, rid = P.driver_ids(self.id)
-        self.d = self._socket(did)
+        self.d = self._socket(did, watch=True)  # its handshake is watched until polled below
         self.r = self._socket(rid)
         self.lock = threading.Lock()                   # the d socket, _pin, code_sent
         self.cond = threading.Condition(threading.Lock())  # Future states
@@ -187,6 +195,7 @@ class Client:
         self.dropped_actors: collections.deque[bytes] = collections.deque()  # instances with no handle left
         self._counter = itertools.count(1)
         self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
+        self.transfer = serde.Transfer(address)            # large payloads through the object store?
         self.closed = False
         self.log_to_driver = True
         self.rlock = threading.Lock()                  # whoever holds it receives on r
@@ -195,23 +204,30 @@ class Client:
         self.outq: list[list] = []                     # submits of a burst, not sent yet
         self.last_submit = 0.0
         self.last_beat = 0.0
+        self.epoch = b""                               # the broker's; a new one means it restarted
+        self.puts = weakref.WeakValueDictionary()      # put() objects alive here: re-sent on restart
+        self.rejoins = 0
+        self.extra_outcomes = 0  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
         self.d.send_multipart([P.C[P.HELLO], hello])
         self.r.send_multipart([P.C[P.HELLO], hello])
         for s in (self.d, self.r):
-            if not s.poll(connect_timeout * 1000):
+            if not security.poll(s, connect_timeout):  # False at once if the broker refused our key
                 self._close_sockets()
-                raise ConnectionFailed(f"no fabric broker answered at {address} within {connect_timeout:g}s; "
-                                       f"is the cluster running (`fabric start`)?")
+                raise security.refusal(s) or ConnectionFailed(
+                    f"no fabric broker answered at {address} within {connect_timeout:g}s; "
+                    f"is the cluster running (`fabric start`)?")
             msg = s.recv_multipart()
             if P.command_of(msg[0]) != P.WELCOME:
                 self._close_sockets()
                 raise ConnectionFailed(f"the broker at {address} refused this driver: {msg[-1][:200]!r}")
+            self.epoch = str(P.loads_json(msg[1]).get("epoch", "")).encode()
         self.io = threading.Thread(target=self._io_loop, name="fabric-io", daemon=True)
         self.io.start()
 
-    def _socket(self, ident):
+    def _socket(self, ident, watch=False):
         s = self.ctx.socket(zmq.DEALER)
+        security.curve_client(s, watch=watch)  # CurveZMQ when FABRIC_KEYS is set
         s.setsockopt(zmq.ROUTING_ID, ident)
         s.setsockopt(zmq.LINGER, 1000)
         s.setsockopt(zmq.SNDHWM, 0)
@@ -224,15 +240,19 @@ class Client:
         return self.id + next(self._counter).to_bytes(8, "big")
 
     def submit(self, kind, code_blob, code_hash, args, kwargs, *, actor_id=P.NO_ID, cpus=1.0, gpus=0.0,
-               memory=0, retries=0, timeout=0.0, flags=0, label="call") -> Future:
+               memory=0, retries=0, timeout=0.0, flags=0, label="call", gang=0) -> Future:
+        """Send one call; returns its Future. ``gang=n`` (kind GANG): one SUBMIT for n members,
+        returns their n Futures in rank order (rank 0's id is the call's id)."""
         if self.closed:
             raise ConnectionFailed("this fabric client is shut down; call fabric.init() again")
+        if len(self.pending) >= MAX_PENDING and threading.current_thread() is not self.io:
+            self._throttle()
         cid = self.new_id()
         deps: list[Future] = []
         shm_used: list = []
         try:
             payload, bufs = serde.dumps_args(args, kwargs, ref_type=Future, on_ref=lambda f: self._ref(f, deps),
-                                             shm_pool=self.shm, shm_used=shm_used)
+                                             shm_pool=self.shm, shm_used=shm_used, transfer=self.transfer)
         except BaseException:
             self._unpin(deps)
             if shm_used:
@@ -241,11 +261,23 @@ class Client:
         fut = Future(cid, self, label)
         if shm_used:
             fut._shm = shm_used
-        opts = P.HAS_DEPS if deps else 0
+        opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts()
         parts = [b"", b"".join(f.id for f in deps), payload, *bufs] if deps else [b"", payload, *bufs]
+        members = None
+        if gang:  # the members' call ids follow the buffers, rank 0 (this call's id) first
+            members = [fut] + [Future(self.new_id(), self, f"{label}[rank {r}]") for r in range(1, gang)]
+            fut.label = f"{label}[rank 0]"
+            parts.append(b"".join(f.id for f in members))
+            opts |= P.HAS_GANG
+            for f in members[1:]:
+                self.pending[f.id] = f
         fields = (cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
                   float(timeout or 0.0), len(bufs), flags)
         self.pending[cid] = fut
+        fut._sub = (fields, opts, code_hash, code_blob, parts[1:], deps or None)
+        if members:
+            for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
+                f._sub = fut._sub
         with self.lock:
             if code_blob is not None and code_hash not in self.code_sent:
                 self.code_sent.add(code_hash)
@@ -262,7 +294,66 @@ class Client:
             self.last_submit = now
             for f in deps:
                 f._pin -= 1
-        return fut
+        return members if gang else fut
+
+    def _throttle(self):
+        """Backpressure: wait until the pending calls are down to 90% of MAX_PENDING."""
+        low = MAX_PENDING * 9 // 10
+        log.info("%d calls pending: .remote() waits for some to finish (FABRIC_MAX_PENDING)", len(self.pending))
+        while len(self.pending) > low:
+            if self.closed:
+                raise ConnectionFailed("the fabric client was shut down while waiting to submit")
+            self.last_user = time.monotonic()
+            if self.outq:
+                with self.lock:
+                    self._flush_out()
+            if self.dropped or self.dropped_actors or self.to_release:
+                self._flush_releases()
+            if self.rlock.acquire(blocking=False):
+                try:
+                    self._pump(0.05)
+                finally:
+                    self.rlock.release()
+            else:
+                with self.cond:
+                    self.cond.wait(0.005)
+
+    def _rejoin(self, info: dict):
+        """The broker restarted (a new epoch) or had dropped us: send again every call we still
+        wait for, in submission order, and every put() object still alive. The broker runs
+        only the ids it does not hold, and answers the others with their kept outcome."""
+        with self.lock:
+            epoch = str(info.get("epoch", "")).encode()
+            why = "restarted" if epoch != self.epoch else "had dropped this driver and took it back"
+            self.epoch = epoch
+            self.rejoins += 1
+            self.code_sent.clear()
+            if self.outq:
+                self._flush_out()
+            puts = list(self.puts.items())
+            for cid, fut in puts:
+                P.send(self.d, self._put_message(cid, fut._value))
+            subs = list({id(f._sub): f._sub for f in list(self.pending.values()) if f._sub is not None}.values())
+            again = set()
+            for sub in subs:  # Future arguments already done here: the new broker may not hold them
+                for dep in sub[5] or ():
+                    if (dep._state == _DONE and dep._status == P.OK and dep.id not in self.pending
+                            and type(dep) is not ReadyFuture and dep.id not in again):
+                        again.add(dep.id)
+                        P.send(self.d, self._put_message(dep.id, dep._outcome()))
+            for fields, opts, code_hash, code_blob, body, _ in subs:
+                parts = [b"", *body]
+                if code_blob is not None and code_hash not in self.code_sent:
+                    self.code_sent.add(code_hash)
+                    parts.insert(1, code_blob)
+                    opts |= P.HAS_CODE
+                parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts)
+                self.outq.append(parts)
+                if len(self.outq) >= BATCH_MAX:
+                    self._flush_out()
+            self._flush_out()
+        log.warning("the fabric broker at %s %s: re-sent %d pending calls and %d stored objects",
+                    self.address, why, len(subs), len(puts))
 
     def _flush_out(self):
         """Send buffered submits (caller holds self.lock): one BATCH message for all of them."""
@@ -278,6 +369,11 @@ class Client:
             if self.outq:
                 self._flush_out()
             P.send(self.d, parts)
+
+    def _put_message(self, cid, value):
+        """The PUT message for one object (serialised, maybe spilled to the store: no lock held)."""
+        payload, bufs = serde.dumps_value(value, self.transfer)
+        return [P.C[P.PUT] + P.pack_result(cid, P.OK, len(bufs)), payload, *bufs]
 
     def _ref(self, f: Future, deps: list):
         """How a Future inside arguments is pickled: by value if done, else as a reference."""
@@ -304,9 +400,9 @@ class Client:
 
     def put(self, value) -> Future:
         cid = self.new_id()
-        payload, bufs = serde.dumps_value(value)
-        self._send_d([P.C[P.PUT] + P.pack_result(cid, P.OK, len(bufs)), payload, *bufs])
+        self._send_d(self._put_message(cid, value))
         fut = ReadyFuture(cid, self, "fabric.put", value)
+        self.puts[cid] = fut
         # the IO thread sends the release: a finalizer may run inside any send, on any thread
         weakref.finalize(fut, self.dropped.append, cid)
         return fut
@@ -374,7 +470,7 @@ class Client:
                     self._flush_releases()
                 if now - self.last_beat > 1.0:  # the broker drops a driver it has not heard from
                     self.last_beat = now
-                    self._send_d([P.C[P.HEARTBEAT]])
+                    self._send_d([P.C[P.HEARTBEAT], self.epoch])
             except zmq.ZMQError:
                 if self.closed:
                     return
@@ -392,7 +488,7 @@ class Client:
             except zmq.Again:
                 break
         result_cmd = P.C[P.RESULT]
-        done = []
+        done, rejoin = [], []
         pending = self.pending
         for frames in batch:  # output first: it was printed before the result it precedes
             f0 = frames[0].bytes
@@ -402,17 +498,25 @@ class Client:
                 if fut is not None:
                     fut._head, fut._frames, fut._status = f0[4:], frames[1:], f0[20]
                     done.append(fut)
+                else:
+                    self.extra_outcomes += 1
             elif c == P.C[P.BATCH]:
                 for _, head, fr in P.unbatch(frames):
                     fut = pending.pop(head[:16], None)
                     if fut is not None:
                         fut._head, fut._frames, fut._status = head, fr, head[16]
                         done.append(fut)
+                    else:
+                        self.extra_outcomes += 1
             elif c == P.C[P.LOG]:
                 if self.log_to_driver:
                     self._print_output(frames[1].bytes, frames[2].bytes)
+            elif c == P.C[P.WELCOME]:
+                rejoin.append(P.loads_json(frames[1].bytes))
             elif c == P.C[P.ERROR]:
                 log.warning("the broker refused a message: %s", frames[1].bytes.decode("utf-8", "replace"))
+        if rejoin:
+            self._rejoin(rejoin[-1])
         if not done:
             return
         with self.cond:
@@ -501,18 +605,21 @@ def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.ROUTING_ID, b"c" + P.new_id())
     s.setsockopt(zmq.LINGER, 1000)
+    security.curve_client(s, watch=True)
     s.connect(address)
     try:
         s.send_multipart([P.C[command]])
         if command == P.SHUTDOWN:
             return {}
-        if not s.poll(timeout * 1000):
-            raise ConnectionFailed(f"no fabric broker answered at {address} within {timeout:g}s")
+        if not security.poll(s, timeout):
+            raise security.refusal(s) or ConnectionFailed(
+                f"no fabric broker answered at {address} within {timeout:g}s")
         msg = s.recv_multipart()
         if P.command_of(msg[0]) == P.ERROR:
             raise ProtocolError(msg[1].decode("utf-8", "replace"))
         return P.loads_json(msg[1])
     finally:
+        security.unwatch(s)
         s.close()
         if own:
             ctx.term()

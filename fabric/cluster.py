@@ -30,7 +30,7 @@ def _child_env():
 
 class LocalCluster:
     def __init__(self, address: str | None = None, cpus=None, gpus=None, memory=None, parent_pid: int | None = None,
-                 log_dir: str | None = None, detach: bool = False):
+                 log_dir: str | None = None, detach: bool = False, journal: str | None = None):
         self.tmpdir = None
         if address is None:
             self.tmpdir = tempfile.mkdtemp(prefix="fabric-")
@@ -40,12 +40,15 @@ class LocalCluster:
         self.parent_pid = os.getpid() if parent_pid is None else parent_pid
         self.log_dir = log_dir or config.new_log_dir()
         self.detach = detach
+        self.journal = journal  # with a journal, the broker also runs under a restarting supervisor
         self.procs: list[subprocess.Popen] = []
         self.autoscaler: subprocess.Popen | None = None
 
     def start(self, executor: bool = True) -> "LocalCluster":
-        self.procs.append(self._spawn("fabric.broker", ["--address", self.address,
-                                                        "--log-file", os.path.join(self.log_dir, "broker.log")]))
+        args = ["--address", self.address, "--log-file", os.path.join(self.log_dir, "broker.log")]
+        if self.journal:
+            args += ["--journal", self.journal, "--restart"]
+        self.procs.append(self._spawn("fabric.broker", args))
         if executor:
             self.add_executor()
         return self

@@ -19,6 +19,16 @@ class ActorDied(WorkerCrashed):
     """The process hosting a ``@fabric.cls`` instance died, was killed, or its ``__init__`` failed."""
 
 
+class MemoryLimitExceeded(WorkerCrashed):
+    """The call used more memory than its ``memory=`` limit (or its host ran low on memory), so
+    its worker was stopped before it could freeze the host. Not retried: it would do it again."""
+
+
+class GangFailed(WorkerCrashed):
+    """A member of this call's gang failed (its process died, it raised, or it timed out), so the
+    whole gang was stopped; the message names the member (rank) and what happened to it."""
+
+
 class TaskTimeout(FabricError, TimeoutError):
     """The call ran longer than its ``timeout=``; its worker was killed and replaced."""
 

@@ -28,7 +28,7 @@ SIG = b"FB" + bytes([VERSION])
 # "cmd+call-hdr" is one frame: the command frame followed by the header's bytes.
 # driver -> broker
 HELLO = 1         # [cmd, json]                      register a driver socket (both d and r send it)
-SUBMIT = 2        # [cmd+call-hdr, (code), (deps), payload, *buffers]   (code)/(deps): see opts
+SUBMIT = 2        # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang)]   (code)/(deps)/(gang): see opts
 CANCEL = 3        # [cmd, ids]                       ids: concatenated 16-byte call ids
 RELEASE = 4       # [cmd, ids]                       the driver holds these results now / dropped them
 PUT = 5           # [cmd+result-hdr, payload, *buffers]   store an object under a driver-made id
@@ -55,12 +55,13 @@ SPAWN = 50        # [cmd, json]                      start a worker: {"token", "
 KILL_WORKER = 51  # [cmd, worker-id]
 EXEC_SHUTDOWN = 52  # [cmd]
 # worker -> broker
-READY = 60        # [cmd, json]                      {"kind": "pool"|"spawned", "pid", "credit", "token"?}
+READY = 60        # [cmd, json]                      {"kind": "pool"|"spawned", "pid", "credit", "token"?, "addr"?}
 DONE = 61         # [cmd+result-hdr, payload, *buffers]
 WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
 # broker -> worker
-CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, *dep-blobs]
+CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *dep-blobs]
                   # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order
+                  # gang: the member's context (json): rank, world_size, local_rank, addresses, ...
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
 
@@ -74,13 +75,16 @@ C = {c: cmd(c) for c in NAMES}  # pre-built command frames
 # --- call header ----------------------------------------------------------------------------
 # call_id 16s  driver id (8) + counter (8): unique per driver, so replays are recognisable
 # code_hash 16s  blake2b-128 of the cloudpickled function/class; zero for method calls
-# kind B  TASK | ACTOR_NEW | ACTOR_CALL
+# kind B  TASK | ACTOR_NEW | ACTOR_CALL | GANG
 # actor_id 16s  zero for plain tasks
 # cpus d, gpus d, memory Q (bytes), retries h, timeout d (seconds, 0 = none), nbuf H,
 # flags B (ACTOR_NEW: the instance's concurrency), opts B (which optional frames follow)
 CALL_HDR = struct.Struct("<16s16sB16sddQhdHBB")
 HAS_CODE, HAS_DEPS = 1, 2  # opts bits: a code frame follows / a deps frame follows
-TASK, ACTOR_NEW, ACTOR_CALL = 0, 1, 2
+STORE_RESULT = 4  # opts bit: the driver wants a large result through the object store (serde.Transfer)
+HAS_GANG = 8      # opts bit: a gang frame follows the buffers (SUBMIT: the members' call ids; CALL: json)
+TASK, ACTOR_NEW, ACTOR_CALL, GANG = 0, 1, 2, 3  # GANG: n members that start together (with HAS_GANG)
+MAX_GANG = 1024   # members of one gang: each member's CALL lists every member's address
 NO_ID = bytes(16)
 
 # --- result header --------------------------------------------------------------------------
@@ -96,6 +100,10 @@ UNSCHEDULABLE = 5
 SERIALIZATION = 6  # payload: utf-8 message (made by a worker that could not pickle a result)
 ACTOR_DIED = 7
 REFUSED = 8       # the call was refused: malformed, an unknown dependency, or its driver is not connected
+GANG_FAILED = 9   # payload: utf-8 message: a member of this call's gang failed, so the gang was stopped
+OUT_OF_MEMORY = 10  # payload: utf-8 message: the call's worker broke its memory= limit (or the host ran low)
+
+EXIT_MEMORY = 86  # a worker's exit code when it ends itself for breaking its call's memory= limit
 
 ID_LEN = 16
 
@@ -158,7 +166,7 @@ def unbatch(frames: list, start: int = 1):
             size = 2 + RESULT_HDR.unpack(head)[2]
         else:
             h = CALL_HDR.unpack(head)
-            size = 2 + (h[11] & HAS_CODE) + ((h[11] & HAS_DEPS) >> 1) + h[9]
+            size = 2 + (h[11] & HAS_CODE) + ((h[11] & HAS_DEPS) >> 1) + ((h[11] & HAS_GANG) >> 3) + h[9]
         if i + size > n:
             raise ProtocolError("BATCH ends inside a message")
         yield c, head, frames[i + 1:i + size]

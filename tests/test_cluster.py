@@ -213,7 +213,8 @@ os.kill(os.getpid(), 9)
                         and status()["drivers"] == 0, timeout=20)
         assert wait_for(lambda: status()["executors"][0]["free_cpus"] == 2, timeout=10), status()
         assert "silent for" in open(os.path.join(str(tmp_path), "broker.log")).read()
-        # a driver dropped for silence that submits again is told so, on the call itself
+        # a driver dropped for silence that speaks again is taken back and told so (WELCOME with
+        # "rejoin", so a real client re-sends what it waits for); its call is then judged as usual
         ctx = zmq.Context()
         try:
             did = os.urandom(8)
@@ -231,9 +232,14 @@ os.kill(os.getpid(), 9)
             d.send_multipart([P.C[P.SUBMIT] + P.pack_call(cid, bytes(16), P.TASK, P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 0),
                               b"x"])
             assert r.poll(10000)
-            reply = r.recv_multipart()
-            assert reply[0][:4] == P.C[P.RESULT] and reply[0][4:20] == cid and reply[0][20] == P.REFUSED
-            assert b"not connected" in reply[1]
+            welcome = r.recv_multipart()
+            assert welcome[0] == P.C[P.WELCOME] and P.loads_json(welcome[1])["rejoin"] is True
+            # its call names code this broker never got (it went to a broker before a restart, as
+            # far as the broker can tell): it asks for a re-send, with code, instead of refusing
+            assert r.poll(10000)
+            again = r.recv_multipart()
+            assert again[0] == P.C[P.WELCOME] and P.loads_json(again[1])["rejoin"] is True
+            assert status()["drivers"] == 1 and status()["calls_pending"] == 0
         finally:
             ctx.destroy(linger=0)
     finally:

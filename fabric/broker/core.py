@@ -39,6 +39,8 @@ import zmq
 
 from .. import protocol as P
 from .. import config
+from .. import security
+from .journal import COMPACT_BYTES
 
 from ..errors import FabricError, ProtocolError
 
@@ -50,18 +52,51 @@ NO_EXECUTOR_GRACE = float(os.environ.get("FABRIC_NO_EXECUTOR_GRACE", 30.0))
 PREFETCH_BELOW = float(os.environ.get("FABRIC_PREFETCH_BELOW", 0.005))  # seconds
 PREFETCH_ONE_BELOW = float(os.environ.get("FABRIC_PREFETCH_ONE_BELOW", 0.1))  # seconds
 ACTOR_PIPELINE = int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000))
+# the most calls the broker holds for all drivers together; beyond it, submits are refused (each
+# driver also slows itself at FABRIC_MAX_PENDING, so only many drivers at once reach this)
+MAX_CALLS = int(os.environ.get("FABRIC_MAX_CALLS", 2_000_000))
 
 WAITING, QUEUED, SPAWNING, RUNNING, DONE = range(5)
+HELD = 5  # a gang member that finished OK: its outcome waits until its whole gang has finished
+EPS = 1e-6  # slack when comparing shares of a GPU device (0.1 + 0.2 ...)
+
+
+def gpu_share(gpus):
+    """(devices, share of each) a request takes: a fraction below 1 shares one device, else whole ones."""
+    return (1, gpus) if gpus < 1 else (int(gpus), 1.0)
+
+
+def pick_gpus(free, gpus):
+    """Devices for ``gpus`` out of ``free`` (device -> free share, in device order), or None.
+
+    A fraction goes to the device with the least room that still holds it (best fit: partly
+    used devices fill up first, whole ones stay whole); whole devices are the first fully free."""
+    if gpus <= 0:
+        return []
+    n, share = gpu_share(gpus)
+    if share < 1:
+        best = None
+        for d, c in free.items():
+            if c + EPS >= share and (best is None or c < free[best]):
+                best = d
+        return None if best is None else [best]
+    whole = [d for d, c in free.items() if c >= 1 - EPS]
+    return whole[:n] if len(whole) >= n else None
+
+
+class _NeedCode(Exception):
+    """A SUBMIT names code this broker does not hold (it was sent to a broker before a restart)."""
 
 
 class Call:
     __slots__ = ("id", "driver", "frames", "code_hash", "kind", "actor", "shape", "retries",
-                 "timeout", "deps", "depv", "missing", "worker", "started", "state")
+                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang")
 
     def __init__(self, cid, driver, frames, h):
         self.id = cid
         self.driver = driver            # the driver's result-socket identity
-        self.frames = frames            # [hdr (no HAS_CODE), deps, payload, *buffers]: small ones as bytes
+        self.frames = frames            # [hdr (no HAS_CODE), deps, payload, *buffers, (GANG: member ids)]
+                                        # small ones as bytes
         _, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, _, _ = h
         self.shape = (cpus, gpus, mem)
         self.deps = None
@@ -70,11 +105,12 @@ class Call:
         self.worker = None
         self.started = 0.0
         self.state = WAITING
+        self.gang = None                # (Gang, rank) for the members of a gang
 
 
 class Executor:
     __slots__ = ("id", "ident", "host", "cpus", "gpus", "memory", "free_cpus", "free_mem",
-                 "free_gpus", "workers", "last_seen", "info")
+                 "gpu_free", "workers", "last_seen", "info")
 
     def __init__(self, ident, info):
         self.ident = ident
@@ -82,25 +118,70 @@ class Executor:
         self.info = info
         self.host = str(info.get("host", "?"))
         self.cpus = float(info["cpus"])
-        self.gpus = [int(g) for g in info.get("gpus", [])]
+        self.gpus = list(dict.fromkeys(int(g) for g in info.get("gpus", [])))
         self.memory = int(info.get("memory", 0))
         self.free_cpus, self.free_mem = self.cpus, self.memory
-        self.free_gpus = list(self.gpus)
+        self.gpu_free = {g: 1.0 for g in self.gpus}  # device -> share not reserved (1.0: wholly free)
         self.workers = {}
         self.last_seen = time.monotonic()
 
+    @property
+    def free_gpus(self):
+        """Devices nothing holds any share of."""
+        return [d for d, c in self.gpu_free.items() if c >= 1 - EPS]
+
     def fits(self, shape):
         cpus, gpus, mem = shape
-        return cpus <= self.free_cpus + 1e-9 and mem <= self.free_mem and gpus <= len(self.free_gpus)
+        return (cpus <= self.free_cpus + 1e-9 and mem <= self.free_mem
+                and (gpus <= 0 or pick_gpus(self.gpu_free, gpus) is not None))
 
     def could_ever_fit(self, shape):
         cpus, gpus, mem = shape
         return cpus <= self.cpus + 1e-9 and mem <= self.memory and gpus <= len(self.gpus)
 
+    def room(self, shape, total=False):
+        """How many calls of ``shape`` fit side by side on this executor now (``total``: when idle)."""
+        cpus, gpus, mem = shape
+        fc, fm = (self.cpus, self.memory) if total else (self.free_cpus, self.free_mem)
+        k = 1 << 30
+        if cpus > 0:
+            k = min(k, int((fc + 1e-9) / cpus))
+        if mem > 0:
+            k = min(k, fm // mem)
+        if gpus > 0:
+            caps = [1.0] * len(self.gpus) if total else list(self.gpu_free.values())
+            n, share = gpu_share(gpus)
+            if share < 1:
+                k = min(k, sum(int((c + EPS) / share) for c in caps))
+            else:
+                k = min(k, sum(1 for c in caps if c >= 1 - EPS) // n)
+        return max(0, k)
+
+    def take_gpus(self, gpus, devices=None):
+        """Reserve ``gpus`` (on ``devices``, else as ``pick_gpus`` chooses); returns the devices."""
+        if gpus <= 0:
+            return []
+        if devices is None:
+            devices = pick_gpus(self.gpu_free, gpus) or []
+        share = gpu_share(gpus)[1]
+        for d in devices:
+            if d in self.gpu_free:
+                self.gpu_free[d] -= share
+        return list(devices)
+
+    def give_gpus(self, devices, gpus):
+        if gpus <= 0:
+            return
+        share = gpu_share(gpus)[1]
+        for d in devices:
+            if d in self.gpu_free:
+                c = self.gpu_free[d] + share
+                self.gpu_free[d] = 1.0 if c > 1 - EPS else c
+
 
 class Worker:
     __slots__ = ("ident", "ex", "inflight", "held", "gpus", "actor", "credit", "code_seen", "pid", "pool",
-                 "doomed")
+                 "doomed", "gang")
 
     def __init__(self, ident, ex, info):
         self.ident = ident
@@ -114,6 +195,7 @@ class Worker:
         self.pid = info.get("pid")
         self.pool = info.get("kind") == "pool"
         self.doomed = False             # a kill was sent: never give it another call
+        self.gang = None                # (Gang, rank) while it runs a member of a gang
 
 
 class Actor:
@@ -131,10 +213,39 @@ class Actor:
         self.since = time.monotonic()
 
 
+class Gang:
+    """n calls of one function that start together or not at all (kind GANG), one worker each.
+
+    ``members[r]`` is rank r's Call (rank 0's is the SUBMIT's); they share its frames. The
+    broker reserves all n places in one go, spawns n workers, and sends the n CALLs once every
+    worker is READY; outcomes are held until every member has one, so a crash can rerun the
+    whole gang without a member having answered twice."""
+    __slots__ = ("id", "members", "shape", "retries", "state", "workers", "addrs", "outcomes", "held",
+                 "tokens")
+
+    def __init__(self, lead, members):
+        self.id = lead.id
+        self.members = members
+        self.shape = lead.shape
+        self.retries = lead.retries
+        self.state = WAITING            # WAITING (arguments) / QUEUED / SPAWNING / RUNNING / DONE
+        n = len(members)
+        self.workers = [None] * n       # this attempt's worker per rank
+        self.addrs = [None] * n         # "host:port" per rank, from its worker's READY
+        self.outcomes = [None] * n      # frames of members that finished OK, held until all have
+        self.held = 0
+        self.tokens = set()             # spawns of this attempt not READY yet
+
+
 class Broker:
-    def __init__(self, address: str, parent_pid: int = 0, ctx: zmq.Context | None = None):
+    def __init__(self, address: str, parent_pid: int = 0, ctx: zmq.Context | None = None,
+                 journal: str | None = None):
         self.address = address
         self.parent_pid = parent_pid
+        self.epoch = os.urandom(8).hex()  # drivers that see a new epoch re-send what they wait for
+        self.journal = None
+        self.restoring = False
+        self.unsent: set[bytes] = set()  # kept outcomes this broker has not delivered (restored, or unreachable)
         self.ctx = ctx or zmq.Context.instance()
         s = self.sock = self.ctx.socket(zmq.ROUTER)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -142,10 +253,12 @@ class Broker:
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 0)
-        if not config.is_local_address(address) and not os.environ.get("FABRIC_ALLOW_INSECURE_REMOTE"):
+        keyed = security.curve_server(s)  # FABRIC_KEYS set: CURVE on every connection, allow-listed keys only
+        if not keyed and not config.is_local_address(address) and not os.environ.get("FABRIC_ALLOW_INSECURE_REMOTE"):
             s.close()
             raise FabricError(f"refusing to listen on {address}: a fabric broker runs any code it is sent, so "
-                              f"without CurveZMQ keys it listens on loopback or ipc:// only")
+                              f"without CurveZMQ keys it listens on loopback or ipc:// only. Make keys with "
+                              f"`fabric keys init DIR` and set FABRIC_KEYS=DIR (or `fabric start --keys DIR`)")
         s.bind(address)
         self.started = self.no_executor_since = time.monotonic()
         self.drivers: dict[bytes, dict] = {}        # driver id -> info
@@ -159,6 +272,8 @@ class Broker:
         self.waiters: dict[bytes, list] = {}        # dep id -> calls waiting for it
         self.actors: dict[bytes, Actor] = {}
         self.pending_actors: deque[Actor] = deque()
+        self.gangs: dict[bytes, Gang] = {}          # gangs without an outcome yet, by rank 0's call id
+        self.gang_queue: deque[Gang] = deque()      # gangs ready to start, FIFO
         self.dead_actors: OrderedDict[bytes, list] = OrderedDict()  # id -> the failure its calls get
         self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
         self.code: dict[bytes, object] = {}         # code hash -> code frame
@@ -189,7 +304,101 @@ class Broker:
             ord("w"): {P.READY, P.DONE, P.WLOG},
             ord("l"): {P.WLOG},
         }
+        if journal:
+            self.restore(journal)
         log.info("listening on %s (pid %d)", address, os.getpid())
+
+    # ---------------------------------------------------------------- journal
+    def restore(self, path):
+        """Replay the journal at ``path`` through this broker's own handlers, then keep writing it.
+
+        Calls without an outcome are queued again (one that was running when the old broker
+        died runs again: execution is at-least-once, delivery of its outcome at-most-once per
+        driver). Outcomes not yet released are kept and re-sent when their driver rejoins and
+        asks. Instances cannot be replayed (their state lived in a worker): they end with
+        ACTOR_DIED saying so.
+        """
+        from .journal import Journal, read
+
+        n, self.restoring = 0, True
+        try:
+            for kind, fr in read(path):
+                n += 1
+                try:
+                    self.replay(kind, fr)
+                except Exception as e:  # noqa: BLE001 - one bad record must not lose the rest
+                    log.warning("journal %s: skipped record %d (kind %d): %s: %s", path, n, kind,
+                                type(e).__name__, e)
+            msg = (b"the broker restarted and an instance's state lives only in its worker: this instance "
+                   b"is gone; create a new one")
+            for a in list(self.actors.values()):
+                self.kill_actor(a, msg)
+            self.pending_actors.clear()
+        finally:
+            self.restoring = False
+            self.to_drivers.clear()
+            self.to_workers.clear()
+        self.unsent = set(self.results)  # none of these reached its driver from this broker
+        self.journal = Journal(path)
+        self.compact()
+        if n:
+            log.warning("journal %s: restored %d records: %d calls to run, %d outcomes kept, %d drivers "
+                        "expected back within %gs", path, n, len(self.calls), len(self.results),
+                        len(self.drivers), DRIVER_TIMEOUT)
+
+    def replay(self, kind, fr):
+        """Apply one journal record."""
+        from .journal import CALL, CODE, FORGET, OUTCOME
+
+        if kind == CODE:
+            self.code[fr[0]] = fr[1]
+        elif kind == CALL:
+            h = P.unpack_call(fr[0])
+            cid = h[0]
+            if cid in self.calls or cid in self.results:
+                return
+            if h[2] != P.ACTOR_CALL and h[1] not in self.code:
+                return  # its code was lost: its driver re-sends the call, with code, when it rejoins
+            self.drivers.setdefault(cid[:8], {"since": time.time(), "seen": time.monotonic(),
+                                              "restored": True})
+            self.admit(Call(cid, b"r" + cid[:8], fr, h), P.split_ids(fr[1]) if fr[1] else None)
+        elif kind == OUTCOME:
+            cid, status, frames = fr[0], fr[1][0], fr[2:]
+            call = self.calls.get(cid)
+            if call is not None:
+                self.finish(call, status, None, frames)
+            else:
+                self.results[cid] = [status, *frames]
+        elif kind == FORGET:
+            for cid in P.split_ids(fr[0]):
+                self.results.pop(cid, None)
+                call = self.calls.get(cid)
+                if call is not None:
+                    self.finish(call, P.CANCELLED, b"", deliver=False)
+
+    def compact(self):
+        """Rewrite the journal as the live state only."""
+        from .journal import CALL, CODE, FORGET, OUTCOME
+
+        def records():
+            for h, code in self.code.items():  # all of it: drivers send each function's code once
+                yield CODE, [h, code]
+            extra = []
+            for cid, r in self.results.items():
+                yield OUTCOME, [cid, bytes([r[0]]), *r[1:]]
+            for c in self.calls.values():
+                for dep, r in (c.depv or {}).items():  # resolved deps whose results were released
+                    if dep not in self.results:
+                        extra.append(dep)
+                        yield OUTCOME, [dep, bytes([r[0]]), *r[1:]]
+            for c in self.calls.values():
+                if c.kind not in (P.ACTOR_CALL, P.GANG):  # gangs are not journaled: drivers re-send them
+                    yield CALL, c.frames
+            if extra:
+                yield FORGET, [b"".join(extra)]
+
+        self.journal.rewrite(records())
+        self.journal_limit = max(COMPACT_BYTES, 2 * self.journal.size)
 
     # ---------------------------------------------------------------- loop
     def serve(self):
@@ -225,8 +434,16 @@ class Broker:
 
     def close(self):
         self.flush()
-        for ex in list(self.executors.values()):
-            self.send([ex.ident, P.C[P.EXEC_SHUTDOWN]])
+        if self.journal is not None:
+            self.journal.close()
+            if not self.running:  # a requested shutdown: nothing is owed to anyone any more
+                try:
+                    os.unlink(self.journal.path)
+                except OSError:
+                    pass
+        if not self.running:  # a requested stop; a crashed broker is restarted and they rejoin it
+            for ex in list(self.executors.values()):
+                self.send([ex.ident, P.C[P.EXEC_SHUTDOWN]])
         self.sock.close(linger=200)
         if self.address.startswith("ipc://"):
             try:
@@ -289,29 +506,61 @@ class Broker:
             d = self.drivers.setdefault(ident[1:], {"since": time.time()})
             d.update({k: info[k] for k in ("pid", "host", "name") if k in info})
             d["seen"] = time.monotonic()
-        self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid()})])
+        self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(),
+                                                        "epoch": self.epoch})])
+
+    def rejoin(self, did, d=None):
+        """A driver this broker does not know speaks: a broker restart, or a silence that
+        dropped it. Take it back, and tell it (WELCOME with ``rejoin``) so it re-sends the calls
+        it still waits for; ids this broker already holds are not run twice."""
+        if d is None:
+            d = self.drivers[did] = {"since": time.time(), "seen": time.monotonic()}
+        log.info("driver %s rejoined", did.hex())
+        self.send([b"r" + did, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(),
+                                                             "epoch": self.epoch, "rejoin": True})])
+        return d
 
     def on_submit(self, ident, head, f):
         did = ident[1:]
         h = P.unpack_call(head)
         cid = h[0]
-        d = self.drivers.get(did)
-        if d is None:
-            why = ("this driver is not connected (it never said HELLO, or was dropped after "
-                   f"{DRIVER_TIMEOUT:g}s of silence): call fabric.shutdown() and fabric.init() again")
-            if cid[:8] == did:
-                self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(cid, P.REFUSED), why.encode()])
-            raise ProtocolError(why)
-        d["seen"] = time.monotonic()
         if cid[:8] != did:
             raise ProtocolError("call ids must start with the driver's id")
-        if cid in self.calls or cid in self.results:
+        d = self.drivers.get(did) or self.rejoin(did)
+        d["seen"] = time.monotonic()
+        if cid in self.calls:
             return  # a replay of a call we already have: at most one outcome per id
+        if len(self.calls) >= MAX_CALLS:
+            why = (f"the cluster holds {len(self.calls)} calls not yet done (FABRIC_MAX_CALLS); "
+                   f"submit fewer at once").encode()
+            for rid in [cid, *self.gang_ids(cid, did, h, f)]:  # (and a gang's other members)
+                self.to_drivers.setdefault(b"r" + did, []).append([P.C[P.RESULT] + P.pack_result(rid, P.REFUSED),
+                                                                   why])
+            return
+        kept = self.results.get(cid)
+        if kept is not None:  # re-sent after a broker restart: its outcome is known already
+            ids = P.split_ids(f[-1].bytes) if h[-1] & P.HAS_GANG and f else [cid]  # a gang: all members
+            for rid in ids:
+                r = self.results.get(rid)
+                if r is not None and rid in self.unsent:  # (one this broker sent is on its way: never twice)
+                    self.unsent.discard(rid)
+                    self.to_drivers.setdefault(b"r" + did, []).append([P.C[P.RESULT] + r[1], *r[2:]])
+            return
         try:
             self.submit(cid, did, head, h, f)
+        except _NeedCode:
+            # the driver sent this code to a broker before a restart: ask it to re-send what it
+            # waits for (with code). It will include this call, so nothing is refused or lost
+            self.calls.pop(cid, None)
+            now = time.monotonic()
+            if now - d.get("asked", 0.0) > 0.5:
+                d["asked"] = now
+                self.rejoin(did, d)
+            return
         except ProtocolError as e:  # the caller waits on this id: answer it, not only the socket
             self.calls.pop(cid, None)
-            self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(cid, P.REFUSED), str(e).encode()])
+            for rid in [cid, *self.gang_ids(cid, did, h, f)]:  # a gang's members all wait too
+                self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(rid, P.REFUSED), str(e).encode()])
             raise
 
     def on_batch(self, ident, head, f):
@@ -326,6 +575,8 @@ class Broker:
 
     def flush(self):
         """Send what this loop turn produced: one message per peer, batched when several."""
+        if self.journal is not None:  # first on disk, then on the wire
+            self.journal.flush()
         if self.to_workers:
             out, self.to_workers = self.to_workers, {}
             for w, msgs in out.items():
@@ -340,25 +591,37 @@ class Broker:
                     ok = self.send([driver, *msgs[0]])
                 else:
                     ok = self.send([driver, P.C[P.BATCH], *[p for m in msgs for p in m]])
-                if not ok:  # that driver is gone: nobody will release what we kept for it
-                    for m in msgs:
-                        self.results.pop(m[0][4:20], None)
+                if not ok:  # that driver is gone, or reconnecting to this restarted broker: what we
+                    # kept for it stays until it asks again (a rejoin) or its silence drops it
+                    rc = P.C[P.RESULT]
+                    self.unsent.update(m[0][4:20] for m in msgs if m[0][:4] == rc)
+                    d = self.drivers.get(driver[1:])
+                    if d is not None:
+                        d["resend"] = True  # its next heartbeat gets a rejoin: it asks again
 
     def submit(self, cid, did, head, h, f):
         _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, opts = h
         i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
-        if len(f) != i + 1 + nbuf:
-            raise ProtocolError(f"SUBMIT announces {i} optional frames and {nbuf} buffers but carries "
-                                f"{len(f) - 1} frames after the payload's")
+        if len(f) != i + 1 + nbuf + ((opts & P.HAS_GANG) >> 3):  # the gang frame follows the buffers
+            raise ProtocolError(f"SUBMIT announces {i} optional frames, {nbuf} buffers and "
+                                f"{(opts & P.HAS_GANG) >> 3} gang frames but carries {len(f) - 1} frames "
+                                f"besides the payload")
         if opts & P.HAS_CODE:  # kept even if the call is refused: the driver sends code only once
             if hashlib.blake2b(f[0].buffer, digest_size=16).digest() != code_hash:
                 raise ProtocolError("code frame does not match its hash")
+            if self.journal is not None and code_hash not in self.code:
+                self.journal.code(code_hash, f[0])
             self.code[code_hash] = f[0]
-        if not (0 <= cpus < 1e6 and 0 <= gpus < 1e4 and retries >= 0 and 0 <= timeout < 1e9) or kind > P.ACTOR_CALL:
+        if not (0 <= cpus < 1e6 and 0 <= gpus < 1e4 and retries >= 0 and 0 <= timeout < 1e9) or kind > P.GANG:
             raise ProtocolError("call header out of range (cpus < 1e6, gpus < 1e4, retries >= 0, "
                                 "0 <= timeout < 1e9 seconds)")
         elif kind != P.ACTOR_CALL and code_hash not in self.code:
-            raise ProtocolError("call names code the broker has never received")
+            raise _NeedCode()
+        if gpus > 1 and gpus != int(gpus):
+            raise ProtocolError(f"gpus={gpus:g}: above 1, gpus must be a whole number of devices (a fraction "
+                                f"below 1 shares one device)")
+        if kind == P.GANG or opts & P.HAS_GANG:
+            self.check_gang(cid, did, kind, opts, f[-1].bytes)
         # keep small frames as bytes: a zmq Frame costs ~10x its size in memory, and 100,000
         # queued calls must stay cheap; large payloads and buffers stay zero-copy Frames
         payload = f[i]
@@ -372,8 +635,18 @@ class Broker:
         if kind == P.ACTOR_NEW and (aid in self.actors or aid in self.dead_actors):
             raise ProtocolError("instance id already in use")
         call = Call(cid, b"r" + did, [hdr, deps, payload, *f[i + 1:]], h)
-        self.calls[cid] = call
+        if self.journal is not None:
+            if kind != P.GANG:  # a gang restarts whole: its driver re-sends it on rejoin
+                self.journal.call(call.frames)
+        self.admit(call, dep_ids)
+
+    def admit(self, call, dep_ids):
+        """Track an accepted call: wait for its Future arguments, or queue it."""
+        kind = call.kind
+        self.calls[call.id] = call
         self.stats["submitted"] += 1
+        if kind == P.GANG:  # its members exist before anything can fail it
+            self.new_gang(call)
         if dep_ids:
             call.deps = dep_ids
             call.depv = {}
@@ -394,10 +667,15 @@ class Broker:
                 self.enqueue(call)
         elif kind == P.ACTOR_NEW:
             self.new_actor(call)
+        elif kind == P.GANG:
+            if call.missing == 0:
+                self.enqueue(call)
         else:
             self.actor_call(call)
 
     def enqueue(self, call):
+        if call.gang is not None:
+            return self.enqueue_gang(call.gang[0])
         call.state = QUEUED
         q = self.queues.get(call.shape)
         if q is None:
@@ -439,15 +717,21 @@ class Broker:
 
     def on_release(self, ident, head, f):
         results, did = self.results, ident[1:]
-        for cid in P.split_ids(f[0].bytes):
-            if cid[:8] == did:  # a driver releases only its own results
-                results.pop(cid, None)
+        ids = [cid for cid in P.split_ids(f[0].bytes) if cid[:8] == did]  # a driver releases only its own
+        for cid in ids:
+            results.pop(cid, None)
+        if self.unsent:
+            self.unsent.difference_update(ids)
+        if self.journal is not None:
+            self.journal.forget(ids)
 
     def on_put(self, ident, head, f):
         cid, status, nbuf, _, _ = P.unpack_result(head)
         if cid[:8] != ident[1:] or status != P.OK or len(f) != 1 + nbuf:
             raise ProtocolError("malformed PUT")
         self.results[cid] = [P.OK, head, *f]
+        if self.journal is not None:
+            self.journal.outcome(cid, P.OK, [head, *f])
 
     def on_bye(self, ident, head, f):
         did = ident[1:]
@@ -460,8 +744,12 @@ class Broker:
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.actors.values() if a.driver == rid]:
             self.kill_actor(a, b"its driver left")
-        for cid in [k for k in self.results if k[:8] == did]:
+        gone = [k for k in self.results if k[:8] == did]
+        for cid in gone:
             del self.results[cid]
+        self.unsent.difference_update(gone)
+        if self.journal is not None:
+            self.journal.forget(gone)
 
     def on_status(self, ident, head, f):
         now = time.monotonic()
@@ -470,16 +758,25 @@ class Broker:
             exs.append({
                 "id": ex.id.hex(), "host": ex.host, "cpus": ex.cpus, "free_cpus": round(ex.free_cpus, 3),
                 "gpus": ex.gpus, "free_gpus": ex.free_gpus, "memory": ex.memory, "free_memory": ex.free_mem,
+                "gpu_free": {str(d): round(c, 6) for d, c in ex.gpu_free.items()},
                 "workers": len(ex.workers), "busy": sum(1 for w in ex.workers.values() if w.inflight),
                 "instances": sum(1 for w in ex.workers.values() if w.actor is not None),
                 "last_seen_s": round(now - ex.last_seen, 2), "labels": ex.info.get("labels", {}),
             })
         queues = [{"cpus": s[0], "gpus": s[1], "memory": s[2], "depth": sum(1 for c in q if c.state == QUEUED)}
                   for s, q in self.queues.items()]
+        for g in self.gang_queue:  # a waiting gang is demand for all of its members
+            if g.state == QUEUED:
+                queues.append({"cpus": g.shape[0], "gpus": g.shape[1], "memory": g.shape[2],
+                               "depth": len(g.members), "gang": g.id.hex()})
         st = {"address": self.address, "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
               "executors": exs, "queues": queues, "drivers": len(self.drivers),
               "calls_pending": len(self.calls), "results_held": len(self.results),
-              "instances": len(self.actors), "stats": self.stats}
+              "instances": len(self.actors), "stats": self.stats,
+              "gangs": [{"id": g.id.hex(), "size": len(g.members), "cpus": g.shape[0], "gpus": g.shape[1],
+                         "memory": g.shape[2], "retries_left": g.retries,
+                         "state": ("waiting", "queued", "starting", "running", "done")[g.state]}
+                        for g in self.gangs.values()]}
         self.send([ident if ident[:1] != b"d" else b"r" + ident[1:], P.C[P.STATUS_REPLY], P.dumps_json(st)])
 
     def on_shutdown(self, ident, head, f):
@@ -510,8 +807,9 @@ class Broker:
         if ident[:1] == b"d":
             d = self.drivers.get(ident[1:])
             if d is None:
-                raise ProtocolError("this driver is not connected (dropped after a silence?): "
-                                    "call fabric.shutdown() and fabric.init() again")
+                d = self.rejoin(ident[1:])
+            elif f and f[0].bytes and f[0].bytes != self.epoch.encode() or d.pop("resend", False):
+                self.rejoin(ident[1:], d)  # it knew another broker, or missed results of this one
             d["seen"] = time.monotonic()
             return
         ex = self.executors.get(ident)
@@ -524,7 +822,10 @@ class Broker:
         info = P.loads_json(f[1].bytes)
         w = self.workers.get(f[0].bytes)
         if w is not None and w.ex.ident == ident:
-            self.lose_worker(w, f"exit code {info.get('exitcode')}")
+            if isinstance(info.get("memory"), str):  # stopped for memory: a retry would do it again
+                self.lose_worker(w, info["memory"][:200], memory=True)
+            else:
+                self.lose_worker(w, f"exit code {info.get('exitcode')}")
         elif "token" in info:  # a spawned worker that died before saying READY
             sp = self.spawns.get(str(info["token"]))
             if sp is not None and sp[0].ident == ident:  # only the executor asked to spawn it may say so
@@ -542,8 +843,7 @@ class Broker:
         for w in list(ex.workers.values()):
             self.lose_worker(w, f"its executor {why}")
         for tok, sp in list(self.spawns.items()):
-            if sp[0] is ex:
-                del self.spawns[tok]
+            if sp[0] is ex and self.spawns.pop(tok, None) is not None:  # (a gang may drop its others)
                 self.spawn_failed(sp, f"executor {why}")
 
     # ---------------------------------------------------------------- workers
@@ -573,6 +873,8 @@ class Broker:
             what.worker, w.actor, w.credit = w, what, ACTOR_PIPELINE
             w.held = what.shape
             self.pump_actor(what)
+        elif what.gang is not None:
+            self.gang_ready(w, what, str(token), info)
         else:
             w.held = what.shape
             if what.state == SPAWNING:
@@ -590,6 +892,8 @@ class Broker:
         call = w.inflight.pop(cid, None)
         if call is None:
             return  # cancelled or timed out meanwhile: it already has its outcome
+        if call.gang is not None:
+            return self.gang_done(call, status, [head, *f])
         if call.kind == P.TASK:
             avg = self.avg_duration.get(call.code_hash)
             self.avg_duration[call.code_hash] = duration if avg is None else 0.8 * avg + 0.2 * duration
@@ -633,10 +937,10 @@ class Broker:
             ex = w.ex
             ex.free_cpus += cpus
             ex.free_mem += mem
-            ex.free_gpus.extend(g for g in w.gpus if g not in ex.free_gpus)
+            ex.give_gpus(w.gpus, gpus)
             w.held = None
 
-    def lose_worker(self, w, why, charge=True):
+    def lose_worker(self, w, why, charge=True, memory=False):
         """``w`` is gone. The call it was running is charged a retry (``charge``: it may have run);
         calls it had only prefetched, or that never reached it, go back to the queue as they were."""
         self.to_workers.pop(w, None)
@@ -644,8 +948,20 @@ class Broker:
         w.ex.workers.pop(w.ident, None)
         self.idle.pop(w, None)
         self.partial.pop(w, None)
+        if w.gang is not None:  # a gang member's process: the whole gang reruns or fails
+            (g, rank), w.gang = w.gang, None
+            w.inflight.clear()
+            self.return_resources(w)
+            return self.gang_crashed(g, rank, why, charge, retry=not memory)
         calls = list(w.inflight.values())
         w.inflight.clear()
+        if memory and calls and calls[0].state == RUNNING:
+            c = calls.pop(0)
+            self.finish(c, P.OUT_OF_MEMORY, (f"the worker running this call was stopped: {why} "
+                                             f"(memory={c.shape[2] >> 20} MiB)").encode())
+            charge = False  # what it had prefetched never ran
+            if w.actor is not None:
+                why = f"stopped for memory: {why}"
         if w.actor is not None:
             a = w.actor
             a.worker = None
@@ -687,7 +1003,7 @@ class Broker:
         self.to_workers.pop(w, None)  # not sent yet: they are requeued below, never run twice
         self.idle.pop(w, None)
         self.partial.pop(w, None)
-        if w.actor is None and w.inflight:
+        if w.actor is None and w.inflight and w.gang is None:  # (a gang member is never requeued alone)
             calls = [c for c in w.inflight.values() if c.state == RUNNING]
             w.inflight.clear()
             for c in reversed(calls):
@@ -698,6 +1014,8 @@ class Broker:
 
     # ---------------------------------------------------------------- scheduling
     def dispatch(self):
+        if self.gang_queue:  # first: what this turn freed goes to a waiting gang if all of it fits
+            self.dispatch_gangs()
         for shape, q in list(self.queues.items()):
             while q:
                 call = q[0]
@@ -791,45 +1109,76 @@ class Broker:
             self.to_workers.setdefault(w, []).append(out[1:])
 
     def place_gpu_call(self, call):
-        """GPU calls run in a worker started with CUDA_VISIBLE_DEVICES set to their devices."""
-        need = int(-(-call.shape[1] // 1))
-        for w in self.idle_gpu_workers(len_gpus=need):
-            if w.ex.fits(call.shape) and all(g in w.ex.free_gpus for g in w.gpus):
+        """GPU calls run in a worker started with CUDA_VISIBLE_DEVICES set to their devices: an
+        idle GPU worker bound to the devices chosen, else a new one. ``gpus >= 1`` takes whole
+        devices that no other call shares; a fraction below 1 takes that share of one device,
+        the fullest one that still has room (best fit), so fractional calls pack together and
+        leave whole devices whole."""
+        shape = call.shape
+        gpus = shape[1]
+        if gpus >= 1:
+            for w in self.idle_gpu_workers(len_gpus=int(gpus)):
                 ex = w.ex
-                for g in w.gpus:
-                    ex.free_gpus.remove(g)
-                self.run_on(w, call)
-                return True
+                if ex.fits(shape) and all(ex.gpu_free.get(g, 0.0) >= 1 - EPS for g in w.gpus):
+                    ex.take_gpus(gpus, w.gpus)
+                    self.run_on(w, call)
+                    return True
+            for ex in self.executors.values():
+                if ex.fits(shape):
+                    devices = self.reserve(ex, shape)
+                    call.state = SPAWNING
+                    self.spawn(ex, devices, call, None)
+                    return True
+            return False
+        idle = {}
+        for w in self.idle_gpu_workers(len_gpus=1):
+            idle.setdefault((w.ex, w.gpus[0]), w)
+        best = None
         for ex in self.executors.values():
-            if ex.fits(call.shape):
-                devices = self.reserve(ex, call.shape)
-                call.state = SPAWNING
-                self.spawn(ex, devices, call, None)
-                return True
-        return False
+            if shape[0] > ex.free_cpus + 1e-9 or shape[2] > ex.free_mem:
+                continue
+            for d, c in ex.gpu_free.items():
+                if c + EPS >= gpus:  # among equally full devices, one with an idle worker on it
+                    key = (c, (ex, d) not in idle)
+                    if best is None or key < best[0]:
+                        best = (key, ex, d)
+        if best is None:
+            return False
+        _, ex, d = best
+        w = idle.get((ex, d))
+        if w is not None:
+            ex.take_gpus(gpus, [d])
+            self.run_on(w, call)
+        else:
+            devices = self.reserve(ex, shape, [d])
+            call.state = SPAWNING
+            self.spawn(ex, devices, call, None)
+        return True
 
     def idle_gpu_workers(self, len_gpus):
-        return [w for w in self.workers.values() if w.gpus and not w.pool and w.actor is None
+        return [w for w in self.workers.values() if w.gpus and not w.pool and w.actor is None and w.gang is None
                 and not w.inflight and not w.doomed and len(w.gpus) == len_gpus]
 
-    def reserve(self, ex, shape):
+    def reserve(self, ex, shape, devices=None):
+        """Take ``shape`` from ``ex`` (on ``devices``, if given); returns the devices taken."""
         cpus, gpus, mem = shape
         ex.free_cpus -= cpus
         ex.free_mem -= mem
-        n = int(-(-gpus // 1))
-        devices, ex.free_gpus = ex.free_gpus[:n], ex.free_gpus[n:]
+        devices = ex.take_gpus(gpus, devices)
         # idle GPU workers bound to these devices are replaced by the new one
         for w in list(ex.workers.values()):
-            if w.gpus and not w.inflight and w.actor is None and set(w.gpus) & set(devices):
+            if w.gpus and not w.inflight and w.actor is None and w.gang is None and set(w.gpus) & set(devices):
                 self.lose_worker(w, "devices reassigned")
                 self.kill_worker(w)
         return devices
 
     def spawn(self, ex, devices, call, actor):
-        token = str(next(self._tokens))
+        token = f"{self.epoch[:8]}-{next(self._tokens)}"  # unique across restarts: an old worker's death
+        # reported to a new broker must not fail a spawn of the same number
         self.spawns[token] = (ex, devices, actor if actor is not None else call)
         body = {"token": token, "gpus": devices, "actor": actor.id.hex() if actor is not None else None}
         self.send([ex.ident, P.C[P.SPAWN], P.dumps_json(body)])
+        return token
 
     def spawn_failed(self, sp, why):
         ex, devices, what = sp
@@ -837,9 +1186,11 @@ class Broker:
         if ex.ident in self.executors:
             ex.free_cpus += shape[0]
             ex.free_mem += shape[2]
-            ex.free_gpus.extend(devices)
+            ex.give_gpus(devices, shape[1])
         if isinstance(what, Actor):
             self.kill_actor(what, why.encode())
+        elif what.gang is not None:
+            self.gang_crashed(what.gang[0], what.gang[1], why)
         elif what.state == SPAWNING:
             what.retries -= 1
             if what.retries < 0:
@@ -937,11 +1288,278 @@ class Broker:
                     ex = sp[0]
                     ex.free_cpus += a.shape[0]
                     ex.free_mem += a.shape[2]
-                    ex.free_gpus.extend(sp[1])
+                    ex.give_gpus(sp[1], a.shape[1])
         self.actors.pop(a.id, None)
         self.dead_actors[a.id] = failure  # later calls get the same answer
         if len(self.dead_actors) > 10000:
             self.dead_actors.popitem(last=False)
+
+    # ---------------------------------------------------------------- gangs
+    # A gang (kind GANG) is n members that start together or not at all. It waits in one FIFO
+    # (gang_queue) until all n places are free at once, then takes them in one go: never part of
+    # a gang while waiting for the rest, so two gangs cannot hold halves of each other's places.
+    def check_gang(self, cid, did, kind, opts, frame):
+        """SUBMIT of a gang: its last frame lists the members' call ids, rank 0 (``cid``) first."""
+        if kind != P.GANG or not opts & P.HAS_GANG:
+            raise ProtocolError("HAS_GANG goes with kind GANG, and kind GANG with HAS_GANG")
+        ids = P.split_ids(frame)
+        if not 1 <= len(ids) <= P.MAX_GANG:
+            raise ProtocolError(f"a gang has 1 to {P.MAX_GANG} members, this one {len(ids)}")
+        if ids[0] != cid:
+            raise ProtocolError("a gang's first member id must be the SUBMIT's call id")
+        if len(set(ids)) != len(ids) or any(m[:8] != did for m in ids):
+            raise ProtocolError("a gang's member ids must be distinct and start with the driver's id")
+        if any(m in self.calls or m in self.results for m in ids[1:]):
+            raise ProtocolError("a gang member id is already in use")
+
+    def gang_ids(self, cid, did, h, f):
+        """The other members of a gang SUBMIT being refused: their Futures wait for an answer too."""
+        try:
+            if not h[11] & P.HAS_GANG or not f:
+                return []
+            ids = P.split_ids(f[-1].bytes)[:P.MAX_GANG]
+        except Exception:  # noqa: BLE001 - a malformed frame: nothing more to answer
+            return []
+        return [m for m in dict.fromkeys(ids)
+                if m != cid and m[:8] == did and m not in self.calls and m not in self.results]
+
+    def new_gang(self, lead):
+        """The members of an admitted GANG call; they share the lead's (rank 0's) frames."""
+        frames = lead.frames                   # [hdr, deps, payload, *buffers, member ids]
+        h = P.unpack_call(bytes(frames[0]))
+        members = [lead]
+        ids = frames[-1].bytes if hasattr(frames[-1], "bytes") else bytes(frames[-1])
+        for m in P.split_ids(ids)[1:]:
+            c = Call(m, lead.driver, frames, h)
+            self.calls[m] = c
+            members.append(c)
+        self.stats["submitted"] += len(members) - 1
+        g = Gang(lead, members)
+        for r, c in enumerate(members):
+            c.gang = (g, r)
+        self.gangs[g.id] = g
+
+    def enqueue_gang(self, g):
+        if g.state == DONE:
+            return
+        why = self.gang_unschedulable(g)
+        if why:
+            return self.finish(g.members[0], P.UNSCHEDULABLE, why.encode())  # and the others with it
+        g.state = QUEUED
+        for c in g.members:
+            c.state = QUEUED
+        self.gang_queue.append(g)
+
+    def gang_unschedulable(self, g):
+        """Why this cluster can never start ``g`` (not even idle), or None. No executor yet: wait."""
+        if not self.executors:
+            return None
+        n = len(g.members)
+        fit = sum(ex.room(g.shape, total=True) for ex in self.executors.values())
+        if fit >= n:
+            return None
+        cpus, gpus, mem = g.shape
+        exs = list(self.executors.values())
+        have = ", ".join(f"{ex.host}: cpus={ex.cpus:g} gpus={len(ex.gpus)} memory={ex.memory >> 20}MiB"
+                         for ex in exs[:8]) + (f" and {len(exs) - 8} more" if len(exs) > 8 else "")
+        return (f"a gang of {n} members with cpus={cpus:g} gpus={gpus:g} memory={mem >> 20}MiB each can never "
+                f"start: this cluster holds at most {fit} such members at once (executors: {have})")
+
+    def dispatch_gangs(self):
+        q = self.gang_queue
+        while q:
+            g = q[0]
+            if g.state != QUEUED:
+                q.popleft()
+                continue
+            plan = self.plan_gang(g)
+            if plan is None:
+                return  # FIFO: the gangs behind it wait too, so a big gang is not overtaken forever
+            q.popleft()
+            self.start_gang(g, plan)
+
+    def plan_gang(self, g):
+        """A place (executor, devices) for every member, all free now, or None. Members are
+        packed: an executor is filled before the next is used."""
+        need, gpus = len(g.members), g.shape[1]
+        plan = []
+        for ex in self.executors.values():
+            k = min(ex.room(g.shape), need - len(plan))
+            if k <= 0:
+                continue
+            free = dict(ex.gpu_free)
+            share = gpu_share(gpus)[1] if gpus > 0 else 0.0
+            for _ in range(k):
+                devices = pick_gpus(free, gpus)
+                if devices is None:
+                    break
+                for d in devices:
+                    free[d] -= share
+                plan.append((ex, devices))
+            if len(plan) == need:
+                return plan
+        return None
+
+    def start_gang(self, g, plan):
+        """Reserve every member's place and spawn its worker; the CALLs go when all are READY."""
+        g.state = SPAWNING
+        for rank, (ex, devices) in enumerate(plan):
+            c = g.members[rank]
+            c.state = SPAWNING
+            g.tokens.add(self.spawn(ex, self.reserve(ex, g.shape, devices), c, None))
+        log.info("gang %s: %d members placed on %d executors", g.id.hex(), len(plan), len({ex for ex, _ in plan}))
+
+    def gang_ready(self, w, c, token, info):
+        g, rank = c.gang
+        g.tokens.discard(token)
+        w.held = c.shape
+        if g.state != SPAWNING or c.state != SPAWNING:  # not this attempt's (its spawns are dropped)
+            self.release_worker(w)
+            return self.kill_worker(w)
+        w.gang = (g, rank)
+        c.worker = w
+        g.workers[rank] = w
+        addr = info.get("addr")
+        g.addrs[rank] = addr if isinstance(addr, str) and 0 < len(addr) <= 256 else f"{w.ex.host}:0"
+        if not g.tokens and all(x is not None for x in g.workers):
+            self.launch_gang(g)
+
+    def launch_gang(self, g):
+        """Every member's worker is READY: send the n CALLs in this loop turn, each with its context."""
+        g.state = RUNNING
+        n = len(g.members)
+        local, by_ex = [0] * n, {}
+        for r, w in enumerate(g.workers):
+            on = by_ex.setdefault(w.ex, [])
+            local[r] = len(on)
+            on.append(r)
+        common = P.dumps_json({"gang": g.id.hex(), "world_size": n, "addresses": g.addrs})
+        lead = g.members[0]
+        frames = lead.frames                   # [hdr, deps, payload, *buffers, member ids]
+        hdr = bytes(frames[0])
+        now = time.monotonic()
+        for r, c in enumerate(g.members):
+            w = g.workers[r]
+            opts = hdr[-1] | P.HAS_GANG
+            out = [P.C[P.CALL] + c.id + hdr[16:-1]]
+            if c.code_hash not in w.code_seen:
+                w.code_seen.add(c.code_hash)
+                opts |= P.HAS_CODE
+                out.append(self.code[c.code_hash])
+            out[0] += bytes([opts])
+            if frames[1]:
+                out.append(frames[1])
+            out.extend(frames[2:-1])
+            out.append(b'{"rank":%d,"local_rank":%d,"local_world_size":%d,' % (r, local[r], len(by_ex[w.ex]))
+                       + common[1:])
+            if lead.deps:
+                for d in lead.deps:
+                    out.extend(lead.depv[d][1:])
+            w.inflight[c.id] = c
+            c.worker, c.state, c.started = w, RUNNING, now
+            if c.timeout:
+                heapq.heappush(self.timeouts, (now + c.timeout, next(self._seq), c))
+            self.to_workers.setdefault(w, []).append(out)  # one CALL per worker: never a BATCH
+        log.info("gang %s: %d members started", g.id.hex(), n)
+
+    def gang_done(self, c, status, frames):
+        """A member's DONE: held until every member has one, so that a crash can still rerun all."""
+        g, rank = c.gang
+        if c.state != RUNNING or g.state != RUNNING:
+            return
+        if status != P.OK:
+            return self.finish(c, status, None, frames)  # gang_outcome stops the others
+        c.state = HELD
+        g.outcomes[rank] = frames
+        g.held += 1
+        if g.held == len(g.members):
+            g.state = DONE
+            self.gangs.pop(g.id, None)
+            for r, m in enumerate(g.members):
+                self.finish(m, P.OK, None, g.outcomes[r])
+            self.gang_release(g)
+
+    def gang_outcome(self, c, status, frames):
+        """``finish`` gave member ``c`` an outcome (a failure, a cancel, a timeout, an argument that
+        failed, ...). Before the gang starts, every member gets the same; once it has started, the
+        others are stopped."""
+        g, rank = c.gang
+        if g.state == DONE:
+            return
+        if g.state in (WAITING, QUEUED):
+            g.state = DONE
+            self.gangs.pop(g.id, None)
+            if status != P.OK:
+                kept = [status, *frames]
+                for m in g.members:
+                    if m.state != DONE:
+                        self.finish_copy(m, kept)
+            return
+        if status == P.OK:
+            return
+        g.state = DONE
+        what = {P.TIMEOUT: "ran longer than its timeout", P.CANCELLED: "was cancelled",
+                P.USER_ERROR: "raised an exception", P.SERIALIZATION: "returned a result that cannot be pickled",
+                }.get(status, "failed")
+        self.gang_end(g, P.CANCELLED if status == P.CANCELLED else P.GANG_FAILED,
+                      f"gang member rank {rank} of {len(g.members)} {what} (its own Future says what happened), "
+                      f"so the other members were stopped")
+
+    def gang_crashed(self, g, rank, why, charge=True, retry=True):
+        """A member's process died, or its worker could not start: rerun the whole gang while its
+        retries last (``charge=False``: rerun without counting it), else fail every member."""
+        if g.state not in (SPAWNING, RUNNING):
+            return
+        n = len(g.members)
+        if retry and (not charge or g.retries > 0):
+            if charge:
+                g.retries -= 1
+                self.stats["retried"] += 1
+            log.info("gang %s: rank %d of %d died (%s): starting the whole gang again (%d retries left)",
+                     g.id.hex(), rank, n, why, g.retries)
+            self.gang_release(g)
+            for c in g.members:
+                c.state, c.worker, c.started = QUEUED, None, 0.0
+            g.state = QUEUED
+            self.gang_queue.appendleft(g)
+            return
+        g.state = DONE
+        self.gang_end(g, P.GANG_FAILED, f"gang member rank {rank} of {n} died ({why})"
+                                        f"{' and the gang has no retries left' if retry else ''}, "
+                                        f"so the whole gang was stopped")
+
+    def gang_end(self, g, status, msg):
+        """Give every member without an outcome ``status``/``msg`` (a held OK result is delivered),
+        then kill the gang's workers and return its places."""
+        self.gangs.pop(g.id, None)
+        text = msg.encode()
+        for r, c in enumerate(g.members):
+            if c.state == HELD:
+                self.finish(c, P.OK, None, g.outcomes[r])
+            elif c.state != DONE:
+                self.finish(c, status, text)
+        self.gang_release(g)
+
+    def gang_release(self, g):
+        """Drop this attempt: its pending spawns, and its workers (killed), returning their places."""
+        for tok in g.tokens:
+            sp = self.spawns.pop(tok, None)
+            if sp is not None and sp[0].ident in self.executors:
+                ex = sp[0]
+                ex.free_cpus += g.shape[0]
+                ex.free_mem += g.shape[2]
+                ex.give_gpus(sp[1], g.shape[1])
+        g.tokens = set()
+        for w in g.workers:
+            if w is None:
+                continue
+            w.gang = None
+            w.inflight.clear()
+            self.return_resources(w)
+            if w.ident in self.workers:
+                self.kill_worker(w)
+        n = len(g.members)
+        g.workers, g.addrs, g.outcomes, g.held = [None] * n, [None] * n, [None] * n, 0
 
     # ---------------------------------------------------------------- outcomes
     def finish(self, call, status, message, frames=None, deliver=True, keep_slot=False):
@@ -958,14 +1576,21 @@ class Broker:
         self.calls.pop(call.id, None)
         self.stats["completed"] += 1
         if deliver and call.driver[1:] in self.drivers:
-            self.to_drivers.setdefault(call.driver, []).append([P.C[P.RESULT] + frames[0], *frames[1:]])
+            if not self.restoring:
+                self.to_drivers.setdefault(call.driver, []).append([P.C[P.RESULT] + frames[0], *frames[1:]])
             self.results[call.id] = [status, *frames]
+            if self.journal is not None:
+                self.journal.outcome(call.id, status, frames)
+        elif self.journal is not None:
+            self.journal.forget([call.id])  # an outcome nobody will ask for: the call is over
         if call.kind == P.ACTOR_NEW and status != P.OK:
             a = self.actors.get(call.actor)
             if a is not None and a.failure is None:
                 self.kill_actor(a, None, failure=[status, *frames])
             elif a is None:  # failed before the instance existed (a failed argument)
                 self.dead_actors[call.actor] = [status, *frames]
+        if call.gang is not None:
+            self.gang_outcome(call, status, frames)
         waiting = self.waiters.pop(call.id, None)
         if waiting:
             kept = [status, *frames]
@@ -978,7 +1603,7 @@ class Broker:
                 c.depv[call.id] = kept
                 c.missing -= 1
                 if c.missing == 0:
-                    if c.kind == P.TASK:
+                    if c.kind == P.TASK or c.kind == P.GANG:
                         self.enqueue(c)
                     else:
                         c.state = QUEUED
@@ -1011,10 +1636,14 @@ class Broker:
                             keep_slot=True)
 
     def tick(self, now):
+        if self.journal is not None and self.journal.size > self.journal_limit:
+            self.compact()
         for ex in list(self.executors.values()):
             if now - ex.last_seen > HEARTBEAT_TIMEOUT:
                 self.lose_executor(ex, f"no heartbeat for {now - ex.last_seen:.1f}s")
-        if self.executors or not (any(self.queues.values()) or self.pending_actors):
+        if self.gang_queue:
+            self.gang_queue = deque(g for g in self.gang_queue if g.state == QUEUED)
+        if self.executors or not (any(self.queues.values()) or self.pending_actors or self.gang_queue):
             self.no_executor_since = now  # the grace counts from when calls began to wait with no executor
         elif now - self.no_executor_since > NO_EXECUTOR_GRACE:
             msg = f"no executor joined this cluster within {NO_EXECUTOR_GRACE:g}s".encode()
@@ -1026,6 +1655,9 @@ class Broker:
             for a in list(self.pending_actors):
                 self.kill_actor(a, msg, status=P.UNSCHEDULABLE)
             self.pending_actors.clear()
+            for g in list(self.gang_queue):
+                self.finish(g.members[0], P.UNSCHEDULABLE, msg)  # and its other members with it
+            self.gang_queue.clear()
         for shape in [s for s, q in self.queues.items() if not q]:
             del self.queues[shape]  # shapes come from callers: keep only those with calls waiting
         if self.executors:
@@ -1036,6 +1668,10 @@ class Broker:
                         c = q.popleft()
                         if c.state == QUEUED:
                             self.finish(c, P.UNSCHEDULABLE, why.encode())
+            for g in list(self.gang_queue):  # an executor left: some gangs may never fit now
+                why = g.state == QUEUED and self.gang_unschedulable(g)
+                if why:
+                    self.finish(g.members[0], P.UNSCHEDULABLE, why.encode())
         for did, d in list(self.drivers.items()):
             if now - d.get("seen", now) > DRIVER_TIMEOUT:
                 log.warning("driver %s (pid %s on %s) silent for %.0fs: cancelling its calls and instances",

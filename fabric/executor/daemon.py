@@ -24,6 +24,7 @@ import time
 import zmq
 
 from .. import protocol as P
+from .. import security
 from ..config import pid_alive
 from ..resources import parse_memory
 from .gpus import detect_gpus, parse_gpu_list
@@ -31,6 +32,10 @@ from .gpus import detect_gpus, parse_gpu_list
 log = logging.getLogger("fabric.executor")
 
 HEARTBEAT_EVERY = float(os.environ.get("FABRIC_HEARTBEAT_EVERY", 1.0))
+# when the host has less than this fraction of its memory available, the largest worker is
+# stopped (its call fails with MemoryLimitExceeded) before the kernel's OOM killer or swapping
+# freezes the host
+MEMORY_RESERVE = float(os.environ.get("FABRIC_MEMORY_RESERVE", 0.05))
 
 
 class ExecutorDaemon:
@@ -50,6 +55,9 @@ class ExecutorDaemon:
         self.log_file = log_file
         self.prefetch = int(prefetch or os.environ.get("FABRIC_PREFETCH", 4))
         self.procs: dict[int, tuple] = {}   # n -> (Popen, kind, token)
+        self.oom_killed: set[int] = set()   # workers stopped because the host ran low on memory
+        self.rejoined = 0.0                 # when this executor last joined a restarted broker
+        self.next_memory_check = 0.0
         self.counter = itertools.count(1)
         self.running = True
         self.ctx = zmq.Context()
@@ -62,6 +70,7 @@ class ExecutorDaemon:
 
     def connect(self):
         s = self.sock = self.ctx.socket(zmq.DEALER)
+        security.curve_client(s, "executor", watch=True)  # CurveZMQ when FABRIC_KEYS is set; see serve
         s.setsockopt(zmq.ROUTING_ID, b"e" + self.id)
         s.setsockopt(zmq.LINGER, 500)
         s.connect(self.broker)
@@ -71,10 +80,11 @@ class ExecutorDaemon:
         self.connect()
         # workers register under this executor: start them only once the broker knows it
         while self.running:
-            if self.sock.poll(1000):
+            if security.poll(self.sock, 1.0):  # as sock.poll, and notes a refused key
                 if P.command_of(self.sock.recv_multipart()[0]) == P.WELCOME:
                     break
             else:
+                security.raise_if_refused(self.sock)  # ConnectionFailed: the broker refused our key
                 self.hello()
             if self.parent_pid and not pid_alive(self.parent_pid):
                 return self.stop()
@@ -95,6 +105,9 @@ class ExecutorDaemon:
                         self.handle(frames)
                 self.reap()
                 now = time.monotonic()
+                if now >= self.next_memory_check:
+                    self.next_memory_check = now + 0.25
+                    self.guard_memory()
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_EVERY
                     self.sock.send_multipart([P.C[P.HEARTBEAT], b"{}"])
@@ -123,7 +136,11 @@ class ExecutorDaemon:
         elif c == P.ERROR:
             msg = frames[1].decode(errors="replace")
             log.warning("broker: %s", msg)
-            if "EXEC_HELLO" in msg:  # the broker restarted or gave us up: join again, with new workers
+            # the broker restarted or gave us up: join again, with new workers. Heartbeats queued
+            # while it was down each bring this ERROR: join once, not once per heartbeat (a second
+            # join would kill the workers the broker has started since)
+            if "EXEC_HELLO" in msg and time.monotonic() - self.rejoined > 5 * HEARTBEAT_EVERY:
+                self.rejoined = time.monotonic()
                 self.hello()
                 for p, _, _ in list(self.procs.values()):
                     p.kill()  # reaped below; pool workers are replaced and say READY afresh
@@ -162,10 +179,36 @@ class ExecutorDaemon:
             info = {"exitcode": rc}
             if token is not None:
                 info["token"] = token
+            if rc == P.EXIT_MEMORY:
+                info["memory"] = "it used more memory than its call's memory= limit"
+            elif n in self.oom_killed:
+                info["memory"] = "this host ran low on memory and it was the largest worker"
+            self.oom_killed.discard(n)
             log.info("worker %d (pid %d) exited with %s", n, p.pid, rc)
             self.sock.send_multipart([P.C[P.WORKER_DIED], P.worker_id(self.id, n), P.dumps_json(info)])
             if kind == "pool":
                 self.start_worker("pool")
+
+    def guard_memory(self):
+        """Host memory nearly gone: stop the worker using most, so the host stays responsive."""
+        import psutil
+
+        vm = psutil.virtual_memory()
+        if vm.available >= MEMORY_RESERVE * vm.total:
+            return
+        biggest, size = None, 0
+        for n, (p, _, _) in self.procs.items():
+            try:
+                rss = psutil.Process(p.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if rss > size and n not in self.oom_killed:
+                biggest, size = n, rss
+        if biggest is not None:
+            log.warning("host memory low (%d MiB of %d MiB available): stopping worker %d (%d MiB)",
+                        vm.available >> 20, vm.total >> 20, biggest, size >> 20)
+            self.oom_killed.add(biggest)
+            self.procs[biggest][0].kill()
 
     def stop(self):
         self.running = False
@@ -184,6 +227,7 @@ class ExecutorDaemon:
             self.sock.send_multipart([P.C[P.EXEC_BYE]], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+        security.unwatch(self.sock)  # a watched socket's monitor would block ctx.term()
         self.sock.close(linger=200)
         self.ctx.term()
         log.info("executor %s stopped", self.id.hex())

@@ -20,6 +20,7 @@ import ctypes
 import inspect
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,6 +28,8 @@ import time
 import zmq
 
 from .. import protocol as P
+from .. import security
+from .. import gangs as _gang
 from .. import serde
 from ..errors import SerializationError
 
@@ -41,6 +44,8 @@ def _die_with_parent():
     except OSError:
         pass
 
+
+MEMORY_POLL = float(os.environ.get("FABRIC_MEMORY_POLL", 0.02))  # seconds between memory checks
 
 class OutputChannel:
     """Collects what user code prints and ships it to the drivers, rate-limited."""
@@ -98,6 +103,7 @@ class OutputChannel:
 
     def _flusher(self):
         sock = self.ctx.socket(zmq.DEALER)
+        security.curve_client(sock, "executor")  # CurveZMQ when FABRIC_KEYS is set
         sock.setsockopt(zmq.ROUTING_ID, self.ident)
         sock.setsockopt(zmq.LINGER, 500)
         sock.connect(self.address)
@@ -129,6 +135,7 @@ class Worker:
         self.ident = P.worker_id(executor_id, n)
         self.ctx = zmq.Context()
         s = self.sock = self.ctx.socket(zmq.DEALER)
+        security.curve_client(s, "executor")  # CurveZMQ when FABRIC_KEYS is set
         s.setsockopt(zmq.ROUTING_ID, self.ident)
         s.setsockopt(zmq.LINGER, 1000)
         s.setsockopt(zmq.SNDHWM, 0)
@@ -137,6 +144,8 @@ class Worker:
         self.kind, self.token, self.credit = kind, token, credit
         self.code: dict[bytes, object] = {}
         self.instance = None
+        self.mem_limit = 0          # bytes: the memory= of what runs now (0: none)
+        self.mem_thread = None
         self.label = f"pid={os.getpid()}"
         self.pool = None            # thread pool of a concurrent instance
         self.results_in = None      # where that pool's threads hand their results to the main loop
@@ -151,6 +160,8 @@ class Worker:
         ready = {"kind": self.kind, "pid": os.getpid(), "credit": self.credit}
         if self.token is not None:
             ready["token"] = self.token
+        if self.kind == "spawned":  # where this worker could listen, should it run a gang member
+            ready["addr"] = listen_address(self.address)
         self.sock.send_multipart([P.C[P.READY], P.dumps_json(ready)])
         sock = self.sock
         poller = zmq.Poller()
@@ -197,6 +208,8 @@ class Worker:
         cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags, opts = P.CALL_HDR.unpack(head)
         t0 = time.perf_counter()
         source = self.label
+        if _m:
+            self.watch_memory(_m)
         try:
             i = 0
             if opts & P.HAS_CODE:
@@ -212,6 +225,10 @@ class Worker:
                 dep_ids = frames[i].bytes
                 i += 1
             payload, bufs = frames[i].buffer, [f.buffer for f in frames[i + 1:i + 1 + nbuf]]
+            gang = None
+            if opts & P.HAS_GANG:  # a gang member's context, after the buffers
+                gang = P.loads_json(frames[i + 1 + nbuf].bytes)
+                i += 1
             if dep_ids:
                 deps, i = {}, i + 1 + nbuf
                 for d in P.split_ids(dep_ids):
@@ -220,9 +237,11 @@ class Worker:
                     i += 2 + dn
             args, kwargs = serde.loads_args(payload, bufs, deps)
             del payload, bufs
-            if kind == P.TASK:
+            if kind == P.TASK or kind == P.GANG:
                 fn = self.code[code_hash]
                 source = f"{getattr(fn, '__name__', 'fn')} {self.label}"
+                if gang is not None:
+                    source = f"{getattr(fn, '__name__', 'fn')}[rank {_gang._enter(gang).rank}] {self.label}"
                 self.output.local.ctx = (cid[:8], source.encode())
                 value = fn(*args, **kwargs)
             elif kind == P.ACTOR_CALL:
@@ -239,8 +258,10 @@ class Worker:
             return self.reply_error(cid, e, t0)
         finally:
             self.output.local.ctx = None
+            if self.instance is None:  # an instance's limit holds for its whole life
+                self.mem_limit = 0
         try:
-            payload, bufs = serde.dumps_value(value)
+            payload, bufs = serde.dumps_value(value, serde.transfer_for(self.address), opts & P.STORE_RESULT)
         except SerializationError as e:
             return [P.C[P.DONE] + P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
                     f"the result of {source.split(' ')[0]} cannot be pickled: {e}".encode()]
@@ -248,6 +269,31 @@ class Worker:
         out = [P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
         return out
+
+    def watch_memory(self, limit):
+        """Enforce ``memory=``: a thread ends this process, with EXIT_MEMORY, as soon as its private
+        memory passes the limit, so a runaway call is stopped before it can freeze the host. Started
+        at the first call that has a limit: workers that never see one pay nothing."""
+        self.mem_limit = limit
+        if self.mem_thread is None and os.path.exists("/proc/self/statm"):
+            self.mem_thread = threading.Thread(target=self._memory_watch, name="fabric-memory", daemon=True)
+            self.mem_thread.start()
+
+    def _memory_watch(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm", "rb") as f:
+            while True:
+                time.sleep(MEMORY_POLL)
+                limit = self.mem_limit
+                if not limit:
+                    continue
+                f.seek(0)
+                fields = f.read().split()
+                private = (int(fields[1]) - int(fields[2])) * page  # resident less file-backed/shared
+                if private > limit:
+                    os.write(2, f"fabric worker: {private >> 20} MiB in use is more than the call's memory limit of "
+                                f"{limit >> 20} MiB; stopping this worker\n".encode())
+                    os._exit(P.EXIT_MEMORY)
 
     def reply_error(self, cid, e, t0):
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
@@ -294,6 +340,29 @@ class Worker:
     def run_threaded(self, head, frames):
         out = self.run(head, frames)
         P.send(self.thread_sock(), out)
+
+
+def listen_address(broker: str) -> str:
+    """``"host:port"`` where this process could listen: the address of this host that routes
+    to the broker (``FABRIC_NODE_IP`` overrides it; loopback for an ``ipc://`` or loopback
+    broker), and a port that is free now. Gang members get their peers' (docs/gangs.md)."""
+    host = os.environ.get("FABRIC_NODE_IP") or "127.0.0.1"
+    if not os.environ.get("FABRIC_NODE_IP") and broker.startswith("tcp://"):
+        bhost = broker[6:].rpartition(":")[0].strip("[]")
+        try:
+            family, _, _, _, sockaddr = socket.getaddrinfo(bhost, 1, type=socket.SOCK_DGRAM)[0]
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(sockaddr)  # sends nothing: only picks the interface that routes there
+                host = s.getsockname()[0]
+        except OSError:
+            pass
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    except OSError:
+        port = 0
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Unloadable:

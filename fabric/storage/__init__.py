@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+from .objects import CorruptObject
 from .store import (
     InvalidStoreURL,
     KeyNotFound,
@@ -28,7 +29,7 @@ from .store import (
 
 __all__ = [
     "Store", "default", "set_default", "default_local_path",
-    "StorageError", "KeyNotFound", "InvalidStoreURL", "StorageCredentialsError",
+    "StorageError", "KeyNotFound", "InvalidStoreURL", "StorageCredentialsError", "CorruptObject",
     "validate_key", "redact",
 ]
 

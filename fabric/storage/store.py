@@ -41,11 +41,14 @@ class KeyNotFound(StorageError, KeyError):
     """No object is stored under the key. A ``KeyError`` too, so ``except KeyError`` works."""
 
     def __init__(self, key: str, store: str, hint: str = ""):
-        self.key, self.store = key, store
+        self.key, self.store, self.hint = key, store, hint
         super().__init__(f"no object under key {key!r} in store {store}" + (f" ({hint})" if hint else ""))
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.args[0]
+
+    def __reduce__(self):  # travels back from workers as itself, not as a RemoteError
+        return type(self), (self.key, self.store, self.hint)
 
 
 class InvalidStoreURL(StorageError, ValueError):
@@ -345,6 +348,16 @@ class Store:
         with self._errors(key):
             self._fresh(path)
             return self.fs.cat_file(path)
+
+    def get_file(self, key: str, local_path: str | os.PathLike) -> None:
+        """Download the object under ``key`` into the local file ``local_path`` (streamed:
+        one request on S3, a copy for a local store); ``KeyNotFound`` if there is none."""
+        path = self._path(validate_key(key))
+        with self._errors(key):
+            self._fresh(path)
+            if not self.fs.isfile(path):  # a folder, or nothing: never a half-made local file
+                raise FileNotFoundError(path)
+            self.fs.get_file(path, os.fspath(local_path))
 
     def put(self, key: str, obj) -> None:
         """Pickle ``obj`` (protocol 5; cloudpickle for lambdas and ``__main__`` classes) under
