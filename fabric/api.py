@@ -179,11 +179,11 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
         _check_number("timeout", o["timeout"])
         if o["timeout"] <= 0:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {o['timeout']!r}")
-    if isinstance(o["min_warm"], bool) or not isinstance(o["min_warm"], int) or o["min_warm"] < 0:
-        raise ValueError(f"min_warm must be a whole number >= 0, got {o['min_warm']!r}")
+    if isinstance(o["min_warm"], bool) or not isinstance(o["min_warm"], int) or not 0 <= o["min_warm"] <= 65535:
+        raise ValueError(f"min_warm must be a whole number from 0 to 65535, got {o['min_warm']!r}")
     mc = o["max_containers"]
-    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
-        raise ValueError(f"max_containers must be a whole number >= 1 or None, got {mc!r}")
+    if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= 65535):
+        raise ValueError(f"max_containers must be a whole number from 1 to 65535, or None, got {mc!r}")
     if "concurrency" in o:
         c = o["concurrency"]
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255:
@@ -267,7 +267,7 @@ class RemoteFunction:
         o = self._options
         return _client().submit(P.TASK, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
                                 memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
-                                label=self._name)
+                                label=self._name, max_containers=o["max_containers"], min_warm=o["min_warm"])
 
     def local(self, *args, **kwargs):
         """Run in this process, as a plain call."""
@@ -398,7 +398,8 @@ class RemoteClass:
         aid = client.new_id()
         ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, actor_id=aid, cpus=o["cpus"], gpus=o["gpus"],
                               memory=o["memory_bytes"], retries=0, flags=o["concurrency"],
-                              label=f"{self._name}.__init__")
+                              label=f"{self._name}.__init__", max_containers=o["max_containers"],
+                              min_warm=o["min_warm"])
         return InstanceHandle(self, aid, ready, client)
 
     def options(self, **overrides) -> "RemoteClass":

@@ -240,16 +240,31 @@ def status(address, as_json):
     con = Console()
     con.print(f"[bold]fabric cluster[/] {st['address']}  broker pid {st['pid']}  up {st['uptime_s']}s  "
               f"drivers {st['drivers']}  pending calls {st['calls_pending']}  instances {st['instances']}")
-    t = Table(title="executors")
-    for col in ("id", "host", "cpus (free)", "gpus (free)", "memory (free)", "workers", "busy", "instances",
-                "last seen"):
+    hosts: dict = {}
+    for ex in st["executors"]:
+        kind = "gpu" if ex["gpus"] else "cpu"
+        hosts.setdefault(ex["host"], {}).setdefault(kind, 0)
+        hosts[ex["host"]][kind] += 1
+    t = Table(title="executors: " + ("; ".join(f"{h} {', '.join(f'{n} {k}' for k, n in sorted(ks.items()))}"
+                                               for h, ks in sorted(hosts.items())) or "none"))
+    for col in ("id", "host", "kind", "cpus (free)", "gpus (free)", "memory (free)", "workers", "busy",
+                "instances", "labels", "last seen"):
         t.add_column(col)
     for ex in st["executors"]:
-        t.add_row(ex["id"][:8], ex["host"], f"{ex['cpus']:g} ({ex['free_cpus']:g})",
+        labels = ",".join(f"{k}={v}" for k, v in sorted((ex.get("labels") or {}).items()))
+        t.add_row(ex["id"][:8], ex["host"], "gpu" if ex["gpus"] else "cpu", f"{ex['cpus']:g} ({ex['free_cpus']:g})",
                   f"{len(ex['gpus'])} ({len(ex['free_gpus'])})",
                   f"{ex['memory'] >> 20}MiB ({ex['free_memory'] >> 20}MiB)", str(ex["workers"]), str(ex["busy"]),
-                  str(ex["instances"]), f"{ex['last_seen_s']}s ago")
+                  str(ex["instances"]), labels, f"{ex['last_seen_s']}s ago")
     con.print(t)
+    if st.get("functions"):
+        ft = Table(title="functions and classes with min_warm / max_containers (warm: workers holding their code)")
+        for col in ("name", "kind", "running", "waiting", "warm", "min_warm", "max_containers"):
+            ft.add_column(col)
+        for f in st["functions"]:
+            ft.add_row(f["name"], f["kind"], str(f["running"]), str(f["waiting"]), str(f["warm"]),
+                       str(f["min_warm"]), str(f["max_containers"] or "-"))
+        con.print(ft)
     q = Table(title="queues")
     for col in ("cpus", "gpus", "memory", "queued"):
         q.add_column(col)

@@ -240,7 +240,8 @@ class Client:
         return self.id + next(self._counter).to_bytes(8, "big")
 
     def submit(self, kind, code_blob, code_hash, args, kwargs, *, actor_id=P.NO_ID, cpus=1.0, gpus=0.0,
-               memory=0, retries=0, timeout=0.0, flags=0, label="call", gang=0) -> Future:
+               memory=0, retries=0, timeout=0.0, flags=0, label="call", gang=0, max_containers=0,
+               min_warm=0) -> Future:
         """Send one call; returns its Future. ``gang=n`` (kind GANG): one SUBMIT for n members,
         returns their n Futures in rank order (rank 0's id is the call's id)."""
         if self.closed:
@@ -274,7 +275,8 @@ class Client:
         fields = (cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
                   float(timeout or 0.0), len(bufs), flags)
         self.pending[cid] = fut
-        fut._sub = (fields, opts, code_hash, code_blob, parts[1:], deps or None)
+        limits = (int(max_containers or 0), int(min_warm or 0))
+        fut._sub = (fields, opts, code_hash, code_blob, parts[1:], deps or None, limits)
         if members:
             for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
                 f._sub = fut._sub
@@ -283,7 +285,7 @@ class Client:
                 self.code_sent.add(code_hash)
                 parts.insert(1, code_blob)
                 opts |= P.HAS_CODE
-            parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts)
+            parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts, *limits)
             now = time.perf_counter()
             if self.outq or now - self.last_submit < BURST_GAP:
                 self.outq.append(parts)  # a burst: batch it (flushed by size, wait() or the IO thread)
@@ -341,13 +343,13 @@ class Client:
                             and type(dep) is not ReadyFuture and dep.id not in again):
                         again.add(dep.id)
                         P.send(self.d, self._put_message(dep.id, dep._outcome()))
-            for fields, opts, code_hash, code_blob, body, _ in subs:
+            for fields, opts, code_hash, code_blob, body, _, limits in subs:
                 parts = [b"", *body]
                 if code_blob is not None and code_hash not in self.code_sent:
                     self.code_sent.add(code_hash)
                     parts.insert(1, code_blob)
                     opts |= P.HAS_CODE
-                parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts)
+                parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts, *limits)
                 self.outq.append(parts)
                 if len(self.outq) >= BATCH_MAX:
                     self._flush_out()

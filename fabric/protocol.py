@@ -62,6 +62,7 @@ WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log
 CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *dep-blobs]
                   # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order
                   # gang: the member's context (json): rank, world_size, local_rank, addresses, ...
+WARM = 71         # [cmd, code-hash, code]           load this code now (a function's min_warm)
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
 
@@ -78,8 +79,10 @@ C = {c: cmd(c) for c in NAMES}  # pre-built command frames
 # kind B  TASK | ACTOR_NEW | ACTOR_CALL | GANG
 # actor_id 16s  zero for plain tasks
 # cpus d, gpus d, memory Q (bytes), retries h, timeout d (seconds, 0 = none), nbuf H,
-# flags B (ACTOR_NEW: the instance's concurrency), opts B (which optional frames follow)
-CALL_HDR = struct.Struct("<16s16sB16sddQhdHBB")
+# max_containers H (0 = no cap), min_warm H (containers kept warm for this function/class),
+# flags B (ACTOR_NEW: the instance's concurrency), opts B (which optional frames follow: last)
+CALL_HDR = struct.Struct("<16s16sB16sddQhdHHHBB")
+H_MAXC, H_WARM, H_FLAGS, H_OPTS = 10, 11, 12, 13  # field positions in an unpacked call header
 HAS_CODE, HAS_DEPS = 1, 2  # opts bits: a code frame follows / a deps frame follows
 STORE_RESULT = 4  # opts bit: the driver wants a large result through the object store (serde.Transfer)
 HAS_GANG = 8      # opts bit: a gang frame follows the buffers (SUBMIT: the members' call ids; CALL: json)
@@ -109,15 +112,22 @@ ID_LEN = 16
 
 
 def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags=0,
-              opts=0) -> bytes:
-    return CALL_HDR.pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags,
-                         opts)
+              opts=0, max_containers=0, min_warm=0) -> bytes:
+    return CALL_HDR.pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf,
+                         max_containers, min_warm, flags, opts)
 
 
 def unpack_call(b):
     if len(b) != CALL_HDR.size:
         raise ProtocolError(f"call header must be {CALL_HDR.size} bytes, got {len(b)}")
     return CALL_HDR.unpack(b)
+
+
+def code_name(frame) -> str:
+    """The name at the head of a code frame: code frames are ``qualified name, NUL, cloudpickle``
+    (``serde.code_blob``), so the broker can name functions without unpickling anything."""
+    head = bytes(memoryview(frame)[:201])
+    return head.split(b"\0", 1)[0].decode("utf-8", "replace") if b"\0" in head else "?"
 
 
 def pack_result(call_id: bytes, status: int, nbuf: int = 0, duration: float = 0.0, flags: int = 0) -> bytes:
@@ -166,7 +176,8 @@ def unbatch(frames: list, start: int = 1):
             size = 2 + RESULT_HDR.unpack(head)[2]
         else:
             h = CALL_HDR.unpack(head)
-            size = 2 + (h[11] & HAS_CODE) + ((h[11] & HAS_DEPS) >> 1) + ((h[11] & HAS_GANG) >> 3) + h[9]
+            o = h[H_OPTS]
+            size = 2 + (o & HAS_CODE) + ((o & HAS_DEPS) >> 1) + ((o & HAS_GANG) >> 3) + h[9]
         if i + size > n:
             raise ProtocolError("BATCH ends inside a message")
         yield c, head, frames[i + 1:i + size]

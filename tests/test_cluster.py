@@ -68,8 +68,12 @@ def test_status_table_and_json(started):
     st = started["status"]()
     assert sorted(e["cpus"] for e in st["executors"]) == [1, 2]
     assert any(e["labels"] == {"zone": "b"} for e in st["executors"])
-    r = subprocess.run(FABRIC + ["status"], env=started["env"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(FABRIC + ["status"], env={**started["env"], "COLUMNS": "250"}, capture_output=True,
+                       text=True, timeout=30)
     assert r.returncode == 0 and "executors" in r.stdout and "queues" in r.stdout
+    host = st["executors"][0]["host"]
+    assert f"executors: {host} 2 cpu" in r.stdout  # per host and kind
+    assert "zone=b" in r.stdout
 
 
 def test_many_calls_on_two_executors(started):

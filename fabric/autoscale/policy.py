@@ -197,6 +197,17 @@ class Policy:
         if hidden:  # e.g. an instance waiting for a place: not in the queues, but needs an executor
             queued_units = 1.0
         need = math.ceil(queued_units + running_units - 1e-9)
+        # min_warm of functions and classes (while a driver that uses them is connected): a floor
+        warm_units, warm_names = 0.0, []
+        for f in status.get("functions", []):
+            if f.get("min_warm") and shape_kind(f) == kind:
+                s = pool.slots(f.get("cpus", 1), f.get("gpus", 0), f.get("memory", 0))
+                if s:
+                    warm_units += f["min_warm"] / s
+                    warm_names.append(f"{f.get('name', '?')} x{f['min_warm']}")
+        warm_need = math.ceil(warm_units - 1e-9)
+        for_warm = warm_need > need
+        need = max(need, warm_need)
         desired = max(pool.min, min(pool.max, need))
         current = len(exs) + len(pending)
         out: list[Decision] = []
@@ -242,7 +253,9 @@ class Policy:
                     f"want {n} more but {self.failures.get(kind, 0)} launch(es) in a row died before joining; "
                     f"retrying in {self.backoff_until[kind] - now:.0f}s")
             else:
-                if current == 0 and need > 0:
+                if for_warm:
+                    code, why = "min_warm", f"min_warm of {', '.join(warm_names)} needs {warm_need} executor(s)"
+                elif current == 0 and need > 0:
                     code, why = "from_zero", f"scale from zero: {demand}"
                 elif need < pool.min:
                     code, why = "below_min", f"below min {pool.min}: {have}"

@@ -90,14 +90,15 @@ class _NeedCode(Exception):
 
 class Call:
     __slots__ = ("id", "driver", "frames", "code_hash", "kind", "actor", "shape", "retries",
-                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang")
+                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang", "maxc", "warm")
 
     def __init__(self, cid, driver, frames, h):
         self.id = cid
         self.driver = driver            # the driver's result-socket identity
         self.frames = frames            # [hdr (no HAS_CODE), deps, payload, *buffers, (GANG: member ids)]
                                         # small ones as bytes
-        _, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, _, _ = h
+        (_, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, self.maxc,
+         self.warm, _, _) = h
         self.shape = (cpus, gpus, mem)
         self.deps = None
         self.depv = None                # dep id -> its outcome frames, filled as deps resolve
@@ -200,7 +201,7 @@ class Worker:
 
 class Actor:
     __slots__ = ("id", "driver", "shape", "queue", "worker", "failure", "release_when_idle",
-                 "label", "ex", "devices", "since")
+                 "label", "ex", "devices", "since", "fn")
 
     def __init__(self, aid, driver, shape):
         self.id, self.driver, self.shape = aid, driver, shape
@@ -210,6 +211,7 @@ class Actor:
         self.release_when_idle = False
         self.ex = None
         self.devices = ()
+        self.fn = None                  # its class's FnInfo, when the class has max_containers
         self.since = time.monotonic()
 
 
@@ -235,6 +237,19 @@ class Gang:
         self.outcomes = [None] * n      # frames of members that finished OK, held until all have
         self.held = 0
         self.tokens = set()             # spawns of this attempt not READY yet
+
+
+class FnInfo:
+    """What the broker knows of a function or class with ``min_warm`` or ``max_containers``."""
+    __slots__ = ("code_hash", "kind", "shape", "min_warm", "max_containers", "running", "capped", "drivers")
+
+    def __init__(self, code_hash, kind):
+        self.code_hash, self.kind = code_hash, kind
+        self.shape = (1.0, 0.0, 0)
+        self.min_warm = self.max_containers = 0
+        self.running = 0          # calls running (functions) or live instances (classes) under the cap
+        self.capped = deque()     # calls/instances waiting for a place under max_containers
+        self.drivers = set()      # connected drivers that use it: min_warm holds while one is
 
 
 class Broker:
@@ -278,6 +293,9 @@ class Broker:
         self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
         self.code: dict[bytes, object] = {}         # code hash -> code frame
         self.avg_duration: dict[bytes, float] = {}  # code hash -> moving average of run time
+        # per function/class options (min_warm, max_containers): code hash -> FnInfo; only for
+        # code whose calls set one of them, so plain calls pay nothing
+        self.fns: dict[bytes, FnInfo] = {}
         self.timeouts: list = []                    # heap of (deadline, seq, call)
         self.to_drivers: dict[bytes, list] = {}     # results made this loop turn, per driver
         self.to_workers: dict[Worker, list] = {}    # calls dispatched this loop turn, per worker
@@ -600,7 +618,7 @@ class Broker:
                         d["resend"] = True  # its next heartbeat gets a rejoin: it asks again
 
     def submit(self, cid, did, head, h, f):
-        _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, opts = h
+        _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, warm, _, opts = h
         i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
         if len(f) != i + 1 + nbuf + ((opts & P.HAS_GANG) >> 3):  # the gang frame follows the buffers
             raise ProtocolError(f"SUBMIT announces {i} optional frames, {nbuf} buffers and "
@@ -643,6 +661,8 @@ class Broker:
     def admit(self, call, dep_ids):
         """Track an accepted call: wait for its Future arguments, or queue it."""
         kind = call.kind
+        if call.maxc or call.warm:
+            self.register_fn(call)
         self.calls[call.id] = call
         self.stats["submitted"] += 1
         if kind == P.GANG:  # its members exist before anything can fail it
@@ -672,6 +692,53 @@ class Broker:
                 self.enqueue(call)
         else:
             self.actor_call(call)
+
+    # ---------------------------------------------------------------- min_warm, max_containers
+    def register_fn(self, call):
+        """Note a function's or class's min_warm / max_containers (the latest call's win)."""
+        fn = self.fns.get(call.code_hash)
+        if fn is None:
+            fn = self.fns[call.code_hash] = FnInfo(call.code_hash, "cls" if call.kind == P.ACTOR_NEW else "fn")
+        fn.shape, fn.min_warm, fn.max_containers = call.shape, call.warm, call.maxc
+        fn.drivers.add(call.driver[1:])
+
+    def uncap(self, call):
+        """A capped function's call stopped running: the next one waiting for a place goes first."""
+        fn = self.fns[call.code_hash]
+        fn.running -= 1
+        while fn.capped:
+            c = fn.capped.popleft()
+            if c.state == QUEUED:
+                self.queues.setdefault(c.shape, deque()).appendleft(c)
+                break
+
+    def keep_warm(self):
+        """Functions with min_warm: hand their code to idle pool workers that lack it (WARM), so
+        that many workers can run them without loading code first."""
+        for h, fn in self.fns.items():
+            if fn.kind != "fn" or not fn.min_warm or h not in self.code:
+                continue
+            need = fn.min_warm - sum(1 for w in self.workers.values() if w.pool and h in w.code_seen)
+            for w in list(self.idle):
+                if need <= 0:
+                    break
+                if h not in w.code_seen and not w.doomed:
+                    w.code_seen.add(h)
+                    self.send([w.ident, P.C[P.WARM], h, self.code[h]])
+                    need -= 1
+
+    def fn_status(self):
+        out = []
+        for h, fn in self.fns.items():
+            code = self.code.get(h)
+            out.append({"name": P.code_name(code) if code is not None else "?", "hash": h.hex()[:12],
+                        "kind": fn.kind, "min_warm": fn.min_warm, "max_containers": fn.max_containers or None,
+                        "running": fn.running, "waiting": sum(1 for c in fn.capped if getattr(c, "state", 0) == QUEUED
+                                                                or isinstance(c, Actor)),
+                        "warm": sum(1 for w in self.workers.values() if h in w.code_seen and
+                                    (w.pool or (w.actor is not None and w.actor.fn is fn))),
+                        "cpus": fn.shape[0], "gpus": fn.shape[1], "memory": fn.shape[2]})
+        return out
 
     def enqueue(self, call):
         if call.gang is not None:
@@ -744,6 +811,10 @@ class Broker:
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.actors.values() if a.driver == rid]:
             self.kill_actor(a, b"its driver left")
+        for h, fn in list(self.fns.items()):  # min_warm holds while a driver that uses it is here
+            fn.drivers.discard(did)
+            if not fn.drivers and not fn.running and not fn.capped:
+                del self.fns[h]
         gone = [k for k in self.results if k[:8] == did]
         for cid in gone:
             del self.results[cid]
@@ -772,7 +843,7 @@ class Broker:
         st = {"address": self.address, "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
               "executors": exs, "queues": queues, "drivers": len(self.drivers),
               "calls_pending": len(self.calls), "results_held": len(self.results),
-              "instances": len(self.actors), "stats": self.stats,
+              "instances": len(self.actors), "stats": self.stats, "functions": self.fn_status(),
               "gangs": [{"id": g.id.hex(), "size": len(g.members), "cpus": g.shape[0], "gpus": g.shape[1],
                          "memory": g.shape[2], "retries_left": g.retries,
                          "state": ("waiting", "queued", "starting", "running", "done")[g.state]}
@@ -985,6 +1056,8 @@ class Broker:
                     log.info("retrying call %s after worker death (%s)", c.id.hex(), why)
                 requeue.append(c)
             for c in reversed(requeue):
+                if c.maxc and c.kind == P.TASK:
+                    self.uncap(c)
                 c.state = QUEUED
                 c.worker = None
                 c.started = 0.0
@@ -1021,6 +1094,10 @@ class Broker:
                 call = q[0]
                 if call.state != QUEUED:
                     q.popleft()
+                    continue
+                if call.maxc and self.fns[call.code_hash].running >= call.maxc:
+                    q.popleft()  # at its max_containers: it waits aside, the calls behind it go on
+                    self.fns[call.code_hash].capped.append(call)
                     continue
                 if shape[1]:
                     if not self.place_gpu_call(call):
@@ -1093,6 +1170,8 @@ class Broker:
         w.inflight[call.id] = call
         call.worker = w
         call.state = RUNNING
+        if call.maxc and call.kind == P.TASK:
+            self.fns[call.code_hash].running += 1
         if idle:
             call.started = time.monotonic()
             if call.timeout:
@@ -1207,6 +1286,12 @@ class Broker:
         why = self.unschedulable(a.shape)
         if why:
             return self.kill_actor(a, why.encode(), status=P.UNSCHEDULABLE)
+        if call.maxc:  # max_containers of a class: live instances; the next waits for one to end
+            fn = a.fn = self.fns[call.code_hash]
+            if fn.running >= call.maxc:
+                fn.capped.append(a)
+                return
+            fn.running += 1
         if not self.place_actor(a):
             self.pending_actors.append(a)
 
@@ -1290,6 +1375,19 @@ class Broker:
                     ex.free_mem += a.shape[2]
                     ex.give_gpus(sp[1], a.shape[1])
         self.actors.pop(a.id, None)
+        fn, a.fn = a.fn, None
+        if fn is not None:  # its class has max_containers
+            if a in fn.capped:
+                fn.capped.remove(a)  # it was still waiting for a place
+            else:
+                fn.running -= 1
+                while fn.capped:  # its place goes to the next instance waiting for one
+                    nxt = fn.capped.popleft()
+                    if nxt.id in self.actors:
+                        fn.running += 1
+                        if not self.place_actor(nxt):
+                            self.pending_actors.append(nxt)
+                        break
         self.dead_actors[a.id] = failure  # later calls get the same answer
         if len(self.dead_actors) > 10000:
             self.dead_actors.popitem(last=False)
@@ -1315,7 +1413,7 @@ class Broker:
     def gang_ids(self, cid, did, h, f):
         """The other members of a gang SUBMIT being refused: their Futures wait for an answer too."""
         try:
-            if not h[11] & P.HAS_GANG or not f:
+            if not h[P.H_OPTS] & P.HAS_GANG or not f:
                 return []
             ids = P.split_ids(f[-1].bytes)[:P.MAX_GANG]
         except Exception:  # noqa: BLE001 - a malformed frame: nothing more to answer
@@ -1568,6 +1666,8 @@ class Broker:
             return
         if frames is None:
             frames = [P.pack_result(call.id, status), message or b""]
+        if call.maxc and call.state == RUNNING and call.kind == P.TASK:
+            self.uncap(call)
         call.state = DONE
         w = call.worker
         if w is not None and not keep_slot and w.inflight.pop(call.id, None) is not None:
@@ -1636,6 +1736,8 @@ class Broker:
                             keep_slot=True)
 
     def tick(self, now):
+        if self.fns:
+            self.keep_warm()
         if self.journal is not None and self.journal.size > self.journal_limit:
             self.compact()
         for ex in list(self.executors.values()):

@@ -149,6 +149,7 @@ class ExecutorDaemon:
         n = next(self.counter)
         env = dict(os.environ)
         env["FABRIC_ADDRESS"] = self.broker  # nested .remote() calls join this cluster
+        env["FABRIC_EXECUTOR_PID"] = str(os.getpid())  # a worker started as we die notices
         env.pop("FABRIC_STORE_SECRET", None)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

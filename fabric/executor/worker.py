@@ -154,7 +154,7 @@ class Worker:
         self.output = OutputChannel(self.ctx, address, P.log_id(executor_id, n))
         sys.stdout = _Tee(sys.stdout, self.output)
         sys.stderr = _Tee(sys.stderr, self.output)
-        self.ppid = os.getppid()
+        self.ppid = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0) or os.getppid()
 
     def serve(self):
         ready = {"kind": self.kind, "pid": os.getpid(), "credit": self.credit}
@@ -186,6 +186,9 @@ class Worker:
                         calls = [(f0[4:], frames[1:])]
                     elif f0 == P.C[P.BATCH]:  # several calls in one message, run in order
                         calls = [(head, f) for _, head, f in P.unbatch(frames)]
+                    elif f0 == P.C[P.WARM] and len(frames) == 3:  # a min_warm function: load it now
+                        self.warm(frames[1].bytes, frames[2].bytes)
+                        calls = ()
                     else:
                         calls = ()  # nothing else is for workers; the broker never sends it
                     del frames
@@ -205,7 +208,7 @@ class Worker:
     # --------------------------------------------------------------- running one call
     def run(self, head, frames):
         """Run one call (``head``: its header; ``frames``: what follows its first frame)."""
-        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, flags, opts = P.CALL_HDR.unpack(head)
+        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, _mc, _mw, flags, opts = P.CALL_HDR.unpack(head)
         t0 = time.perf_counter()
         source = self.label
         if _m:
@@ -269,6 +272,13 @@ class Worker:
         out = [P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
         return out
+
+    def warm(self, code_hash, code):
+        """Load a function's code before its first call (its min_warm), importing its modules."""
+        try:
+            self.code[code_hash] = serde.load_code(code)
+        except Exception as e:  # noqa: BLE001 - its first call reports the failure
+            self.code[code_hash] = _Unloadable(e)
 
     def watch_memory(self, limit):
         """Enforce ``memory=``: a thread ends this process, with EXIT_MEMORY, as soon as its private
@@ -389,6 +399,9 @@ def main(argv=None):
     ap.add_argument("--credit", type=int, default=1)
     a = ap.parse_args(argv)
     _die_with_parent()
+    executor = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0)
+    if executor and os.getppid() != executor:  # it died before the death signal was armed
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver's terminal
     w = Worker(a.broker, bytes.fromhex(a.executor_id), a.n, a.kind, a.token, a.credit)
     try:
