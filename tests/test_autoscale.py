@@ -427,3 +427,17 @@ def test_aws_provider_scales_group_and_replaces_never_joined(moto_endpoint, tmp_
         fabric.shutdown()
         scaler.close()
         cluster.stop()
+
+
+def test_scale_from_zero_load_test_small_burst(tmp_path):
+    """loadtests/scale_from_zero.py at CI size: a burst against zero executors reaches full
+    parallelism on every executor allowed, then the cluster goes back to zero."""
+    out = tmp_path / "fig.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "loadtests", "scale_from_zero.py"), "--n", "24",
+                        "--duration", "0.5", "--max", "3", "--idle", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=240, cwd=REPO, env=_child_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["executors_used"] == 3 and fig["peak_running"] == 3
+    assert fig["full_parallelism_s"] is not None
+    assert fig["back_to_zero_after_last_result_s"] is not None
