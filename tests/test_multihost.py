@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -516,6 +517,66 @@ def where(x):
 report(out=where.remote(21).result(timeout=60))
 """)
         assert res["out"][0] == 42 and res["out"][1]["host"] == "host-b"
+    finally:
+        c.stop()
+
+
+# ------------------------------------------------------------------ large objects through the store
+
+class StoreCluster(MultiHostCluster):
+    """Every host sees one object store (a folder all namespaces share, as NFS or S3 would be)
+    and keeps its own cache of fetched objects under its own FABRIC_HOME."""
+
+    def __init__(self, *args, store_env, **kwargs):
+        self.store_env = store_env
+        super().__init__(*args, **kwargs)
+
+    def env(self, host, **extra):
+        return super().env(host, **{**self.store_env, **extra})
+
+
+def test_large_objects_cross_hosts_through_the_store_once_per_host(net, tmp_path):
+    """A 16 MB array put by a driver on host a reaches calls on hosts b and c through the store,
+    not the broker: each executor host downloads it once into its own cache, and later calls
+    there are served from that cache even with the store's copy gone."""
+    store = tmp_path / "store"
+    c = StoreCluster(net, str(tmp_path), port=PORT + 30, keys=keys_supported(),
+                     store_env={"FABRIC_STORE": f"file://{store}", "FABRIC_STORE_THRESHOLD": "1MiB"})
+    try:
+        c.start_broker()
+        c.add_executor("b")
+        c.add_executor("c")
+        c.wait_executors(["host-b", "host-c"])
+        res = c.driver("a", r"""
+import glob, os, shutil
+import numpy as np
+from fabric.storage.objects import key_of
+
+arr = np.arange(2_000_000, dtype=np.float64)          # 16 MB
+ref = fabric.put(arr)
+
+@fabric.fn
+def total(a, i):
+    time.sleep(0.3)                                    # long enough that both hosts take some
+    return [float(a.sum()), here()["host"]]
+
+first = fabric.get([total.remote(ref, i) for i in range(6)], timeout=120)
+objects = sorted(os.path.relpath(p, sys.argv[1]) for p in glob.glob(os.path.join(sys.argv[1], "objects", "**"),
+                                                                     recursive=True) if os.path.isfile(p))
+shutil.rmtree(os.path.join(sys.argv[1], "objects"))   # from now on only the hosts' caches have it
+second = fabric.get([total.remote(ref, i) for i in range(6)], timeout=120)
+report(first=first, second=second, objects=objects, key=key_of(arr))
+""", args=[store])
+        want = float(np.arange(2_000_000, dtype=np.float64).sum())
+        for rnd in ("first", "second"):
+            assert all(v == want for v, _ in res[rnd]), res[rnd]
+            assert {h for _, h in res[rnd]} == {"host-b", "host-c"}, res[rnd]
+        assert res["objects"], "nothing was written to the store"
+        digest = res["key"].rsplit("/", 1)[-1]
+        for letter in "bc":  # one cached copy per executor host, each fetched by its own host
+            cache = tmp_path / f"home-{letter}" / "cache" / "objects"
+            assert [p.name for p in cache.rglob(f"*{digest}*") if p.is_file() and not p.name.endswith(".lock")], \
+                f"host {letter} has no cached copy: {sorted(p.name for p in cache.rglob('*'))}"
     finally:
         c.stop()
 
