@@ -153,8 +153,13 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
                 cluster.stop()
                 raise click.ClickException(f"the broker did not start; see {cluster.log_dir}/broker.log") from None
     click.echo(f"fabric cluster running at {address}")
-    click.echo(f"  connect a driver:   fabric.init(address=\"{address}\")  or  export FABRIC_ADDRESS={address}")
-    click.echo(f"  add an executor:    fabric executor --broker {address}" + (" --keys DIR" if keys else ""))
+    reach = address
+    if host in ("0.0.0.0", "::", "*"):  # listening on every interface: others dial this host's name
+        import socket
+
+        reach = f"tcp://{socket.getfqdn() or socket.gethostname()}:{port}"
+    click.echo(f"  connect a driver:   fabric.init(address=\"{reach}\")  or  export FABRIC_ADDRESS={reach}")
+    click.echo(f"  add an executor:    fabric executor --broker {reach}" + (" --keys DIR" if keys else ""))
     if keys:
         click.echo(f"  keys:               {keys} (CurveZMQ); other hosts need a keys directory from "
                    f"`fabric keys add-client NAME` or `add-executor NAME`")

@@ -25,7 +25,7 @@ def supervise(argv, log):
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    restarts, backoff = 0, 0.2
+    restarts, backoff, quick = 0, 0.2, 0
     while True:
         started = time.monotonic()
         child = subprocess.Popen([sys.executable, "-m", "fabric.broker", *argv])
@@ -33,7 +33,13 @@ def supervise(argv, log):
         if code == 0 or code in (-signal.SIGTERM, -signal.SIGINT):
             return 0
         restarts += 1
-        backoff = 0.2 if time.monotonic() - started > 30 else min(backoff * 2, 5.0)
+        lived = time.monotonic() - started
+        quick = quick + 1 if lived < 2 else 0
+        if quick >= 10:  # it cannot even start (its address taken, a broken install): say so, stop
+            log.error("the broker died %d times in a row within 2 s of starting (last: %s); giving up",
+                      quick, f"signal {-code}" if code < 0 else f"exit code {code}")
+            return 1
+        backoff = 0.2 if lived > 30 else min(backoff * 2, 5.0)
         log.warning("the broker (pid %d) died with %s; restart %d in %.1fs", child.pid,
                     f"signal {-code}" if code < 0 else f"exit code {code}", restarts, backoff)
         time.sleep(backoff)
