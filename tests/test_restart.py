@@ -222,3 +222,15 @@ def test_a_broker_starts_from_a_corrupt_journal(tmp_path):
     finally:
         b.running = False
         b.close()
+
+
+def test_the_supervisor_gives_up_on_a_broker_that_cannot_start(tmp_path):
+    """A broker that dies at once every time (here: told to listen beyond loopback without
+    keys) is not restarted forever: the supervisor says why and exits non-zero."""
+    log = tmp_path / "broker.log"
+    r = subprocess.run([sys.executable, "-m", "fabric.broker", "--address", "tcp://10.213.255.1:5555",
+                        "--log-file", str(log), "--restart"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, FABRIC_RESTART_BACKOFF="0.01", PYTHONPATH=REPO), cwd=REPO)
+    assert r.returncode == 1
+    text = log.read_text()
+    assert "giving up" in text and "refusing to listen" in r.stderr

@@ -7,6 +7,7 @@ with SIGKILL is back within a second and its drivers and executors reconnect on 
 """
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def supervise(argv, log):
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    restarts, backoff, quick = 0, 0.2, 0
+    first = float(os.environ.get("FABRIC_RESTART_BACKOFF", 0.2))  # seconds before the first restart
+    restarts, backoff, quick = 0, first, 0
     while True:
         started = time.monotonic()
         child = subprocess.Popen([sys.executable, "-m", "fabric.broker", *argv])
@@ -39,7 +41,7 @@ def supervise(argv, log):
             log.error("the broker died %d times in a row within 2 s of starting (last: %s); giving up",
                       quick, f"signal {-code}" if code < 0 else f"exit code {code}")
             return 1
-        backoff = 0.2 if lived > 30 else min(backoff * 2, 5.0)
+        backoff = first if lived > 30 else min(backoff * 2, 5.0)
         log.warning("the broker (pid %d) died with %s; restart %d in %.1fs", child.pid,
                     f"signal {-code}" if code < 0 else f"exit code {code}", restarts, backoff)
         time.sleep(backoff)
