@@ -45,6 +45,8 @@ BATCH_MAX = 64     # submits per BATCH message
 # a tenth of them are done, so a loop that submits faster than the cluster runs cannot exhaust
 # memory (about 1 KB per pending call here and in the broker)
 MAX_PENDING = int(os.environ.get("FABRIC_MAX_PENDING", 100_000))
+# a fabric.put object at least this big goes to the object store, not into the broker's memory
+PUT_SPILL = int(os.environ.get("FABRIC_PUT_SPILL", 64 << 20))
 _NOTHING = object()
 
 
@@ -207,7 +209,9 @@ class Client:
         self.epoch = b""                               # the broker's; a new one means it restarted
         self.puts = weakref.WeakValueDictionary()      # put() objects alive here: re-sent on restart
         self.rejoins = 0
-        self.extra_outcomes = 0  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
+        self.extra_outcomes = 0
+        self.spilled: dict[bytes, list] = {}           # put() id -> store keys of its spilled object
+        self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
         self.d.send_multipart([P.C[P.HELLO], hello])
         self.r.send_multipart([P.C[P.HELLO], hello])
@@ -373,9 +377,36 @@ class Client:
             P.send(self.d, parts)
 
     def _put_message(self, cid, value):
-        """The PUT message for one object (serialised, maybe spilled to the store: no lock held)."""
-        payload, bufs = serde.dumps_value(value, self.transfer)
+        """The PUT message for one object (serialised, maybe spilled to the store: no lock held).
+
+        An object of ``FABRIC_PUT_SPILL`` bytes or more (or, across hosts, of the transfer
+        threshold) goes to the object store instead of the broker's memory; the store's copy is
+        deleted when the last put() Future holding that content is dropped."""
+        payload, bufs = serde.dumps_value(value)
+        total = len(payload) + sum(memoryview(b).nbytes for b in bufs)
+        t = self.transfer
+        if t.allowed() and (total >= PUT_SPILL or (total >= t.threshold and t.wanted())):
+            keys: list = []
+            payload, bufs = serde.spill(payload, bufs, min(t.threshold, PUT_SPILL), keys_out=keys)
+            if keys and cid not in self.spilled:  # (a re-sent put is counted once)
+                self.spilled[cid] = keys
+                for k in keys:
+                    self.key_refs[k] = self.key_refs.get(k, 0) + 1
         return [P.C[P.PUT] + P.pack_result(cid, P.OK, len(bufs)), payload, *bufs]
+
+    def _forget_spilled(self, ids):
+        """put() objects dropped: delete their store copies nobody else here holds."""
+        gone = []
+        for cid in ids:
+            for k in self.spilled.pop(cid, ()):
+                n = self.key_refs.get(k, 0) - 1
+                if n > 0:
+                    self.key_refs[k] = n
+                else:
+                    self.key_refs.pop(k, None)
+                    gone.append(k)
+        if gone:
+            threading.Thread(target=_delete_objects, args=(gone,), name="fabric-spill-gc", daemon=True).start()
 
     def _ref(self, f: Future, deps: list):
         """How a Future inside arguments is pickled: by value if done, else as a reference."""
@@ -546,6 +577,8 @@ class Client:
         keep, ids = [], []
         while self.dropped:
             ids.append(self.dropped.popleft())
+        if self.spilled and ids:
+            self._forget_spilled(ids)
         with self.lock:
             if self.outq:
                 self._flush_out()
@@ -588,12 +621,30 @@ class Client:
                 if f._shm:
                     self.shm.give_back(f._shm, reuse=False)
             self.shm.close()
+        if self.key_refs:  # this driver's put() objects end with it
+            _delete_objects(list(self.key_refs))
+            self.spilled.clear()
+            self.key_refs.clear()
         self._close_sockets()
 
     def _close_sockets(self):
         self.d.close(linger=500)
         self.r.close(linger=0)
         self.ctx.term()
+
+
+def _delete_objects(keys):
+    from . import storage
+
+    try:
+        store = storage.default()
+        for k in keys:
+            try:
+                store.delete(k)
+            except Exception:  # noqa: BLE001 - gone already, or the store is away: it stays, harmless
+                log.debug("could not delete spilled object %s", k)
+    except Exception:  # noqa: BLE001
+        log.debug("no store to delete spilled objects from")
 
 
 def _identity(x):

@@ -314,6 +314,10 @@ class Transfer:
             return self._mode == "store"
         return (asked or not self.local) and store_configured()
 
+    def allowed(self) -> bool:
+        """False under ``FABRIC_TRANSFER=broker``: nothing goes through the store."""
+        return self._mode != "broker"
+
     def result_opts(self) -> int:
         """The call-header opts bit a driver sets: ``STORE_RESULT`` when it wants large
         results through the store. Decided at the first call."""
@@ -358,7 +362,7 @@ class _Spilled:
         return _unspill, self.args
 
 
-def spill(payload, bufs: list, threshold: int, store=None) -> tuple[bytes, list]:
+def spill(payload, bufs: list, threshold: int, store=None, keys_out: list | None = None) -> tuple[bytes, list]:
     """Upload the large frames of ``(payload, bufs)`` to the object store; returns the small
     ``(payload, bufs)`` that travel instead: a pickle of ``_unspill(refs, payload, items)``
     whose out-of-band buffers are the frames that stayed small.
@@ -397,6 +401,8 @@ def spill(payload, bufs: list, threshold: int, store=None) -> tuple[bytes, list]
     except Exception as e:  # noqa: BLE001 - e.g. the store refused our credentials
         raise SerializationError(f"a large object ({sum(sizes)} bytes) could not be sent through the object "
                                  f"store {store}: {type(e).__name__}: {e}") from e
+    if keys_out is not None:
+        keys_out.extend(r[0] for r in refs)
     head = where[0] if where[0] is not None else bytes(parts[0])
     items = [where[i] if where[i] is not None else pickle.PickleBuffer(parts[i]) for i in range(1, len(parts))]
     out: list = []

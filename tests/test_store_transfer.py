@@ -351,3 +351,48 @@ def test_cache_folder_defaults(monkeypatch, tmp_path):
     monkeypatch.delenv("FABRIC_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert objects.cache_dir() == str(tmp_path / "xdg" / "fabric" / "objects")
+
+
+PUT_SPILL_SCRIPT = r"""
+import gc, glob, os, time
+import numpy as np
+import fabric
+fabric.init(num_cpus=1)                       # an embedded cluster: one host, no transfer by store
+store = os.environ["STORE_DIR"]
+objs = lambda: sorted(glob.glob(os.path.join(store, "objects", "**", "*"), recursive=True))
+
+@fabric.fn
+def total(a):
+    return float(a.sum())
+
+a = np.ones(1 << 19)                          # 4 MiB: above FABRIC_PUT_SPILL=1MiB
+small = fabric.put(np.ones(10))
+r1, r2 = fabric.put(a), fabric.put(a.copy())  # the same content twice: one object
+print("OBJECTS", len([p for p in objs() if os.path.isfile(p)]))
+print("SUMS", total.remote(r1).result(timeout=60), total.remote(r2).result(timeout=60),
+      total.remote(small).result(timeout=60))
+print("HELD", fabric.cluster_status()["results_held"])
+del r1; gc.collect()
+time.sleep(1.0)
+print("AFTER_ONE", len([p for p in objs() if os.path.isfile(p)]))
+del r2; gc.collect()
+deadline = time.time() + 10
+while [p for p in objs() if os.path.isfile(p)] and time.time() < deadline:
+    time.sleep(0.1)
+print("AFTER_BOTH", len([p for p in objs() if os.path.isfile(p)]))
+"""
+
+
+def test_big_puts_spill_to_the_store_on_one_host_and_are_deleted_when_dropped(tmp_path):
+    """fabric.put of an object above FABRIC_PUT_SPILL goes to the store even on a local cluster
+    (the broker's memory holds only a reference); the store's copy goes when the last put()
+    Future holding that content is dropped."""
+    from conftest import run_script
+
+    store = tmp_path / "store"
+    r = run_script(PUT_SPILL_SCRIPT, env={"FABRIC_PUT_SPILL": str(1 << 20), "FABRIC_STORE": f"file://{store}",
+                                          "STORE_DIR": str(store), "FABRIC_CACHE_DIR": str(tmp_path / "cache")},
+                   timeout=120)
+    out = r.stdout
+    assert "SUMS 524288.0 524288.0 10.0" in out, (out, r.stderr)
+    assert "OBJECTS 1" in out and "AFTER_ONE 1" in out and "AFTER_BOTH 0" in out, (out, r.stderr)
