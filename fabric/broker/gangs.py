@@ -1,0 +1,287 @@
+"""Gang scheduling, mixed into the Broker (core.py): n members that start together or not at all.
+
+A gang (kind GANG) waits in one FIFO (``gang_queue``) until all n places are free at once, then
+takes them in one go: never part of a gang while waiting for the rest, so two gangs cannot hold
+halves of each other's places. Members get their rank, the world size and every member's
+address in their CALL; a member's crash reruns the whole gang (its retries), its error stops
+the others (docs/gangs.md, protocol.md §6.11).
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+
+from .. import protocol as P
+from ..errors import ProtocolError
+from .state import DONE, HELD, QUEUED, RUNNING, SPAWNING, WAITING, Call, Gang, gpu_share, pick_gpus
+
+log = logging.getLogger("fabric.broker")
+
+
+class GangScheduling:
+    # A gang (kind GANG) is n members that start together or not at all. It waits in one FIFO
+    # (gang_queue) until all n places are free at once, then takes them in one go: never part of
+    # a gang while waiting for the rest, so two gangs cannot hold halves of each other's places.
+    def check_gang(self, cid, did, kind, opts, frame):
+        """SUBMIT of a gang: its last frame lists the members' call ids, rank 0 (``cid``) first."""
+        if kind != P.GANG or not opts & P.HAS_GANG:
+            raise ProtocolError("HAS_GANG goes with kind GANG, and kind GANG with HAS_GANG")
+        ids = P.split_ids(frame)
+        if not 1 <= len(ids) <= P.MAX_GANG:
+            raise ProtocolError(f"a gang has 1 to {P.MAX_GANG} members, this one {len(ids)}")
+        if ids[0] != cid:
+            raise ProtocolError("a gang's first member id must be the SUBMIT's call id")
+        if len(set(ids)) != len(ids) or any(m[:8] != did for m in ids):
+            raise ProtocolError("a gang's member ids must be distinct and start with the driver's id")
+        if any(m in self.calls or m in self.results for m in ids[1:]):
+            raise ProtocolError("a gang member id is already in use")
+
+    def gang_ids(self, cid, did, h, f):
+        """The other members of a gang SUBMIT being refused: their Futures wait for an answer too."""
+        try:
+            if not h[P.H_OPTS] & P.HAS_GANG or not f:
+                return []
+            ids = P.split_ids(f[-1].bytes)[:P.MAX_GANG]
+        except Exception:  # noqa: BLE001 - a malformed frame: nothing more to answer
+            return []
+        return [m for m in dict.fromkeys(ids)
+                if m != cid and m[:8] == did and m not in self.calls and m not in self.results]
+
+    def new_gang(self, lead):
+        """The members of an admitted GANG call; they share the lead's (rank 0's) frames."""
+        frames = lead.frames                   # [hdr, deps, payload, *buffers, member ids]
+        h = P.unpack_call(bytes(frames[0]))
+        members = [lead]
+        ids = frames[-1].bytes if hasattr(frames[-1], "bytes") else bytes(frames[-1])
+        for m in P.split_ids(ids)[1:]:
+            c = Call(m, lead.driver, frames, h)
+            self.calls[m] = c
+            members.append(c)
+        self.stats["submitted"] += len(members) - 1
+        g = Gang(lead, members)
+        for r, c in enumerate(members):
+            c.gang = (g, r)
+        self.gangs[g.id] = g
+
+    def enqueue_gang(self, g):
+        if g.state == DONE:
+            return
+        why = self.gang_unschedulable(g)
+        if why:
+            return self.finish(g.members[0], P.UNSCHEDULABLE, why.encode())  # and the others with it
+        g.state = QUEUED
+        for c in g.members:
+            c.state = QUEUED
+        self.gang_queue.append(g)
+
+    def gang_unschedulable(self, g):
+        """Why this cluster can never start ``g`` (not even idle), or None. No executor yet: wait."""
+        if not self.executors:
+            return None
+        n = len(g.members)
+        fit = sum(ex.room(g.shape, total=True) for ex in self.executors.values())
+        if fit >= n:
+            return None
+        cpus, gpus, mem = g.shape
+        exs = list(self.executors.values())
+        have = ", ".join(f"{ex.host}: cpus={ex.cpus:g} gpus={len(ex.gpus)} memory={ex.memory >> 20}MiB"
+                         for ex in exs[:8]) + (f" and {len(exs) - 8} more" if len(exs) > 8 else "")
+        return (f"a gang of {n} members with cpus={cpus:g} gpus={gpus:g} memory={mem >> 20}MiB each can never "
+                f"start: this cluster holds at most {fit} such members at once (executors: {have})")
+
+    def dispatch_gangs(self):
+        q = self.gang_queue
+        while q:
+            g = q[0]
+            if g.state != QUEUED:
+                q.popleft()
+                continue
+            plan = self.plan_gang(g)
+            if plan is None:
+                return  # FIFO: the gangs behind it wait too, so a big gang is not overtaken forever
+            q.popleft()
+            self.start_gang(g, plan)
+
+    def plan_gang(self, g):
+        """A place (executor, devices) for every member, all free now, or None. Members are
+        packed: an executor is filled before the next is used."""
+        need, gpus = len(g.members), g.shape[1]
+        plan = []
+        for ex in self.executors.values():
+            k = min(ex.room(g.shape), need - len(plan))
+            if k <= 0:
+                continue
+            free = dict(ex.gpu_free)
+            share = gpu_share(gpus)[1] if gpus > 0 else 0.0
+            for _ in range(k):
+                devices = pick_gpus(free, gpus)
+                if devices is None:
+                    break
+                for d in devices:
+                    free[d] -= share
+                plan.append((ex, devices))
+            if len(plan) == need:
+                return plan
+        return None
+
+    def start_gang(self, g, plan):
+        """Reserve every member's place and spawn its worker; the CALLs go when all are READY."""
+        g.state = SPAWNING
+        for rank, (ex, devices) in enumerate(plan):
+            c = g.members[rank]
+            c.state = SPAWNING
+            g.tokens.add(self.spawn(ex, self.reserve(ex, g.shape, devices), c, None))
+        log.info("gang %s: %d members placed on %d executors", g.id.hex(), len(plan), len({ex for ex, _ in plan}))
+
+    def gang_ready(self, w, c, token, info):
+        g, rank = c.gang
+        g.tokens.discard(token)
+        w.held = c.shape
+        if g.state != SPAWNING or c.state != SPAWNING:  # not this attempt's (its spawns are dropped)
+            self.release_worker(w)
+            return self.kill_worker(w)
+        w.gang = (g, rank)
+        c.worker = w
+        g.workers[rank] = w
+        addr = info.get("addr")
+        g.addrs[rank] = addr if isinstance(addr, str) and 0 < len(addr) <= 256 else f"{w.ex.host}:0"
+        if not g.tokens and all(x is not None for x in g.workers):
+            self.launch_gang(g)
+
+    def launch_gang(self, g):
+        """Every member's worker is READY: send the n CALLs in this loop turn, each with its context."""
+        g.state = RUNNING
+        n = len(g.members)
+        local, by_ex = [0] * n, {}
+        for r, w in enumerate(g.workers):
+            on = by_ex.setdefault(w.ex, [])
+            local[r] = len(on)
+            on.append(r)
+        common = P.dumps_json({"gang": g.id.hex(), "world_size": n, "addresses": g.addrs})
+        lead = g.members[0]
+        frames = lead.frames                   # [hdr, deps, payload, *buffers, member ids]
+        hdr = bytes(frames[0])
+        now = time.monotonic()
+        for r, c in enumerate(g.members):
+            w = g.workers[r]
+            opts = hdr[-1] | P.HAS_GANG
+            out = [P.C[P.CALL] + c.id + hdr[16:-1]]
+            if c.code_hash not in w.code_seen:
+                w.code_seen.add(c.code_hash)
+                opts |= P.HAS_CODE
+                out.append(self.code[c.code_hash])
+            out[0] += bytes([opts])
+            if frames[1]:
+                out.append(frames[1])
+            out.extend(frames[2:-1])
+            out.append(b'{"rank":%d,"local_rank":%d,"local_world_size":%d,' % (r, local[r], len(by_ex[w.ex]))
+                       + common[1:])
+            if lead.deps:
+                for d in lead.deps:
+                    out.extend(lead.depv[d][1:])
+            w.inflight[c.id] = c
+            c.worker, c.state, c.started = w, RUNNING, now
+            if c.timeout:
+                heapq.heappush(self.timeouts, (now + c.timeout, next(self._seq), c))
+            self.to_workers.setdefault(w, []).append(out)  # one CALL per worker: never a BATCH
+        log.info("gang %s: %d members started", g.id.hex(), n)
+
+    def gang_done(self, c, status, frames):
+        """A member's DONE: held until every member has one, so that a crash can still rerun all."""
+        g, rank = c.gang
+        if c.state != RUNNING or g.state != RUNNING:
+            return
+        if status != P.OK:
+            return self.finish(c, status, None, frames)  # gang_outcome stops the others
+        c.state = HELD
+        g.outcomes[rank] = frames
+        g.held += 1
+        if g.held == len(g.members):
+            g.state = DONE
+            self.gangs.pop(g.id, None)
+            for r, m in enumerate(g.members):
+                self.finish(m, P.OK, None, g.outcomes[r])
+            self.gang_release(g)
+
+    def gang_outcome(self, c, status, frames):
+        """``finish`` gave member ``c`` an outcome (a failure, a cancel, a timeout, an argument that
+        failed, ...). Before the gang starts, every member gets the same; once it has started, the
+        others are stopped."""
+        g, rank = c.gang
+        if g.state == DONE:
+            return
+        if g.state in (WAITING, QUEUED):
+            g.state = DONE
+            self.gangs.pop(g.id, None)
+            if status != P.OK:
+                kept = [status, *frames]
+                for m in g.members:
+                    if m.state != DONE:
+                        self.finish_copy(m, kept)
+            return
+        if status == P.OK:
+            return
+        g.state = DONE
+        what = {P.TIMEOUT: "ran longer than its timeout", P.CANCELLED: "was cancelled",
+                P.USER_ERROR: "raised an exception", P.SERIALIZATION: "returned a result that cannot be pickled",
+                }.get(status, "failed")
+        self.gang_end(g, P.CANCELLED if status == P.CANCELLED else P.GANG_FAILED,
+                      f"gang member rank {rank} of {len(g.members)} {what} (its own Future says what happened), "
+                      f"so the other members were stopped")
+
+    def gang_crashed(self, g, rank, why, charge=True, retry=True):
+        """A member's process died, or its worker could not start: rerun the whole gang while its
+        retries last (``charge=False``: rerun without counting it), else fail every member."""
+        if g.state not in (SPAWNING, RUNNING):
+            return
+        n = len(g.members)
+        if retry and (not charge or g.retries > 0):
+            if charge:
+                g.retries -= 1
+                self.stats["retried"] += 1
+            log.info("gang %s: rank %d of %d died (%s): starting the whole gang again (%d retries left)",
+                     g.id.hex(), rank, n, why, g.retries)
+            self.gang_release(g)
+            for c in g.members:
+                c.state, c.worker, c.started = QUEUED, None, 0.0
+            g.state = QUEUED
+            self.gang_queue.appendleft(g)
+            return
+        g.state = DONE
+        self.gang_end(g, P.GANG_FAILED, f"gang member rank {rank} of {n} died ({why})"
+                                        f"{' and the gang has no retries left' if retry else ''}, "
+                                        f"so the whole gang was stopped")
+
+    def gang_end(self, g, status, msg):
+        """Give every member without an outcome ``status``/``msg`` (a held OK result is delivered),
+        then kill the gang's workers and return its places."""
+        self.gangs.pop(g.id, None)
+        text = msg.encode()
+        for r, c in enumerate(g.members):
+            if c.state == HELD:
+                self.finish(c, P.OK, None, g.outcomes[r])
+            elif c.state != DONE:
+                self.finish(c, status, text)
+        self.gang_release(g)
+
+    def gang_release(self, g):
+        """Drop this attempt: its pending spawns, and its workers (killed), returning their places."""
+        for tok in g.tokens:
+            sp = self.spawns.pop(tok, None)
+            if sp is not None and sp[0].ident in self.executors:
+                ex = sp[0]
+                ex.free_cpus += g.shape[0]
+                ex.free_mem += g.shape[2]
+                ex.give_gpus(sp[1], g.shape[1])
+        g.tokens = set()
+        for w in g.workers:
+            if w is None:
+                continue
+            w.gang = None
+            w.inflight.clear()
+            self.return_resources(w)
+            if w.ident in self.workers:
+                self.kill_worker(w)
+        n = len(g.members)
+        g.workers, g.addrs, g.outcomes, g.held = [None] * n, [None] * n, [None] * n, 0
