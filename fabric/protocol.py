@@ -21,7 +21,7 @@ import struct
 
 from .errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: the call header gained max_containers and min_warm; code frames start with a name
 SIG = b"FB" + bytes([VERSION])
 
 # --- commands -------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ GARBAGE = [
     [b"hello"],
     [b"FB"],
     [b"FB\x09\x02"],                         # another protocol version
-    [b"FB\x01\xff"],                         # unknown command
+    [P.SIG + b"\xff"],                       # unknown command
     [P.C[P.SUBMIT] + b"short header", b"p"],
     [P.C[P.SUBMIT] + b"x" * P.CALL_HDR.size, b"p"],           # before HELLO
     [P.C[P.DONE] + b"x" * P.RESULT_HDR.size, b"p"],           # a driver pretending to be a worker

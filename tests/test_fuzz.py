@@ -355,7 +355,7 @@ def message(draw, pool, code_hashes):
     if what == "garbage":
         ident, frames = draw(sender(pool)), draw(st.lists(st.binary(max_size=48), min_size=1, max_size=5))
     elif what == "empty":
-        ident, frames = draw(sender(pool)), draw(st.sampled_from([[b""], [b"", b""], [b"", b"FB\x01\x01"]]))
+        ident, frames = draw(sender(pool)), draw(st.sampled_from([[b""], [b"", b""], [b"", P.SIG + b"\x01"]]))
     elif what == "bad-first-frame":
         c = draw(st.integers(0, 255))
         first = draw(st.one_of(
