@@ -234,3 +234,13 @@ def test_the_supervisor_gives_up_on_a_broker_that_cannot_start(tmp_path):
     assert r.returncode == 1
     text = log.read_text()
     assert "giving up" in text and "refusing to listen" in r.stderr
+
+
+def test_journal_reader_stops_at_a_malformed_record(tmp_path):
+    good = J.encode(J.CODE, [b"h" * 16, b"code"])
+    path = tmp_path / "j.bin"
+    path.write_bytes(good + b"\x01\x00\x00\x00\x02\x00\x00" + good)  # a length too small to be a record
+    assert [k for k, _ in J.read(str(path))] == [J.CODE]
+    rec = J.encode(J.FORGET, [b"x" * 16])
+    path.write_bytes(good + rec[:7] + (100).to_bytes(4, "little") + rec[11:])  # a frame longer than its record
+    assert [k for k, _ in J.read(str(path))] == [J.CODE]

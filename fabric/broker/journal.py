@@ -46,33 +46,42 @@ def encode(kind: int, frames) -> bytes:
 
 
 def read(path: str):
-    """Yield ``(kind, frames)`` for each whole record in the file, oldest first."""
+    """Yield ``(kind, frames)`` for each whole record in the file, oldest first (streamed: a long
+    journal is not read into memory at once)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         return
-    view, pos, end = memoryview(data), 0, len(data)
-    while pos + _REC.size <= end:
-        total, kind, n = _REC.unpack_from(view, pos)
-        stop = pos + 4 + total
-        if stop > end:
-            log.warning("journal %s: ignored a torn record at its end (%d bytes)", path, end - pos)
-            return
-        frames, p = [], pos + _REC.size
-        try:
-            for _ in range(n):
-                (ln,) = _LEN.unpack_from(view, p)
-                frames.append(bytes(view[p + 4:p + 4 + ln]))
-                p += 4 + ln
-        except struct.error:
-            log.warning("journal %s: ignored a malformed record at offset %d", path, pos)
-            return
-        if p != stop:
-            log.warning("journal %s: ignored a malformed record at offset %d", path, pos)
-            return
-        yield kind, frames
-        pos = stop
+    with f:
+        pos = 0
+        while True:
+            head = f.read(_REC.size)
+            if not head:
+                return
+            if len(head) < _REC.size:
+                log.warning("journal %s: ignored a torn record at its end (%d bytes)", path, len(head))
+                return
+            total, kind, n = _REC.unpack(head)
+            if total < 3:
+                log.warning("journal %s: ignored a malformed record at offset %d and what follows", path, pos)
+                return
+            body = f.read(total - 3)
+            if len(body) < total - 3:
+                log.warning("journal %s: ignored a torn record at its end (%d bytes)", path, len(head) + len(body))
+                return
+            frames, p, view = [], 0, memoryview(body)
+            try:
+                for _ in range(n):
+                    (ln,) = _LEN.unpack_from(view, p)
+                    frames.append(bytes(view[p + 4:p + 4 + ln]))
+                    p += 4 + ln
+            except struct.error:
+                p = -1
+            if p != len(body):
+                log.warning("journal %s: ignored a malformed record at offset %d and what follows", path, pos)
+                return
+            yield kind, frames
+            pos += _REC.size + len(body)
 
 
 class Journal:
