@@ -261,7 +261,7 @@ def test_small_objects_do_not_touch_the_store(env):
     assert digest.remote(small).result(timeout=60) == (h(small), small.shape, small.dtype.str)
     assert digest.remote(fabric.put(small)).result(timeout=60)[0] == h(small)
     assert make.remote(1, 1000).result(timeout=60).shape == (1000,)
-    assert env.objects() == before
+    assert env.objects() <= before  # nothing added (earlier tests' dropped puts may have gone)
     assert env.cached() == cached
 
 
