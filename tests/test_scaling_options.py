@@ -45,11 +45,11 @@ def _fn(name):
 
 
 def test_max_containers_caps_concurrency_without_blocking_other_calls(cluster):
-    t0 = time.time()
     capped = [one_at_a_time.remote(i) for i in range(4)]
     other = quick.remote(7)
     assert other.result(timeout=30) == 7
-    assert time.time() - t0 < 0.9  # it did not wait behind the capped calls queued before it
+    # it did not wait behind the capped calls queued before it (they take 4 x 0.3 s, one by one)
+    assert sum(not f.done() for f in capped) >= 2
     st = _fn("one_at_a_time")
     assert st["max_containers"] == 1 and st["kind"] == "fn"
     assert st["running"] == 1 and st["waiting"] >= 1
