@@ -244,3 +244,47 @@ def test_journal_reader_stops_at_a_malformed_record(tmp_path):
     rec = J.encode(J.FORGET, [b"x" * 16])
     path.write_bytes(good + rec[:7] + (100).to_bytes(4, "little") + rec[11:])  # a frame longer than its record
     assert [k for k, _ in J.read(str(path))] == [J.CODE]
+
+
+KEYED_DRIVER = r"""
+import os, sys, time, fabric
+fabric.init(address=os.environ["ADDR"])
+
+@fabric.fn
+def slow(i):
+    time.sleep(0.3)
+    return i
+
+futs = [slow.remote(i) for i in range(10)]
+print("SUBMITTED", flush=True)
+sys.stdin.readline()
+print("RESULTS", fabric.get(futs, timeout=60), slow.remote(42).result(timeout=30), flush=True)
+"""
+
+
+def test_a_keyed_cluster_restarts_and_its_drivers_reconnect_encrypted(tmp_path, monkeypatch):
+    """With CurveZMQ keys the restarted broker loads them again and every peer redoes its handshake."""
+    keys = tmp_path / "keys"
+    r = subprocess.run([sys.executable, "-m", "fabric.cli", "keys", "init", str(keys)], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("FABRIC_KEYS", str(keys))
+    from fabric.cluster import LocalCluster
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cl = LocalCluster(address=address, cpus=2, parent_pid=0, log_dir=str(tmp_path / "logs"),
+                      journal=str(tmp_path / "journal.bin"))
+    os.makedirs(cl.log_dir, exist_ok=True)
+    cl.start()
+    try:
+        assert wait_for(lambda: (_status(address) or {}).get("executors"), timeout=20)
+
+        def meanwhile(p):
+            time.sleep(0.5)
+            _kill_broker(address)
+
+        rc, out, err = _drive(KEYED_DRIVER, dict(ADDR=address, FABRIC_KEYS=str(keys)), "SUBMITTED", meanwhile)
+        assert rc == 0 and f"RESULTS {list(range(10))} 42" in out, (out, err)
+        assert "restarted" in err
+    finally:
+        cl.stop()
