@@ -284,11 +284,12 @@ fabric's sync p50. What would close the rest: the broker's per-message loop in C
 work is ~25 us per hop) or fewer hops (a driver talking to a leased worker directly for
 back-to-back sync calls, the way Ray's direct task transport does).
 
-*bigarg*: the first call with a 100 MB array pays for fresh shared-memory pages: on this VM,
-allocating and faulting 100 MB of tmpfs costs ~65-75 ms whatever the method (ftruncate,
-fallocate, MAP_POPULATE); later calls reuse the driver's pool file and take ~30 ms (copy ~10 ms,
-the worker's map and sum ~15 ms). A pre-faulted arena (as Ray's object store keeps) would make
-the first call cost the same as later ones.
+*bigarg*: fresh shared-memory pages are slow on this VM (allocating and faulting 100 MB of
+tmpfs costs ~65-75 ms whatever the method), so each driver's pool starts with a 128 MiB arena
+made ahead in a background thread (`FABRIC_SHM_ARENA`); a call then takes ~30 ms (copy ~10 ms,
+the worker's map and sum ~15 ms). What remains in the first timed call is the second worker's
+cold start (its first call imports numpy, ~90 ms): the benchmark, like peers.py, warms one
+worker only.
 
 The broker's resident memory stays flat over 1,000,000 calls; 100,000 pending calls cost
 driver and broker together ~150 MB (each pending Future keeps what it sent until its outcome,

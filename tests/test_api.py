@@ -226,3 +226,23 @@ def test_init_twice_and_status(cluster):
     assert len(st["executors"]) == 1 and st["executors"][0]["cpus"] == 2
     with pytest.raises(fabric.FabricError, match="already connected"):
         fabric.init(address="tcp://127.0.0.1:1")
+
+
+def test_the_shared_memory_arena_is_ready_ahead_and_cleaned_up(tmp_path):
+    """The driver's pool starts with one pre-faulted arena (FABRIC_SHM_ARENA), made in the
+    background; the first large argument takes it, others get files of their own; close()
+    removes them all."""
+    from fabric import serde
+
+    pool = serde.ShmPool(str(tmp_path), arena=8 << 20)
+    pool.arena_thread.join(10)
+    assert [(s, p) for s, p, _ in pool.free] == [(8 << 20, pool.arena_path)]
+    first = pool.take(5 << 20)
+    assert first[1] == pool.arena_path  # a smaller array may use the whole arena
+    second = pool.take(5 << 20)          # the arena is busy: a file of its own
+    assert second[1] != pool.arena_path and second[0] == 5 << 20
+    pool.give_back([first, second], reuse=True)
+    assert len(os.listdir(tmp_path)) == 2
+    pool.close()
+    assert os.listdir(tmp_path) == []
+    assert serde.ShmPool(str(tmp_path), arena=0).arena_thread is None
