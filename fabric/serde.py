@@ -118,6 +118,7 @@ class ShmPool:
         self.arena_path = None
         self.arena_thread = None
         arena = SHM_ARENA if arena is None else arena
+        sweep_shm(directory)
         if arena > 0:
             self.arena_path = self._path()
             self.arena_thread = threading.Thread(target=self._make_arena, args=(arena,), name="fabric-shm-arena",
@@ -185,6 +186,32 @@ class ShmPool:
             free, self.free = self.free, []
         for _, path, mm in free:
             _discard(path, mm)
+
+
+def sweep_shm(directory: str = "/dev/shm") -> int:
+    """Remove shared-memory files of drivers that died without cleaning up (SIGKILL): files are
+    named ``fabric-<pid>-<random>``, so a dead pid's are nobody's. Returns how many went."""
+    from .config import pid_alive
+
+    n = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    me = os.getuid()
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "fabric" or not parts[1].isdigit():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid != me or pid_alive(int(parts[1])):
+                continue
+            os.unlink(path)
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+

@@ -232,9 +232,17 @@ def test_the_shared_memory_arena_is_ready_ahead_and_cleaned_up(tmp_path):
     """The driver's pool starts with one pre-faulted arena (FABRIC_SHM_ARENA), made in the
     background; the first large argument takes it, others get files of their own; close()
     removes them all."""
+    import subprocess
+
     from fabric import serde
 
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f"fabric-{dead.pid}-0123456789ab").write_bytes(b"x" * 4096)  # a SIGKILLed driver's
+    (tmp_path / f"fabric-{os.getpid()}-ba9876543210").write_bytes(b"x")     # a live one's (ours)
     pool = serde.ShmPool(str(tmp_path), arena=8 << 20)
+    assert not (tmp_path / f"fabric-{dead.pid}-0123456789ab").exists()  # swept on start
+    (tmp_path / f"fabric-{os.getpid()}-ba9876543210").unlink()
     pool.arena_thread.join(10)
     assert [(s, p) for s, p, _ in pool.free] == [(8 << 20, pool.arena_path)]
     first = pool.take(5 << 20)

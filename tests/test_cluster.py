@@ -1,6 +1,7 @@
 """A `fabric start` cluster joined by a second `fabric executor`, driven by user scripts; and
 hostile frames thrown at the broker's socket by a raw ZeroMQ client."""
 import json
+import glob
 import os
 import subprocess
 import sys
@@ -203,11 +204,16 @@ def forever():
 class Holder:
     def ping(self):
         return 1
+@fabric.fn
+def size(a):
+    return a.nbytes
+import numpy as np
 h = Holder.remote()
 h.ping.remote().result(timeout=60)
+assert size.remote(np.ones(1 << 18)).result(timeout=60) == 2 << 20   # through shared memory
 forever.remote()
 time.sleep(1.0)
-print("READY", flush=True)
+print("READY", os.getpid(), flush=True)
 os.kill(os.getpid(), 9)
 """ % cl.address
         r = run_script(code, timeout=60)
@@ -217,6 +223,8 @@ os.kill(os.getpid(), 9)
                         and status()["drivers"] == 0, timeout=20)
         assert wait_for(lambda: status()["executors"][0]["free_cpus"] == 2, timeout=10), status()
         assert "silent for" in open(os.path.join(str(tmp_path), "broker.log")).read()
+        pid = int(r.stdout.split("READY")[1].split()[0])
+        assert not glob.glob(f"/dev/shm/fabric-{pid}-*")  # its shared memory was swept too
         # a driver dropped for silence that speaks again is taken back and told so (WELCOME with
         # "rejoin", so a real client re-sends what it waits for); its call is then judged as usual
         ctx = zmq.Context()

@@ -669,6 +669,20 @@ class Broker(GangScheduling):
         log.info("shutdown requested by %s", ident.hex())
         self.running = False
 
+    def sweep_driver_shm(self, d):
+        """A driver on this host that died (SIGKILL) leaves its shared-memory files: remove them."""
+        import glob
+        import socket
+
+        pid = d.get("pid")
+        if not isinstance(pid, int) or pid <= 0 or d.get("host") != socket.gethostname() or config.pid_alive(pid):
+            return
+        for path in glob.glob(f"/dev/shm/fabric-{pid}-*"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     # ---------------------------------------------------------------- executors
     def on_exec_hello(self, ident, head, f):
         info = P.loads_json(f[0].bytes)
@@ -1327,6 +1341,7 @@ class Broker(GangScheduling):
                 log.warning("driver %s (pid %s on %s) silent for %.0fs: cancelling its calls and instances",
                             did.hex(), d.get("pid"), d.get("host"), now - d["seen"])
                 self.on_bye(b"d" + did, b"", [])
+                self.sweep_driver_shm(d)
         if self.parent_pid and not config.pid_alive(self.parent_pid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.running = False
