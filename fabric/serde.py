@@ -117,7 +117,8 @@ class ShmPool:
         self.closed = False
         self.arena_path = None
         self.arena_thread = None
-        arena = SHM_ARENA if arena is None else arena
+        if arena is None:  # a worker making nested calls is a driver too, but a short-lived one
+            arena = 0 if os.environ.get("FABRIC_EXECUTOR_PID") else SHM_ARENA
         sweep_shm(directory)
         if arena > 0:
             self.arena_path = self._path()
