@@ -209,9 +209,9 @@ class Client:
         self.epoch = b""                               # the broker's; a new one means it restarted
         self.puts = weakref.WeakValueDictionary()      # put() objects alive here: re-sent on restart
         self.rejoins = 0
-        self.extra_outcomes = 0
+        self.extra_outcomes = 0  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
         self.spilled: dict[bytes, list] = {}           # put() id -> store keys of its spilled object
-        self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
+        self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
         self.d.send_multipart([P.C[P.HELLO], hello])
         self.r.send_multipart([P.C[P.HELLO], hello])
@@ -267,12 +267,12 @@ class Client:
         if shm_used:
             fut._shm = shm_used
         opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts()
-        parts = [b"", b"".join(f.id for f in deps), payload, *bufs] if deps else [b"", payload, *bufs]
+        body = [b"".join(f.id for f in deps), payload, *bufs] if deps else [payload, *bufs]  # after the header
         members = None
         if gang:  # the members' call ids follow the buffers, rank 0 (this call's id) first
             members = [fut] + [Future(self.new_id(), self, f"{label}[rank {r}]") for r in range(1, gang)]
             fut.label = f"{label}[rank 0]"
-            parts.append(b"".join(f.id for f in members))
+            body.append(b"".join(f.id for f in members))
             opts |= P.HAS_GANG
             for f in members[1:]:
                 self.pending[f.id] = f
@@ -280,16 +280,12 @@ class Client:
                   float(timeout or 0.0), len(bufs), flags)
         self.pending[cid] = fut
         limits = (int(max_containers or 0), int(min_warm or 0))
-        fut._sub = (fields, opts, code_hash, code_blob, parts[1:], deps or None, limits)
+        fut._sub = (fields, opts, code_hash, code_blob, body, deps or None, limits)
         if members:
             for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
                 f._sub = fut._sub
         with self.lock:
-            if code_blob is not None and code_hash not in self.code_sent:
-                self.code_sent.add(code_hash)
-                parts.insert(1, code_blob)
-                opts |= P.HAS_CODE
-            parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts, *limits)
+            parts = self._submit_message(fut._sub)
             now = time.perf_counter()
             if self.outq or now - self.last_submit < BURST_GAP:
                 self.outq.append(parts)  # a burst: batch it (flushed by size, wait() or the IO thread)
@@ -302,6 +298,18 @@ class Client:
                 f._pin -= 1
         return members if gang else fut
 
+    def _submit_message(self, sub) -> list:
+        """The SUBMIT message of ``Future._sub``, with the code if this connection has not sent
+        it yet (caller holds self.lock)."""
+        fields, opts, code_hash, code_blob, body, _, limits = sub
+        parts = [b"", *body]
+        if code_blob is not None and code_hash not in self.code_sent:
+            self.code_sent.add(code_hash)
+            parts.insert(1, code_blob)
+            opts |= P.HAS_CODE
+        parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts, *limits)
+        return parts
+
     def _throttle(self):
         """Backpressure: wait until the pending calls are down to 90% of MAX_PENDING."""
         low = MAX_PENDING * 9 // 10
@@ -309,20 +317,7 @@ class Client:
         while len(self.pending) > low:
             if self.closed:
                 raise ConnectionFailed("the fabric client was shut down while waiting to submit")
-            self.last_user = time.monotonic()
-            if self.outq:
-                with self.lock:
-                    self._flush_out()
-            if self.dropped or self.dropped_actors or self.to_release:
-                self._flush_releases()
-            if self.rlock.acquire(blocking=False):
-                try:
-                    self._pump(0.05)
-                finally:
-                    self.rlock.release()
-            else:
-                with self.cond:
-                    self.cond.wait(0.005)
+            self._wait_round(0.05)
 
     def _rejoin(self, info: dict):
         """The broker restarted (a new epoch) or had dropped us: send again every call we still
@@ -347,14 +342,8 @@ class Client:
                             and type(dep) is not ReadyFuture and dep.id not in again):
                         again.add(dep.id)
                         P.send(self.d, self._put_message(dep.id, dep._outcome()))
-            for fields, opts, code_hash, code_blob, body, _, limits in subs:
-                parts = [b"", *body]
-                if code_blob is not None and code_hash not in self.code_sent:
-                    self.code_sent.add(code_hash)
-                    parts.insert(1, code_blob)
-                    opts |= P.HAS_CODE
-                parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts, *limits)
-                self.outq.append(parts)
+            for sub in subs:
+                self.outq.append(self._submit_message(sub))
                 if len(self.outq) >= BATCH_MAX:
                     self._flush_out()
             self._flush_out()
@@ -466,24 +455,30 @@ class Client:
             left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
             if left <= 0:
                 return
-            self.last_user = now = time.monotonic()
-            if self.outq:
-                with self.lock:
-                    self._flush_out()
-            if self.dropped or self.dropped_actors or (self.to_release and now - self.last_flush > 0.05):
-                self._flush_releases()  # dropped instances free resources this wait may need
-            if self.rlock.acquire(blocking=False):
-                try:
-                    self._pump(left)
-                finally:
-                    self.rlock.release()
-            else:
-                with self.cond:
-                    if all(f._state != _DONE for f in todo):
-                        self.cond.wait(min(left, 0.005))
+            self._wait_round(left, todo)
             still = [f for f in todo if f._state != _DONE]
             need -= len(todo) - len(still)
             todo = still
+
+    def _wait_round(self, left, todo=()):
+        """One round of a user thread's waiting: send what is buffered, release what can be,
+        then receive for up to ``left`` seconds, or, while another thread receives, wait for it
+        (unless one of ``todo`` is done already)."""
+        self.last_user = now = time.monotonic()
+        if self.outq:
+            with self.lock:
+                self._flush_out()
+        if self.dropped or self.dropped_actors or (self.to_release and now - self.last_flush > 0.05):
+            self._flush_releases()  # dropped instances free resources this wait may need
+        if self.rlock.acquire(blocking=False):
+            try:
+                self._pump(left)
+            finally:
+                self.rlock.release()
+        else:
+            with self.cond:
+                if all(f._state != _DONE for f in todo):
+                    self.cond.wait(min(left, 0.005))
 
     def _io_loop(self):
         while not self.closed:

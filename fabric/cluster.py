@@ -118,8 +118,4 @@ class LocalCluster:
         self.procs.clear()
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
-        for path in glob.glob(f"/dev/shm/fabric-{os.getpid()}-*"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        config.remove_shm(os.getpid())

@@ -286,13 +286,7 @@ class Broker(GangScheduling):
             except OSError:
                 pass
         if self.parent_pid:  # an embedded cluster outlives a killed driver: sweep its shared memory
-            import glob
-
-            for path in glob.glob(f"/dev/shm/fabric-{self.parent_pid}-*"):
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            config.remove_shm(self.parent_pid)
         log.info("stopped")
 
     def handle(self, frames):
@@ -339,8 +333,11 @@ class Broker(GangScheduling):
             d = self.drivers.setdefault(ident[1:], {"since": time.time()})
             d.update({k: info[k] for k in ("pid", "host", "name") if k in info})
             d["seen"] = time.monotonic()
-        self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(),
-                                                        "epoch": self.epoch})])
+        self.send([ident, P.C[P.WELCOME], self.welcome()])
+
+    def welcome(self, **extra) -> bytes:
+        """WELCOME's JSON to drivers and control clients (``rejoin=True``: re-send what you wait for)."""
+        return P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(), "epoch": self.epoch, **extra})
 
     def rejoin(self, did, d=None):
         """A driver this broker does not know speaks: a broker restart, or a silence that
@@ -349,8 +346,7 @@ class Broker(GangScheduling):
         if d is None:
             d = self.drivers[did] = {"since": time.time(), "seen": time.monotonic()}
         log.info("driver %s rejoined", did.hex())
-        self.send([b"r" + did, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(),
-                                                             "epoch": self.epoch, "rejoin": True})])
+        self.send([b"r" + did, P.C[P.WELCOME], self.welcome(rejoin=True)])
         return d
 
     def on_submit(self, ident, head, f):
@@ -548,8 +544,7 @@ class Broker(GangScheduling):
             code = self.code.get(h)
             out.append({"name": P.code_name(code) if code is not None else "?", "hash": h.hex()[:12],
                         "kind": fn.kind, "min_warm": fn.min_warm, "max_containers": fn.max_containers or None,
-                        "running": fn.running, "waiting": sum(1 for c in fn.capped if getattr(c, "state", 0) == QUEUED
-                                                                or isinstance(c, Actor)),
+                        "running": fn.running, "waiting": sum(1 for c in fn.capped if isinstance(c, Actor) or c.state == QUEUED),
                         "warm": sum(1 for w in self.workers.values() if h in w.code_seen and
                                     (w.pool or (w.actor is not None and w.actor.fn is fn))),
                         "cpus": fn.shape[0], "gpus": fn.shape[1], "memory": fn.shape[2]})
@@ -671,17 +666,11 @@ class Broker(GangScheduling):
 
     def sweep_driver_shm(self, d):
         """A driver on this host that died (SIGKILL) leaves its shared-memory files: remove them."""
-        import glob
         import socket
 
         pid = d.get("pid")
-        if not isinstance(pid, int) or pid <= 0 or d.get("host") != socket.gethostname() or config.pid_alive(pid):
-            return
-        for path in glob.glob(f"/dev/shm/fabric-{pid}-*"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if isinstance(pid, int) and pid > 0 and d.get("host") == socket.gethostname() and not config.pid_alive(pid):
+            config.remove_shm(pid)
 
     # ---------------------------------------------------------------- executors
     def on_exec_hello(self, ident, head, f):
