@@ -5,6 +5,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -252,6 +253,25 @@ os.kill(os.getpid(), 9)
             again = r.recv_multipart()
             assert again[0] == P.C[P.WELCOME] and P.loads_json(again[1])["rejoin"] is True
             assert status()["drivers"] == 1 and status()["calls_pending"] == 0
+            # a Future argument of its own that the broker does not hold: also a re-send request
+            # (that call went to a broker before a restart). Still missing after several rejoins,
+            # it is not coming back: the call is refused, with a message that says why
+            import hashlib
+            code = b"f\0x"
+            lost = did + bytes(7) + b"\x09"
+            hdr = P.pack_call(did + bytes(7) + b"\x02", hashlib.blake2b(code, digest_size=16).digest(), P.TASK,
+                              P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 0, 0, P.HAS_CODE | P.HAS_DEPS)
+            answers = []
+            for _ in range(8):
+                time.sleep(0.55)  # the broker asks at most every 0.5 s
+                d.send_multipart([P.C[P.SUBMIT] + hdr, code, lost, b"x"])
+                assert r.poll(10000)
+                answers.append(r.recv_multipart())
+                if answers[-1][0] != P.C[P.WELCOME]:
+                    break
+            assert [a[0] for a in answers] == [P.C[P.WELCOME]] * 4 + [P.C[P.RESULT] + P.pack_result(hdr[:16], P.REFUSED)]
+            assert b"does not hold" in answers[-1][1]
+            assert status()["calls_pending"] == 0
         finally:
             ctx.destroy(linger=0)
     finally:

@@ -153,6 +153,51 @@ def test_outcomes_made_before_the_crash_are_kept_not_run_again(journaled, tmp_pa
     assert len(os.listdir(marks)) == 6  # each ran exactly once
 
 
+LOST_DEP_DRIVER = r"""
+import os, sys, fabric
+fabric.init(address=os.environ["ADDR"])
+
+@fabric.fn
+def inc(x):
+    return x + 1
+
+print("READY", inc.remote(0).result(timeout=30), flush=True)
+sys.stdin.readline()               # the broker is frozen now: this call never reaches its loop
+x = inc.remote(1)
+print("SENT", flush=True)
+sys.stdin.readline()               # that broker was killed; its successor never saw x
+d = inc.remote(x)                  # reaches the new broker before this driver learns of it
+print("RESULTS", d.result(timeout=60), x.result(timeout=60), flush=True)
+"""
+
+
+def test_a_call_whose_argument_died_with_the_broker_waits_for_the_rejoin(journaled):
+    """A driver's call X reaches a broker that dies before journaling it; the driver's next call
+    uses X and reaches the restarted broker before the driver knows of the restart. The new
+    broker must not refuse it (it cannot hold X): it asks the driver to rejoin, which re-sends
+    X, then the call."""
+    address = journaled.address
+    p = subprocess.Popen([sys.executable, "-c", LOST_DEP_DRIVER], env=dict(os.environ, PYTHONPATH=REPO, ADDR=address),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    old = _status(address)["pid"]
+    try:
+        assert p.stdout.readline().strip() == "READY 1"
+        os.kill(old, signal.SIGSTOP)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "SENT"
+        time.sleep(0.2)  # x sits unread in the frozen broker's socket
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: (_status(address) or {}).get("pid") not in (None, old), timeout=20)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        out, err = p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "RESULTS 3 2" in out, (out, err)
+
+
 INSTANCE_DRIVER = r"""
 import os, sys, fabric
 fabric.init(address=os.environ["ADDR"])

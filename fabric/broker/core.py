@@ -62,9 +62,15 @@ ACTOR_PIPELINE = int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000))
 # the most calls the broker holds for all drivers together; beyond it, submits are refused (each
 # driver also slows itself at FABRIC_MAX_PENDING, so only many drivers at once reach this)
 MAX_CALLS = int(os.environ.get("FABRIC_MAX_CALLS", 2_000_000))
+DEP_ASKS = 4  # rejoins asked for one missing Future argument before a call needing it is refused
 
 class _NeedCode(Exception):
-    """A SUBMIT names code this broker does not hold (it was sent to a broker before a restart)."""
+    """A SUBMIT names code, or a Future argument of its own driver, that this broker does not
+    hold: they went to a broker before a restart (or were lost with it). Its driver re-sends
+    both, in order, when asked to rejoin."""
+
+    def __init__(self, deps=()):
+        self.deps = deps
 
 
 class Broker(GangScheduling):
@@ -376,16 +382,26 @@ class Broker(GangScheduling):
                     self.to_drivers.setdefault(b"r" + did, []).append([P.C[P.RESULT] + r[1], *r[2:]])
             return
         try:
-            self.submit(cid, did, head, h, f)
-        except _NeedCode:
-            # the driver sent this code to a broker before a restart: ask it to re-send what it
-            # waits for (with code). It will include this call, so nothing is refused or lost
-            self.calls.pop(cid, None)
-            now = time.monotonic()
-            if now - d.get("asked", 0.0) > 0.5:
-                d["asked"] = now
-                self.rejoin(did, d)
-            return
+            try:
+                self.submit(cid, did, head, h, f)
+            except _NeedCode as e:
+                # the driver sent this code or argument to a broker before a restart: ask it to
+                # re-send what it waits for (with code, in order). That includes this call, so
+                # nothing is refused or lost. An argument still missing after several rejoins is
+                # not coming back: the call is refused then
+                self.calls.pop(cid, None)
+                now = time.monotonic()
+                asked = d.setdefault("dep_asks", {})
+                if e.deps and max(asked.get(x, 0) for x in e.deps) >= DEP_ASKS:
+                    return self.submit(cid, did, head, h, f, ask=False)
+                if now - d.get("asked", 0.0) > 0.5:
+                    d["asked"] = now
+                    if len(asked) > 10_000:
+                        asked.clear()
+                    for x in e.deps:
+                        asked[x] = asked.get(x, 0) + 1
+                    self.rejoin(did, d)
+                return
         except ProtocolError as e:  # the caller waits on this id: answer it, not only the socket
             self.calls.pop(cid, None)
             for rid in [cid, *self.gang_ids(cid, did, h, f)]:  # a gang's members all wait too
@@ -428,7 +444,7 @@ class Broker(GangScheduling):
                     if d is not None:
                         d["resend"] = True  # its next heartbeat gets a rejoin: it asks again
 
-    def submit(self, cid, did, head, h, f):
+    def submit(self, cid, did, head, h, f, ask=True):
         _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, warm, _, opts = h
         i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
         if len(f) != i + 1 + nbuf + ((opts & P.HAS_GANG) >> 3):  # the gang frame follows the buffers
@@ -449,6 +465,13 @@ class Broker(GangScheduling):
         if gpus > 1 and gpus != int(gpus):
             raise ProtocolError(f"gpus={gpus:g}: above 1, gpus must be a whole number of devices (a fraction "
                                 f"below 1 shares one device)")
+        if ask and opts & P.HAS_DEPS:
+            # one of this driver's own calls that we do not know: sent to the broker before a
+            # restart, and not journaled when it died. Its driver holds it and re-sends it
+            lost = [x for x in P.split_ids(f[i - 1].bytes) if x[:8] == did and x not in self.results
+                    and x not in self.calls]
+            if lost:
+                raise _NeedCode(lost)
         if kind == P.GANG or opts & P.HAS_GANG:
             self.check_gang(cid, did, kind, opts, f[-1].bytes)
         # keep small frames as bytes: a zmq Frame costs ~10x its size in memory, and 100,000
