@@ -213,6 +213,25 @@ def _ship_by_value(obj):
         pass
 
 
+class _Sig:
+    """A callable's signature, checked at ``.remote()`` so a wrong call fails in the caller, not
+    on the cluster. Positional arguments alone, for a plain signature, are checked by counting
+    (``Signature.bind`` costs ~7 us, a tenth of a sync call's Python)."""
+
+    __slots__ = ("sig", "lo", "hi")
+
+    def __init__(self, sig):
+        self.sig = sig
+        ps = sig.parameters.values()
+        plain = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in ps)
+        self.hi = len(ps) if plain else -1
+        self.lo = sum(1 for p in ps if p.default is p.empty) if plain else 0
+
+    def bind(self, args, kwargs):
+        if kwargs or not self.lo <= len(args) <= self.hi:
+            self.sig.bind(*args, **kwargs)
+
+
 def _signature(obj, skip_self=False):
     try:
         sig = inspect.signature(obj)
@@ -221,13 +240,13 @@ def _signature(obj, skip_self=False):
     if skip_self:
         params = list(sig.parameters.values())[1:]
         sig = sig.replace(parameters=params)
-    return sig
+    return _Sig(sig)
 
 
 def _bind(sig, name, args, kwargs):
     if sig is not None:
         try:
-            sig.bind(*args, **kwargs)
+            sig.bind(args, kwargs)
         except TypeError as e:
             raise TypeError(f"{name}(): {e}") from None
 

@@ -31,6 +31,26 @@ def test_n_calls_on_n_cpus_run_at_the_same_time(cluster):
     assert max(s1, s2) < min(e1, e2)
 
 
+@fabric.fn
+def whose(tag):
+    return tag, os.getpid()
+
+
+@fabric.fn
+def other(tag):
+    return tag, os.getpid()
+
+
+def test_sequential_calls_stay_on_the_worker_that_holds_their_code(cluster):
+    """Sequential calls go to the idle worker that ran the function last (its imports and caches
+    are warm), not round-robin; a second function sticks to a worker in the same way."""
+    fabric.get([span.remote(0.3) for _ in range(2)])  # both workers idle, in some order
+    pids = {whose.remote(i).result()[1] for i in range(20)}
+    assert len(pids) == 1, pids
+    others = {other.remote(i).result()[1] for i in range(20)}
+    assert len(others) == 1, others
+
+
 def test_worker_output_reaches_the_driver_prefixed(cluster, capsys):
     assert chatty.remote(3).result(timeout=30) == 3
     out = capsys.readouterr().out
