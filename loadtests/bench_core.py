@@ -271,25 +271,55 @@ broker together.
 
 
 # Kept by hand (the table above is written by this script): where the time goes, measured with
-# psutil CPU times per process over 3,000 sync and 20,000 async no-op calls on this machine.
+# loadtests/profile_sync.py (psutil CPU per process), perf record and strace -c on this machine.
 ANALYSIS = """## Where the time goes
 
-CPU per call, per process (2 cores, embedded cluster): **sync** (one call in flight) driver
-~130-160 us, broker ~200-250 us, worker ~110-130 us; **async** (10,000 in flight, batched)
-driver ~25-35 us, broker ~45 us, worker ~45 us. With one call in flight nothing can be batched:
-each of the call's 4 messages (driver -> broker -> worker -> broker -> driver) costs a wake-up
-of libzmq's IO thread on both sides, and on 2 shared cores those hand-offs, not Python, are
-most of the latency: the raw ZeroMQ floor (the same 2 hops with no Python work) is 55-60 % of
-fabric's sync p50. What would close the rest: the broker's per-message loop in C (its Python
-work is ~25 us per hop) or fewer hops (a driver talking to a leased worker directly for
-back-to-back sync calls, the way Ray's direct task transport does).
+**Sync calls.** With one call in flight the driver, broker and worker take turns, so a call's
+latency is about the sum of the CPU each process spends on it (`python loadtests/profile_sync.py`
+prints it beside the ZeroMQ floor's):
+
+| per sync call, CPU in us | driver / client | broker | worker(s) | total | p50 |
+|---|---|---|---|---|---|
+| fabric | 115-140 | 170-195 | 100-118 | 385-458 | 380-442 |
+| zmq-floor (same hops, no Python work) | 42-60 | 116-140 | 56-80 | 214-272 | 208-282 |
+
+The transport costs fabric what it costs the floor: `strace -c` on both brokers counts the same
+system calls per call (about 19 `poll`, 23 `getpid` from libzmq's fork check, 2 `sendto`, 2
+`recvfrom`, 4 eventfd reads and writes between the main thread and libzmq's IO thread). The
+difference is Python: `perf record` puts 42 % of the driver's samples, 32 % of the broker's
+(whose IO thread takes 37 %) and 30 % of the worker's in libpython, about 60, 65 and 35 us per
+call; the rest is the kernel (wake-ups and context switches of 4 threads per hop, half of every
+process's samples) and libzmq. In the driver, `.remote()` takes ~40 us, of which ~30 us is the
+send: the eventfd write wakes the driver's IO thread, and on 2 cores the sender is usually
+rescheduled behind it.
+
+Done this round: idle workers are taken most-recent-first, preferring one that holds the call's
+code (warm imports and caches; bigarg went from ~1.9 to ~3.7 GB/s, as every timed call now runs
+on the worker whose numpy is loaded); a loop turn with one message ends with an `EVENTS` check
+(~1.5 us) instead of a failing `recv` (~5 us, an exception); `.remote()` checks plain positional
+calls by counting instead of `Signature.bind` (~7 us).
+
+**What the remaining gaps need.** In the table above, sync p50 is 1.5x the floor (target 1.7x)
+but 3.7x better than Ray's (target 4x); instance call p50 is 1.6x better than Ray's (target 2x);
+async is 7.7x Ray's (target 8x).
+- *Instance and sync latency: fewer hops.* Ray's actor calls go straight from the caller to the
+  actor's worker (2 hops), which is why its actor p50 (670 us) is half its task p50 (1,460 us);
+  every fabric call takes 4 hops through the broker, so fabric's lead over Ray is smaller for
+  instances than for tasks. A direct channel (the broker leases a worker, or an instance's
+  worker, to a driver for back-to-back calls; the driver talks to it over its own socket; the
+  broker revokes the lease when the worker dies, times out or is needed elsewhere) halves the
+  hops: on the floor's figures, ~120-140 us for a round trip.
+- *Async throughput: less Python per call in the broker and worker* (~45 us each, on 2 shared
+  cores). Sending a worker's DONEs in BATCHes would halve the broker's receives, but a DONE held
+  back dies with a crashed worker and turns a finished call into `WorkerCrashed`; it needs the
+  executor to relay what a dead worker had finished. The broker's per-message loop in C
+  (Cython) would cut its ~65 us of Python per sync call and ~45 us per async call.
 
 *bigarg*: fresh shared-memory pages are slow on this VM (allocating and faulting 100 MB of
 tmpfs costs ~65-75 ms whatever the method), so each driver's pool starts with a 128 MiB arena
-made ahead in a background thread (`FABRIC_SHM_ARENA`); a call then takes ~30 ms (copy ~10 ms,
-the worker's map and sum ~15 ms). What remains in the first timed call is the second worker's
-cold start (its first call imports numpy, ~90 ms): the benchmark, like peers.py, warms one
-worker only.
+made ahead in a background thread (`FABRIC_SHM_ARENA`); a call then takes ~25-30 ms: the copy
+into shared memory ~10 ms, the worker's map and sum ~11 ms (prefaulting the mapping with
+`MADV_POPULATE_READ` costs what faulting costs: no gain).
 
 The broker's resident memory stays flat over 1,000,000 calls; 100,000 pending calls cost
 driver and broker together ~150 MB (each pending Future keeps what it sent until its outcome,
