@@ -49,8 +49,8 @@ class Pool:
         """How many calls of this shape one executor of this pool runs at once (0: never fits)."""
         if cpus > self.cpus + 1e-9 or gpus > self.gpus + 1e-9:
             return 0
-        if gpus > 0:  # GPU calls get whole devices on spawned workers
-            by_gpu = self.gpus // math.ceil(gpus)
+        if gpus > 0:  # GPU calls get whole devices on spawned workers; fractions share one
+            by_gpu = (self.gpus * math.floor(1 / gpus + 1e-9)) if gpus < 1 else self.gpus // math.ceil(gpus)
             by_cpu = math.floor(self.cpus / cpus + 1e-9) if cpus > 0 else by_gpu
             return max(0, min(by_gpu, by_cpu))
         pool_workers = max(1, int(self.cpus))  # one call at a time per pool worker
