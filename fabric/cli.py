@@ -301,20 +301,37 @@ def stop(address):
     address = _address(address)
     rec = _recorded()
     try:
-        request(address, P.STATUS, timeout=2)
+        st = request(address, P.STATUS, timeout=2)
     except FabricError as e:
         _forget(address)
         raise click.ClickException(str(e)) from None
+    # the cluster `fabric start` recorded, however the address is spelled (0.0.0.0, a host
+    # name, one of this host's addresses): its broker is one of the recorded processes
+    mine = rec is not None and (rec.get("address") == address or _started_here(st.get("pid"), rec))
     request(address, P.SHUTDOWN)
-    pids = rec.get("pids", []) if rec and rec.get("address") == address else []
+    pids = rec.get("pids", []) if mine else []
     deadline = time.monotonic() + 10
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     for p in pids:
         if pid_alive(p):
             os.kill(p, signal.SIGKILL)
-    _forget(address)
+    _forget(rec["address"] if mine else address)
     click.echo(f"stopped the cluster at {address}")
+
+
+def _started_here(broker_pid, rec) -> bool:
+    """Is the broker answering at an address the one `fabric start` recorded (it or its
+    restarting supervisor is among the recorded processes)?"""
+    if not broker_pid:
+        return False
+    import psutil
+
+    try:
+        p = psutil.Process(broker_pid)
+        return broker_pid in rec.get("pids", ()) or p.ppid() in rec.get("pids", ())
+    except psutil.Error:
+        return False
 
 
 @main.group()

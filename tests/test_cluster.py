@@ -181,7 +181,9 @@ def test_stop_leaves_no_process(tmp_path):
     assert r.returncode == 0, r.stderr
     pids = json.load(open(tmp_path / "cluster.json"))["pids"]
     workers = [c.pid for p in pids for c in psutil.Process(p).children(recursive=True)]
-    r = subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, text=True, timeout=60)
+    # another spelling of its address (this host's name) still finds the recorded cluster
+    r = subprocess.run(FABRIC + ["stop", "--address", f"tcp://localhost:{port}"], env=env, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     alive = lambda p: psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"  # noqa: E731
     assert wait_for(lambda: not any(alive(p) for p in pids + workers), timeout=15)
