@@ -309,11 +309,20 @@ async is 7.7x Ray's (target 8x).
   worker, to a driver for back-to-back calls; the driver talks to it over its own socket; the
   broker revokes the lease when the worker dies, times out or is needed elsewhere) halves the
   hops: on the floor's figures, ~120-140 us for a round trip.
-- *Async throughput: less Python per call in the broker and worker* (~45 us each, on 2 shared
-  cores). Sending a worker's DONEs in BATCHes would halve the broker's receives, but a DONE held
-  back dies with a crashed worker and turns a finished call into `WorkerCrashed`; it needs the
-  executor to relay what a dead worker had finished. The broker's per-message loop in C
-  (Cython) would cut its ~65 us of Python per sync call and ~45 us per async call.
+- *Async throughput: fewer messages per call.* With 10,000 calls in flight, SUBMITs, CALLs
+  and RESULTs already travel in BATCHes, but each worker still sends one DONE per call. A trial
+  that sent a worker's DONEs as BATCHes (held up to 1 ms) cut the broker's CPU per async call
+  from ~50 to ~42 us and the workers' from ~23 to ~17 us each: ~15,500 instead of ~13,200-14,400
+  calls/s on this machine, enough for the 8x. It is not shipped, for two reasons that a design
+  must answer first: a DONE held back dies with a crashed worker, and the broker, which charges
+  the retry to the first call it sent that worker, would then fail a call that had finished
+  (with `retries=0`) while the one that crashed runs again uncharged (the fix: the worker writes
+  the id of the call it runs into a small shared-memory file that its executor reports in
+  WORKER_DIED); and held DONEs wait behind a call predicted short that runs long.
+- *Both: the broker's Python.* An in-process harness (no sockets) puts the broker's own
+  handlers at ~16 us per sync call and the worker's `run()` at ~8 us; the rest of their Python
+  time is pyzmq's per-message layer (poll, Frame objects, send/recv wrappers). Moving the
+  broker's per-message loop to C (Cython over libzmq's C API) would remove most of it.
 
 *bigarg*: fresh shared-memory pages are slow on this VM (allocating and faulting 100 MB of
 tmpfs costs ~65-75 ms whatever the method), so each driver's pool starts with a 128 MiB arena
