@@ -313,12 +313,14 @@ async is 7.7x Ray's (target 8x).
   and RESULTs already travel in BATCHes, but each worker still sends one DONE per call. A trial
   that sent a worker's DONEs as BATCHes (held up to 1 ms) cut the broker's CPU per async call
   from ~50 to ~42 us and the workers' from ~23 to ~17 us each: ~15,500 instead of ~13,200-14,400
-  calls/s on this machine, enough for the 8x. It is not shipped, for two reasons that a design
-  must answer first: a DONE held back dies with a crashed worker, and the broker, which charges
-  the retry to the first call it sent that worker, would then fail a call that had finished
-  (with `retries=0`) while the one that crashed runs again uncharged (the fix: the worker writes
-  the id of the call it runs into a small shared-memory file that its executor reports in
-  WORKER_DIED); and held DONEs wait behind a call predicted short that runs long.
+  calls/s on this machine, enough for the 8x. It is not shipped: the broker takes the oldest
+  call it sent a worker to be the one running, and held DONEs make that wrong. A crash was then
+  charged to a call that had finished (fixed since, for every crash: the worker writes the id
+  of the call it runs into a run file its executor reports in WORKER_DIED); but a CANCEL, or
+  the BYE of a leaving driver, kills the worker of the call it believes runs, and in the trial
+  killed a worker for a call already finished, so that another driver's call ran twice
+  (`test_fuzz.py::test_bye_does_not_rerun_another_drivers_call` caught it). Batched DONEs need
+  those paths to ask the worker what it runs before killing it.
 - *Both: the broker's Python.* An in-process harness (no sockets) puts the broker's own
   handlers at ~16 us per sync call and the worker's `run()` at ~8 us; the rest of their Python
   time is pyzmq's per-message layer (poll, Frame objects, send/recv wrappers). Moving the

@@ -1,4 +1,5 @@
 """Errors as the contract states them, and the cluster keeps serving after each."""
+import glob
 import os
 import signal
 import threading
@@ -7,6 +8,7 @@ import time
 import pytest
 
 import fabric
+from conftest import wait_for
 
 
 @fabric.fn
@@ -95,6 +97,55 @@ def test_worker_crash_after_retries_raises_worker_crashed(cluster, tmp_path):
     with pytest.raises(fabric.WorkerCrashed):
         exit_hard.options(retries=1).remote(3).result(timeout=60)
     assert ok.remote(5).result(timeout=30) == 5  # workers were replaced
+
+
+@fabric.fn(retries=0)
+def step(i, crash, marks):
+    if i in crash:
+        open(os.path.join(marks, f"{i}-{time.time_ns()}"), "w").close()
+        os._exit(1)
+    return i
+
+
+def test_a_crash_in_a_burst_is_blamed_on_the_call_that_crashed(cluster, tmp_path):
+    """Short calls travel to a worker in BATCHes, several in flight at once. When one call kills
+    its worker, that call is charged (no retries: it fails, having run once: its executor says
+    which call the worker was running), and none of the others fails."""
+    marks = str(tmp_path)
+    fabric.get([step.remote(i, (), marks) for i in range(300)])  # known short: batched from now on
+    crash = (150, 231, 317, 390)  # each where it falls in its BATCH: after some held DONEs, or not
+    futs = [step.remote(i, crash, marks) for i in range(400)]
+    failed = []
+    for i, f in enumerate(futs):
+        try:
+            assert f.result(timeout=60) == i
+        except fabric.WorkerCrashed:
+            failed.append(i)
+    assert failed == list(crash)
+    assert len(os.listdir(marks)) == len(crash)  # each ran once: charged, not re-queued as innocent
+    assert ok.remote(5).result(timeout=30) == 5
+
+
+@fabric.fn
+def own_run_file():
+    path = os.environ["FABRIC_RUN_FILE"]
+    with open(path, "rb") as f:
+        return path, f.read()
+
+
+def test_a_worker_names_the_call_it_runs_for_its_executor(cluster):
+    """What the executor reads when a worker dies (WORKER_DIED "running"): the id of the call the
+    worker was running, written before the call starts; the file goes with the worker."""
+    fut = own_run_file.remote()
+    path, running = fut.result(timeout=30)
+    assert running == fut.id
+    pattern = os.path.join(os.path.dirname(path), f"fabric-{path.split('-')[-2]}-run*")  # this executor's
+    before = set(glob.glob(pattern))
+    assert len(before) == 2  # one per pool worker
+    with pytest.raises(fabric.WorkerCrashed):
+        kill_self.remote().result(timeout=60)
+    assert wait_for(lambda: len(set(glob.glob(pattern)) - before) == 1, timeout=20)  # its replacement's
+    assert len(before - set(glob.glob(pattern))) == 1 and len(glob.glob(pattern)) == 2  # the dead one's is gone
 
 
 def test_timeout_kills_and_replaces_the_worker(cluster):

@@ -441,7 +441,7 @@ class Broker(GangScheduling):
                 ok = self.send([w.ident, *msgs[0]] if len(msgs) == 1 else
                                [w.ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
                 if not ok and w.ident in self.workers:
-                    self.lose_worker(w, "unreachable", charge=False)
+                    self.unreachable(w, [m[0][4:20] for m in msgs])
         if self.to_drivers:
             out, self.to_drivers = self.to_drivers, {}
             for driver, msgs in out.items():
@@ -747,10 +747,18 @@ class Broker(GangScheduling):
         info = P.loads_json(f[1].bytes)
         w = self.workers.get(f[0].bytes)
         if w is not None and w.ex.ident == ident:
-            if isinstance(info.get("memory"), str):  # stopped for memory: a retry would do it again
-                self.lose_worker(w, info["memory"][:200], memory=True)
+            running = info.get("running")  # the call it was running: "" none, absent unknown
+            if isinstance(running, str) and len(running) in (0, 2 * P.ID_LEN):
+                try:
+                    running = bytes.fromhex(running)
+                except ValueError:
+                    running = None
             else:
-                self.lose_worker(w, f"exit code {info.get('exitcode')}")
+                running = None
+            if isinstance(info.get("memory"), str):  # stopped for memory: a retry would do it again
+                self.lose_worker(w, info["memory"][:200], memory=True, running=running)
+            else:
+                self.lose_worker(w, f"exit code {info.get('exitcode')}", running=running)
         elif "token" in info:  # a spawned worker that died before saying READY
             sp = self.spawns.get(str(info["token"]))
             if sp is not None and sp[0].ident == ident:  # only the executor asked to spawn it may say so
@@ -855,6 +863,8 @@ class Broker(GangScheduling):
         self.partial.pop(w, None)
         if w.pool and not w.doomed:
             self.idle[w] = None
+        elif w.doomed and not w.killed and w.actor is None and w.gang is None and w.ident in self.workers:
+            self.kill_worker(w)  # it became unreachable with calls in flight: those are done now
 
     def return_resources(self, w):
         if w.held is not None:
@@ -865,9 +875,11 @@ class Broker(GangScheduling):
             ex.give_gpus(w.gpus, gpus)
             w.held = None
 
-    def lose_worker(self, w, why, charge=True, memory=False):
+    def lose_worker(self, w, why, charge=True, memory=False, running=None):
         """``w`` is gone. The call it was running is charged a retry (``charge``: it may have run);
-        calls it had only prefetched, or that never reached it, go back to the queue as they were."""
+        calls it had only prefetched, or that never reached it, go back to the queue as they were.
+        ``running``: the id of the call it was running, as its executor read it (b"": none);
+        None when unknown, and then it is the oldest call sent to it."""
         self.to_workers.pop(w, None)
         self.workers.pop(w.ident, None)
         w.ex.workers.pop(w.ident, None)
@@ -880,8 +892,21 @@ class Broker(GangScheduling):
             return self.gang_crashed(g, rank, why, charge, retry=not memory)
         calls = list(w.inflight.values())
         w.inflight.clear()
-        if memory and calls and calls[0].state == RUNNING:
-            c = calls.pop(0)
+        first = calls[0] if calls and calls[0].state == RUNNING else None
+        if running is None:
+            cut = first
+        elif running:
+            cut = next((c for c in calls if c.id == running and c.state == RUNNING), None)
+        else:  # it died between calls: none is to blame, unless the next one keeps killing
+            cut = None  # workers before it even starts (then after 3 deaths it is charged)
+            if first is not None:
+                first.deaths += 1
+                if first.deaths >= 3:
+                    cut = first
+        if memory and cut is not None:
+            c = cut
+            calls.remove(c)
+            cut = None
             self.finish(c, P.OUT_OF_MEMORY, (f"the worker running this call was stopped: {why} "
                                              f"(memory={c.shape[2] >> 20} MiB)").encode())
             charge = False  # what it had prefetched never ran
@@ -897,10 +922,10 @@ class Broker(GangScheduling):
                 self.kill_actor(a, msg)
         else:
             requeue = []
-            for i, c in enumerate(calls):
+            for c in calls:
                 if c.state != RUNNING:
                     continue
-                if i == 0 and charge:  # the call that was running: charge it a retry
+                if c is cut and charge:  # the call that was running: charge it a retry
                     c.retries -= 1
                     if c.retries < 0:
                         self.finish(c, P.CRASHED, (f"the worker running this call died ({why}) and its "
@@ -918,6 +943,27 @@ class Broker(GangScheduling):
                 self.queues.setdefault(c.shape, deque()).appendleft(c)
         self.return_resources(w)  # the executor replaces pool workers by itself
 
+    def unreachable(self, w, unsent):
+        """CALLs for ``w`` could not be sent: its connection is gone, most likely because its
+        process died, and then its executor's WORKER_DIED follows within ~50 ms, naming the call
+        it was running (the one to charge). So only the calls not sent go back to the queue now;
+        ``w`` gets no more, and what it still holds ends with its DONEs, its WORKER_DIED or its
+        executor's loss. One left with nothing in flight is killed (a connection that dropped
+        while its process lives: the executor starts a fresh one)."""
+        if w.actor is not None or w.gang is not None:
+            return self.lose_worker(w, "unreachable", charge=False)
+        w.doomed = True
+        self.idle.pop(w, None)
+        self.partial.pop(w, None)
+        back = [c for c in (w.inflight.pop(cid, None) for cid in unsent) if c is not None and c.state == RUNNING]
+        for c in reversed(back):
+            if c.maxc and c.kind == P.TASK:
+                self.uncap(c)
+            c.state, c.worker, c.started = QUEUED, None, 0.0
+            self.queues.setdefault(c.shape, deque()).appendleft(c)
+        if not w.inflight:
+            self.kill_worker(w)
+
     def flush_worker(self, w):
         msgs = self.to_workers.pop(w, None)
         if msgs:
@@ -926,7 +972,7 @@ class Broker(GangScheduling):
 
     def kill_worker(self, w):
         """Have the executor kill ``w``; calls it had prefetched go back to the queue uncharged."""
-        w.doomed = True
+        w.doomed = w.killed = True
         self.to_workers.pop(w, None)  # not sent yet: they are requeued below, never run twice
         self.idle.pop(w, None)
         self.partial.pop(w, None)
@@ -1049,7 +1095,7 @@ class Broker(GangScheduling):
                 self.partial.pop(w, None)
         if call.deps:
             if not self.send(out):
-                self.lose_worker(w, "unreachable", charge=False)
+                self.unreachable(w, [call.id])
         else:
             self.to_workers.setdefault(w, []).append(out[1:])
 

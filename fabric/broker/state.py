@@ -36,7 +36,7 @@ def pick_gpus(free, gpus):
 
 class Call:
     __slots__ = ("id", "driver", "frames", "code_hash", "kind", "actor", "shape", "retries",
-                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang", "maxc", "warm")
+                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang", "maxc", "warm", "deaths")
 
     def __init__(self, cid, driver, frames, h):
         self.id = cid
@@ -53,6 +53,7 @@ class Call:
         self.started = 0.0
         self.state = WAITING
         self.gang = None                # (Gang, rank) for the members of a gang
+        self.deaths = 0                 # workers that died with it next, running nothing (see lose_worker)
 
 
 class Executor:
@@ -128,7 +129,7 @@ class Executor:
 
 class Worker:
     __slots__ = ("ident", "ex", "inflight", "held", "gpus", "actor", "credit", "code_seen", "pid", "pool",
-                 "doomed", "gang")
+                 "doomed", "killed", "gang")
 
     def __init__(self, ident, ex, info):
         self.ident = ident
@@ -141,7 +142,8 @@ class Worker:
         self.code_seen = set()
         self.pid = info.get("pid")
         self.pool = info.get("kind") == "pool"
-        self.doomed = False             # a kill was sent: never give it another call
+        self.doomed = False             # a kill was sent, or it is unreachable: never give it another call
+        self.killed = False             # a kill was sent
         self.gang = None                # (Gang, rank) while it runs a member of a gang
 
 

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import zmq
@@ -36,6 +37,7 @@ HEARTBEAT_EVERY = float(os.environ.get("FABRIC_HEARTBEAT_EVERY", 1.0))
 # stopped (its call fails with MemoryLimitExceeded) before the kernel's OOM killer or swapping
 # freezes the host
 MEMORY_RESERVE = float(os.environ.get("FABRIC_MEMORY_RESERVE", 0.05))
+RUN_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 class ExecutorDaemon:
@@ -155,6 +157,7 @@ class ExecutorDaemon:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
         elif self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""  # CPU calls and CPU instances must not grab a GPU
+        env["FABRIC_RUN_FILE"] = self.new_run_file(n)
         cmd = [sys.executable, "-m", "fabric.executor.worker", "--broker", self.broker,
                "--executor-id", self.id.hex(), "--n", str(n), "--kind", kind,
                "--credit", str(self.prefetch if kind == "pool" else 1)]
@@ -169,15 +172,47 @@ class ExecutorDaemon:
                 out.close()
         self.procs[n] = (p, kind, token)
 
+    def run_file(self, n) -> str:
+        """Where worker ``n`` writes the id of the call it is running: after its death that file
+        says which call was cut off (the one to charge a retry or blame for memory), even when
+        the DONEs of calls it finished before never left it. Named like a driver's shared memory
+        (``fabric-<pid>-…``), so the files of a killed executor are swept with them."""
+        return os.path.join(RUN_DIR, f"fabric-{os.getpid()}-run{n}")
+
+    def new_run_file(self, n) -> str:
+        path = self.run_file(n)
+        try:
+            with open(path, "wb") as f:
+                f.write(bytes(P.ID_LEN))
+        except OSError:
+            return ""  # the worker then reports nothing, and the broker blames its oldest call
+        return path
+
+    def read_run_file(self, n):
+        """The id of the call worker ``n`` was running when it died, "" if none, None if unknown."""
+        path = self.run_file(n)
+        try:
+            with open(path, "rb") as f:
+                cid = f.read(P.ID_LEN)
+            os.unlink(path)
+        except OSError:
+            return None
+        if len(cid) != P.ID_LEN:
+            return None
+        return "" if not any(cid) else cid.hex()
+
     def reap(self):
         for n, (p, kind, token) in list(self.procs.items()):
             rc = p.poll()
             if rc is None:
                 continue
             del self.procs[n]
+            running = self.read_run_file(n)
             if not self.running:
                 continue
             info = {"exitcode": rc}
+            if running is not None:
+                info["running"] = running
             if token is not None:
                 info["token"] = token
             if rc == P.EXIT_MEMORY:
@@ -224,6 +259,8 @@ class ExecutorDaemon:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        for n in list(self.procs):
+            self.read_run_file(n)  # (removes it)
         try:
             self.sock.send_multipart([P.C[P.EXEC_BYE]], zmq.NOBLOCK)
         except zmq.ZMQError:

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import ctypes
 import inspect
+import mmap
 import os
 import signal
 import socket
@@ -129,6 +130,22 @@ class _Tee:
         return getattr(self.stream, name)
 
 
+_NO_CALL = bytes(16)
+
+
+def _run_file(path):
+    """The executor's file for the id of the call this worker runs (mapped: a write costs
+    ~0.2 us). Read by the executor after this process dies, so the broker knows which call the
+    death cut off; None without it (the broker then blames the oldest call it sent here)."""
+    if not path:
+        return None
+    try:
+        with open(path, "r+b") as f:
+            return mmap.mmap(f.fileno(), 16)
+    except (OSError, ValueError):
+        return None
+
+
 class Worker:
     def __init__(self, address, executor_id: bytes, n: int, kind="pool", token=None, credit=1):
         self.address = address
@@ -155,6 +172,7 @@ class Worker:
         sys.stdout = _Tee(sys.stdout, self.output)
         sys.stderr = _Tee(sys.stderr, self.output)
         self.ppid = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0) or os.getppid()
+        self.mark = _run_file(os.environ.get("FABRIC_RUN_FILE"))
 
     def serve(self):
         ready = {"kind": self.kind, "pid": os.getpid(), "credit": self.credit}
@@ -192,11 +210,11 @@ class Worker:
                     else:
                         calls = ()  # nothing else is for workers; the broker never sends it
                     del frames
-                    for head, f in calls:
-                        if self.pool is not None:
+                    if self.pool is not None:
+                        for head, f in calls:
                             self.pool.submit(self.run_threaded, head, f)
-                        else:
-                            P.send(sock, self.run(head, f))
+                    else:
+                        self.run_in_order(calls)
                 # anything else is not for workers; the broker never sends it
             if self.results_in is not None and self.results_in in events:
                 while True:  # results and output of the instance's threads, sent from this thread
@@ -204,6 +222,23 @@ class Worker:
                         P.send(sock, P.recv(self.results_in, 1))
                     except zmq.Again:
                         break
+
+    def run_in_order(self, calls):
+        """Run calls one after the other, sending each one's DONE as soon as it is made. The id
+        of the call running is written to the executor's run file first, so that if this
+        process dies the broker blames that call, not the oldest it sent here (whose DONE may
+        have died in this process's queue)."""
+        sock, mark = self.sock, self.mark
+        for head, f in calls:
+            if self.pool is not None:  # the BATCH's ACTOR_NEW made a concurrent instance
+                self.pool.submit(self.run_threaded, head, f)
+                continue
+            if mark is not None:
+                mark[:16] = head[:16]  # the call id: what this worker runs now
+            out = self.run(head, f)
+            if mark is not None:
+                mark[:16] = _NO_CALL
+            P.send(sock, out)
 
     # --------------------------------------------------------------- running one call
     def run(self, head, frames):
