@@ -299,9 +299,11 @@ on the worker whose numpy is loaded); a loop turn with one message ends with an 
 (~1.5 us) instead of a failing `recv` (~5 us, an exception); `.remote()` checks plain positional
 calls by counting instead of `Signature.bind` (~7 us).
 
-**What the remaining gaps need.** In the table above, sync p50 is 1.5x the floor (target 1.7x)
-but 3.7x better than Ray's (target 4x); instance call p50 is 1.6x better than Ray's (target 2x);
-async is 7.7x Ray's (target 8x).
+**What the remaining gaps need.** In the table above sync p50 is 1.3x the floor (target: within
+1.7x) and 4.0x better than Ray's (target 4x; 3.7x in the run before, with Ray at 1,459 us: on
+the line). Two targets are missed: instance call p50 is 1.7x better than Ray's (target 2x), and
+async is 6.8x Ray's (target 8x; 7.7x in the run before: Ray's async varies 1,960-2,170 calls/s
+between runs, fabric's 14,650-15,100).
 - *Instance and sync latency: fewer hops.* Ray's actor calls go straight from the caller to the
   actor's worker (2 hops), which is why its actor p50 (670 us) is half its task p50 (1,460 us);
   every fabric call takes 4 hops through the broker, so fabric's lead over Ray is smaller for
