@@ -1035,14 +1035,18 @@ class Broker(GangScheduling):
         if self.partial:
             # Prefetch: only calls of known, short duration, and only behind a call that is
             # known-short too and not overdue; a call queued behind a long one (or behind one
-            # that waits on nested calls) would wait needlessly, or forever. Short calls get
-            # the worker's whole credit; medium ones (under PREFETCH_ONE_BELOW) one call ahead,
-            # which keeps every worker busy between round trips while all of them are.
+            # that waits on nested calls) would wait needlessly, or forever. Short calls fill
+            # the worker's credit up to ~PREFETCH_BELOW of expected work; medium ones (under
+            # PREFETCH_ONE_BELOW) one call ahead, which keeps every worker busy between round
+            # trips while all of them are.
             durations = self.avg_duration
             avg = durations.get(call.code_hash)
             if avg is None or avg >= PREFETCH_ONE_BELOW:
                 return None
-            depth = None if avg < PREFETCH_BELOW else 2
+            # short calls: as many as make ~PREFETCH_BELOW of expected work (at least 2, at
+            # most the worker's credit), so a worker never sits on much more than that while
+            # others are idle; medium ones: one ahead
+            depth = max(2, int(PREFETCH_BELOW / max(avg, 1e-9))) if avg < PREFETCH_BELOW else 2
             now = time.monotonic()
             best = None
             for w in self.partial:

@@ -55,7 +55,7 @@ class ExecutorDaemon:
         self.labels = dict(labels or {})
         self.parent_pid = parent_pid
         self.log_file = log_file
-        self.prefetch = int(prefetch or os.environ.get("FABRIC_PREFETCH", 4))
+        self.prefetch = int(prefetch or os.environ.get("FABRIC_PREFETCH", 16))
         self.procs: dict[int, tuple] = {}   # n -> (Popen, kind, token)
         self.oom_killed: set[int] = set()   # workers stopped because the host ran low on memory
         self.rejoined = 0.0                 # when this executor last joined a restarted broker
