@@ -299,23 +299,24 @@ on the worker whose numpy is loaded); a loop turn with one message ends with an 
 (~1.5 us) instead of a failing `recv` (~5 us, an exception); `.remote()` checks plain positional
 calls by counting instead of `Signature.bind` (~7 us).
 
-**What the remaining gaps need.** In the table above sync p50 is 1.3x the floor (target: within
-1.7x) and 4.0x better than Ray's (target 4x; 3.7x in the run before, with Ray at 1,459 us: on
-the line). Two targets are missed: instance call p50 is 1.7x better than Ray's (target 2x), and
-async is 6.8x Ray's (target 8x; 7.7x in the run before: Ray's async varies 1,960-2,170 calls/s
-between runs, fabric's 14,650-15,100).
+**What the remaining gap needs.** In the table above (medians of 5) every target is met but
+one: instance call p50 is 1.8x better than Ray's, short of 2x. Sync p50 is 4.1x Ray's and
+1.4x the floor, but these two ratios sit near their targets (4x and 1.7x) and runs on this
+machine move them by 10-20 %. Across this session's runs sync was 3.7-4.2x Ray's and 1.3-1.7x
+the floor, and the instance call 1.5-1.8x Ray's.
 - *Instance and sync latency: fewer hops.* Ray's actor calls go straight from the caller to the
-  actor's worker (2 hops), which is why its actor p50 (670 us) is half its task p50 (1,460 us);
+  actor's worker (2 hops), which is why its actor p50 (723 us) is about half its task p50 (1,523 us);
   every fabric call takes 4 hops through the broker, so fabric's lead over Ray is smaller for
   instances than for tasks. A direct channel (the broker leases a worker, or an instance's
   worker, to a driver for back-to-back calls; the driver talks to it over its own socket; the
   broker revokes the lease when the worker dies, times out or is needed elsewhere) halves the
   hops: on the floor's figures, ~120-140 us for a round trip.
-- *Async throughput: fewer messages per call.* With 10,000 calls in flight, SUBMITs, CALLs
-  and RESULTs already travel in BATCHes, but each worker still sends one DONE per call. A trial
-  that sent a worker's DONEs as BATCHes (held up to 1 ms) cut the broker's CPU per async call
-  from ~50 to ~42 us and the workers' from ~23 to ~17 us each: ~15,500 instead of ~13,200-14,400
-  calls/s on this machine, enough for the 8x. It is not shipped: the broker takes the oldest
+- *Async throughput* met its target once a pool worker's credit went from 4 to 16 (prefetch
+  bounded by ~5 ms of expected work, docs/architecture.md): each CALL BATCH wakes a worker once
+  for up to 16 calls, ~13,000 -> ~20,000-23,000 calls/s. Fewer messages still would help: each
+  worker sends one DONE per call. A trial (with credit 4) that sent a worker's DONEs as BATCHes
+  (held up to 1 ms) cut the broker's CPU per async call from ~50 to ~42 us and the workers'
+  from ~23 to ~17 us each: ~15,500 instead of ~13,200-14,400 calls/s. It is not shipped: the broker takes the oldest
   call it sent a worker to be the one running, and held DONEs make that wrong. A crash was then
   charged to a call that had finished (fixed since, for every crash: the worker writes the id
   of the call it runs into a run file its executor reports in WORKER_DIED); but a CANCEL, or
