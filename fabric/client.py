@@ -215,8 +215,8 @@ class Client:
         self.spilled: dict[bytes, list] = {}           # put() id -> store keys of its spilled object
         self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
-        self.d.send_multipart([P.C[P.HELLO], hello])
-        self.r.send_multipart([P.C[P.HELLO], hello])
+        for s in (self.d, self.r):
+            security.send_first(s, [P.C[P.HELLO], hello])  # (not sent: refused, poll() says so below)
         for s in (self.d, self.r):
             if not security.poll(s, connect_timeout):  # False at once if the broker refused our key
                 self._close_sockets()
@@ -662,8 +662,8 @@ def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:
     security.curve_client(s, watch=True)
     s.connect(address)
     try:
-        s.send_multipart([P.C[command]])
-        if command == P.SHUTDOWN:
+        sent = security.send_first(s, [P.C[command]])
+        if command == P.SHUTDOWN and sent:
             return {}
         if not security.poll(s, timeout):
             raise security.refusal(s) or ConnectionFailed(

@@ -306,6 +306,17 @@ def unwatch(sock):
     mon.close(0)
 
 
+def send_first(sock, parts) -> bool:
+    """Send a connection's first message without blocking. A DEALER whose handshake the broker
+    refused before this send has no peer left to queue the message for, and a blocking send
+    would then wait forever; False in that case, and :func:`poll` says why."""
+    try:
+        sock.send_multipart(parts, zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
+
+
 def poll(sock, timeout: float) -> bool:
     """``sock.poll`` for up to ``timeout`` seconds that also watches the connection's handshake:
     True when a message is ready; False on timeout, or at once when the broker refused the

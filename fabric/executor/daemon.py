@@ -68,7 +68,7 @@ class ExecutorDaemon:
     def hello(self):
         info = {"cpus": self.cpus, "gpus": self.gpus, "memory": self.memory, "host": socket.gethostname(),
                 "labels": self.labels, "pid": os.getpid()}
-        self.sock.send_multipart([P.C[P.EXEC_HELLO], P.dumps_json(info)])
+        security.send_first(self.sock, [P.C[P.EXEC_HELLO], P.dumps_json(info)])  # refused: poll says why
 
     def connect(self):
         s = self.sock = self.ctx.socket(zmq.DEALER)
