@@ -511,16 +511,7 @@ class Client:
         r = self.r
         if not self.rpoll.poll(timeout * 1000):
             return
-        try:
-            batch = [P.recv(r, 1)]  # 1: NOBLOCK
-        except zmq.Again:
-            return
-        if r.getsockopt(zmq.EVENTS) & 1:  # more (a failing recv, ending a batch, costs ~3x this)
-            for _ in range(1000):
-                try:
-                    batch.append(P.recv(r, 1))
-                except zmq.Again:
-                    break
+        batch = P.recv_batch(r, 1000)
         result_cmd = P.C[P.RESULT]
         done, rejoin = [], []
         pending = self.pending

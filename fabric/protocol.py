@@ -19,6 +19,8 @@ import json
 import os
 import struct
 
+import zmq
+
 from .errors import ProtocolError
 
 VERSION = 2  # 2: the call header gained max_containers and min_warm; code frames start with a name
@@ -248,3 +250,20 @@ def recv(sock, flags: int = 0) -> list:
     while parts[-1].more:
         parts.append(r(flags, False))
     return parts
+
+
+def recv_batch(sock, most: int) -> list:
+    """The messages ready on a polled socket, up to ``most``, without waiting. One message
+    alone (a sync call) is the common case: asking for EVENTS (~1.5 us) is cheaper than the
+    failing recv that would otherwise end the batch (~5 us, a zmq.Again raised)."""
+    try:
+        batch = [recv(sock, 1)]  # 1: NOBLOCK
+    except zmq.Again:  # (polled, so there is one; unless its peer vanished meanwhile)
+        return []
+    if sock.getsockopt(zmq.EVENTS) & 1:  # 1: POLLIN, more are ready
+        for _ in range(most - 1):
+            try:
+                batch.append(recv(sock, 1))
+            except zmq.Again:
+                break
+    return batch

@@ -64,9 +64,6 @@ ACTOR_PIPELINE = int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000))
 MAX_CALLS = int(os.environ.get("FABRIC_MAX_CALLS", 2_000_000))
 DEP_ASKS = 4  # rejoins asked for one missing Future argument before a call needing it is refused
 
-EVENTS = zmq.EVENTS
-
-
 class _NeedCode(Exception):
     """A SUBMIT names code, or a Future argument of its own driver, that this broker does not
     hold: they went to a broker before a restart (or were lost with it). Its driver re-sends
@@ -254,22 +251,9 @@ class Broker(GangScheduling):
                 if self.timeouts:
                     timeout = max(0, min(timeout, int((self.timeouts[0][0] - time.monotonic()) * 1000) + 1))
                 if poller.poll(timeout):
-                    # drain a batch, then schedule once for all of it. One message alone (a sync
-                    # call) is the common case: asking for EVENTS (~1.5 us) is cheaper than the
-                    # failing recv that would end the batch (~5 us, a zmq.Again raised)
-                    try:
-                        frames = P.recv(sock, 1)  # 1: NOBLOCK
-                    except zmq.Again:  # (polled, so there is one; unless its peer vanished meanwhile)
-                        frames = None
-                    if frames is not None:
+                    # drain a batch, then schedule once for all of it
+                    for frames in P.recv_batch(sock, 2000):
                         self.handle(frames)
-                    if frames is not None and sock.getsockopt(EVENTS) & 1:  # 1: POLLIN
-                        for _ in range(2000):
-                            try:
-                                frames = P.recv(sock, 1)
-                            except zmq.Again:
-                                break
-                            self.handle(frames)
                 self.dispatch()
                 now = time.monotonic()
                 if self.timeouts and self.timeouts[0][0] <= now:
@@ -934,14 +918,17 @@ class Broker(GangScheduling):
                     self.stats["retried"] += 1
                     log.info("retrying call %s after worker death (%s)", c.id.hex(), why)
                 requeue.append(c)
-            for c in reversed(requeue):
-                if c.maxc and c.kind == P.TASK:
-                    self.uncap(c)
-                c.state = QUEUED
-                c.worker = None
-                c.started = 0.0
-                self.queues.setdefault(c.shape, deque()).appendleft(c)
+            self.requeue(requeue)
         self.return_resources(w)  # the executor replaces pool workers by itself
+
+    def requeue(self, calls):
+        """Put calls taken back from a worker at the front of their queues, in their order, and
+        free their places under their function's max_containers."""
+        for c in reversed(calls):
+            if c.maxc and c.kind == P.TASK:
+                self.uncap(c)
+            c.state, c.worker, c.started = QUEUED, None, 0.0
+            self.queues.setdefault(c.shape, deque()).appendleft(c)
 
     def unreachable(self, w, unsent):
         """CALLs for ``w`` could not be sent: its connection is gone, most likely because its
@@ -955,12 +942,7 @@ class Broker(GangScheduling):
         w.doomed = True
         self.idle.pop(w, None)
         self.partial.pop(w, None)
-        back = [c for c in (w.inflight.pop(cid, None) for cid in unsent) if c is not None and c.state == RUNNING]
-        for c in reversed(back):
-            if c.maxc and c.kind == P.TASK:
-                self.uncap(c)
-            c.state, c.worker, c.started = QUEUED, None, 0.0
-            self.queues.setdefault(c.shape, deque()).appendleft(c)
+        self.requeue([c for c in (w.inflight.pop(cid, None) for cid in unsent) if c is not None and c.state == RUNNING])
         if not w.inflight:
             self.kill_worker(w)
 
@@ -979,9 +961,7 @@ class Broker(GangScheduling):
         if w.actor is None and w.inflight and w.gang is None:  # (a gang member is never requeued alone)
             calls = [c for c in w.inflight.values() if c.state == RUNNING]
             w.inflight.clear()
-            for c in reversed(calls):
-                c.state, c.worker, c.started = QUEUED, None, 0.0
-                self.queues.setdefault(c.shape, deque()).appendleft(c)
+            self.requeue(calls)
             self.return_resources(w)
         self.send([w.ex.ident, P.C[P.KILL_WORKER], w.ident])
 

@@ -130,7 +130,7 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-_NO_CALL = bytes(16)
+_NO_CALL = bytes(P.ID_LEN)
 
 
 def _run_file(path):
@@ -141,7 +141,7 @@ def _run_file(path):
         return None
     try:
         with open(path, "r+b") as f:
-            return mmap.mmap(f.fileno(), 16)
+            return mmap.mmap(f.fileno(), P.ID_LEN)
     except (OSError, ValueError):
         return None
 
@@ -210,11 +210,7 @@ class Worker:
                     else:
                         calls = ()  # nothing else is for workers; the broker never sends it
                     del frames
-                    if self.pool is not None:
-                        for head, f in calls:
-                            self.pool.submit(self.run_threaded, head, f)
-                    else:
-                        self.run_in_order(calls)
+                    self.run_in_order(calls)
                 # anything else is not for workers; the broker never sends it
             if self.results_in is not None and self.results_in in events:
                 while True:  # results and output of the instance's threads, sent from this thread
@@ -224,20 +220,21 @@ class Worker:
                         break
 
     def run_in_order(self, calls):
-        """Run calls one after the other, sending each one's DONE as soon as it is made. The id
+        """Run calls one after the other, sending each one's DONE as soon as it is made (a
+        concurrent instance's go to its thread pool instead). The id
         of the call running is written to the executor's run file first, so that if this
         process dies the broker blames that call, not the oldest it sent here (whose DONE may
         have died in this process's queue)."""
         sock, mark = self.sock, self.mark
         for head, f in calls:
-            if self.pool is not None:  # the BATCH's ACTOR_NEW made a concurrent instance
+            if self.pool is not None:  # a concurrent instance (its ACTOR_NEW may be in this BATCH)
                 self.pool.submit(self.run_threaded, head, f)
                 continue
             if mark is not None:
-                mark[:16] = head[:16]  # the call id: what this worker runs now
+                mark[:P.ID_LEN] = head[:P.ID_LEN]  # the call id: what this worker runs now
             out = self.run(head, f)
             if mark is not None:
-                mark[:16] = _NO_CALL
+                mark[:P.ID_LEN] = _NO_CALL
             P.send(sock, out)
 
     # --------------------------------------------------------------- running one call
