@@ -1,0 +1,149 @@
+"""Where a Dataset's blocks live: Arrow IPC files in shared memory, mapped, never copied.
+
+Call results always travel back to the caller, so a block that were a call's *result* would
+pass through the driver. Instead a per-block call writes its output table as an uncompressed
+Arrow IPC file under ``/dev/shm`` (owner-only) and returns a small :class:`BlockRef`; the next
+call, or the driver when the user asks for data, maps the file and reads it without a copy.
+This is Ray's plasma store made of files, one per block. The process that started the
+operation owns the files: they are unlinked when its Datasets are garbage collected, at its
+exit, or by the next process that finds their owner dead.
+
+``FABRIC_ML_BLOCK_DIR`` moves the folder (default ``/dev/shm/fabric-ml-<uid>``, or the temp
+folder where there is no ``/dev/shm``). Workers and the reader must share a host (the
+embedded cluster, one ``fabric start`` host); docs/data.md says what spans hosts.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import socket
+import threading
+
+_HOST = socket.gethostname()
+_swept = False
+_lock = threading.Lock()
+
+
+def block_dir() -> str:
+    d = os.environ.get("FABRIC_ML_BLOCK_DIR")
+    if not d:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
+        d = os.path.join(base, f"fabric-ml-{os.getuid()}")
+    if not os.path.isdir(d):
+        os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+class BlockRef:
+    """A block on the cluster: its file, its row count, its schema (serialised), its size."""
+
+    __slots__ = ("path", "num_rows", "nbytes", "schema_buf", "host")
+
+    def __init__(self, path, num_rows, nbytes, schema_buf, host=_HOST):
+        self.path, self.num_rows, self.nbytes, self.schema_buf, self.host = path, num_rows, nbytes, schema_buf, host
+
+    def __reduce__(self):
+        return BlockRef, (self.path, self.num_rows, self.nbytes, self.schema_buf, self.host)
+
+    def __repr__(self):
+        return f"<BlockRef {self.num_rows} rows {self.nbytes} B>"
+
+    def schema(self):
+        import pyarrow as pa
+
+        return pa.ipc.read_schema(pa.py_buffer(self.schema_buf))
+
+
+def write(table, owner: int) -> BlockRef:
+    """Write ``table`` as an IPC file owned by process ``owner``; returns its reference."""
+    import pyarrow as pa
+
+    path = os.path.join(block_dir(), f"{owner}-{secrets.token_hex(8)}.arrow")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    with pa.OSFile(path, "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        nbytes = sink.tell()
+    return BlockRef(path, table.num_rows, nbytes, table.schema.serialize().to_pybytes())
+
+
+def read(ref: BlockRef):
+    """The table behind ``ref``, mapped from its file (zero copy)."""
+    import pyarrow as pa
+
+    try:
+        src = pa.memory_map(ref.path, "r")
+    except FileNotFoundError:
+        if ref.host != _HOST:
+            raise RuntimeError(f"this block lives in shared memory on host {ref.host!r}, not on {_HOST!r}: "
+                               f"fabric.ml blocks are read on the host that wrote them (docs/data.md)") from None
+        raise RuntimeError(f"block file {ref.path} is gone: the Dataset that owned it was garbage collected "
+                           f"or its process exited; keep a reference to the Dataset while using it") from None
+    return pa.ipc.open_file(src).read_all()
+
+
+def free(ref) -> None:
+    try:
+        os.unlink(ref.path)
+    except (FileNotFoundError, AttributeError, TypeError):
+        pass
+
+
+def owner_tag() -> int:
+    """This process's owner id (its pid); the first call sweeps files of dead owners and
+    registers removal of this process's files at exit."""
+    global _swept
+    if not _swept:
+        with _lock:
+            if not _swept:
+                _swept = True
+                _sweep()
+                atexit.register(_remove_own, os.getpid())
+    return os.getpid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep() -> None:
+    d = block_dir()
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    dead = {}
+    for n in names:
+        pid = n.split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        if pid not in dead:
+            dead[pid] = not _alive(int(pid))
+        if dead[pid]:
+            try:
+                os.unlink(os.path.join(d, n))
+            except OSError:
+                pass
+
+
+def _remove_own(pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    d = block_dir()
+    try:
+        for n in os.listdir(d):
+            if n.startswith(f"{pid}-"):
+                try:
+                    os.unlink(os.path.join(d, n))
+                except OSError:
+                    pass
+    except OSError:
+        pass
