@@ -34,7 +34,8 @@ class _HubActor:
         self.stopped: set[str] = set()
         self.next_seq: dict[str, int] = {}            # sender -> next sequence number to release
         self.held: dict[str, dict[int, tuple]] = {}    # sender -> seq -> (key, item) arrived early
-        self.barriers: dict[tuple, list] = {}          # (key, step) -> [arrived ranks, departed count]
+        self.barriers: dict[tuple, dict] = {}          # (key, step) -> values, departures, outcome
+        self.kicks = 0                                 # bumped by kick(): waiting polls return now
 
     def push(self, sender: str, seq: int, key: str, item: dict) -> bool:
         with self.cond:
@@ -56,13 +57,20 @@ class _HubActor:
     def poll(self, timeout: float) -> list:
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self.cond:
-            while not self.items:
+            kicks = self.kicks
+            while not self.items and self.kicks == kicks:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
                 self.cond.wait(left)
             out, self.items = self.items, []
             return out
+
+    def kick(self) -> None:
+        """Make the polls waiting now return at once (with what there is)."""
+        with self.cond:
+            self.kicks += 1
+            self.cond.notify_all()
 
     def stop(self, key: str) -> None:
         with self.cond:
@@ -74,26 +82,32 @@ class _HubActor:
             return key in self.stopped
 
     def barrier(self, key: str, rank: int, world_size: int, step, timeout: float) -> bool:
-        """Block until ``world_size`` ranks reached ``(key, step)``; returns the key's stop flag.
-        Raises ``TimeoutError`` if the others do not come within ``timeout`` seconds."""
+        """Block until ``world_size`` ranks reached ``(key, step)``; returns the key's stop flag
+        as it was when the last rank arrived (the same for every rank). Raises
+        ``TimeoutError`` if the others do not come within ``timeout`` seconds."""
+        return self.allgather(key, rank, world_size, step, None, timeout)[1]
+
+    def allgather(self, key: str, rank: int, world_size: int, step, value, timeout: float):
+        """A barrier that also hands every rank the list of all ranks' ``value`` (rank order)."""
         b = (key, step)
         deadline = time.monotonic() + timeout
         with self.cond:
-            entry = self.barriers.setdefault(b, [set(), 0])
-            entry[0].add(rank)
-            if len(entry[0]) >= world_size:
+            entry = self.barriers.setdefault(b, {"values": {}, "left": 0, "done": None})
+            entry["values"][rank] = value
+            if len(entry["values"]) >= world_size and entry["done"] is None:
+                entry["done"] = ([entry["values"].get(r) for r in range(world_size)], key in self.stopped)
                 self.cond.notify_all()
-            while len(entry[0]) < world_size:
+            while entry["done"] is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    entry[0].discard(rank)
-                    raise TimeoutError(f"barrier {step!r} of {key!r}: only ranks {sorted(entry[0])} of "
+                    entry["values"].pop(rank, None)
+                    raise TimeoutError(f"barrier {step!r} of {key!r}: only ranks {sorted(entry['values'])} of "
                                        f"{world_size} arrived within {timeout:g}s")
                 self.cond.wait(left)
-            entry[1] += 1
-            if entry[1] >= world_size:
+            entry["left"] += 1
+            if entry["left"] >= world_size:
                 self.barriers.pop(b, None)
-            return key in self.stopped
+            return entry["done"]
 
 
 _Remote = fabric.cls(cpus=0, concurrency=CONCURRENCY, name="fabric.ml.Hub")(_HubActor)
@@ -161,13 +175,17 @@ class Sink:
 
     def barrier(self, key: str, rank: int, world_size: int, step, timeout: float = 600.0) -> bool:
         """Block until all ``world_size`` ranks called ``barrier`` with this ``(key, step)``.
-        Returns the stop flag of ``key``. A world of one returns at once."""
+        Returns the stop flag of ``key`` (the same on every rank). A world of one returns at once."""
+        return self.allgather(key, rank, world_size, step, None, timeout)[1]
+
+    def allgather(self, key: str, rank: int, world_size: int, step, value, timeout: float = 600.0):
+        """A barrier that returns ``(values of all ranks in rank order, stop flag)``."""
         if world_size <= 1:
-            return self.should_stop(key)
-        stopped = self._handle.barrier.remote(key, rank, world_size, step, timeout).result()
+            return [value], self.should_stop(key)
+        values, stopped = self._handle.allgather.remote(key, rank, world_size, step, value, timeout).result()
         if stopped:
             self._state()["stopped"].add(key)
-        return bool(stopped)
+        return values, bool(stopped)
 
 
 class Hub:
@@ -186,6 +204,14 @@ class Hub:
     def poll(self, timeout: float = 1.0) -> list[tuple[str, dict]]:
         """What arrived since the last poll, in order; waits up to ``timeout`` s for something."""
         return self._handle.poll.remote(timeout).result()
+
+    def poll_async(self, timeout: float = 30.0):
+        """``poll`` as a Future, to wait on together with other Futures (``fabric.wait``)."""
+        return self._handle.poll.remote(timeout)
+
+    def kick(self) -> None:
+        """End the polls waiting now (e.g. a ``poll_async`` no longer needed)."""
+        self._handle.kick.remote().result()
 
     def stop(self, key: str) -> None:
         """Ask the workers of ``key`` to stop (they see it at their next push or barrier)."""
