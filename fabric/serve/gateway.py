@@ -1,0 +1,419 @@
+"""The HTTP gateway: a Starlette app under uvicorn, in a process of its own, an ordinary fabric
+driver. Routes: deployments' JSON routes, the Open Inference Protocol under ``/v2``, ``/metrics``,
+and the control routes under ``/-/`` that ``serve.run`` uses (they need the admin token kept in
+the owner-only state file). HTTP carries JSON or tensors only: the deployments ``serve.run``
+sends arrive as an owner-only file in fabric's data folder, never in a request.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import secrets
+import sys
+import threading
+import time
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import fabric
+
+from . import oip, state
+from .controller import Runtime, err
+from .metrics import Metrics
+from .routing import match_route
+
+JSON = "application/json"
+
+
+def _json(obj, status=200, headers=None):
+    return Response(json.dumps(obj, separators=(",", ":")), status, headers=headers, media_type=JSON)
+
+
+def _error(status, msg, headers=None):
+    return Response(err(msg), status, headers=headers, media_type=JSON)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+class Gateway:
+    """The deployments and the routes over them."""
+
+    def __init__(self, address: str, host: str, port: int, token: str | None, debug: bool = False):
+        self.address, self.host, self.port, self.debug = address, host, port, debug
+        self.token = token.encode() if token else None
+        self.admin = secrets.token_urlsafe(32)
+        self.metrics = Metrics()
+        self.deployments: dict[str, Runtime] = {}
+        self.routes: dict[str, Runtime] = {}
+        self.models: dict[str, Runtime] = {}
+        self.loop = None
+        self.server = None
+        self.started = time.time()
+        self.app = Starlette(routes=[
+            Route("/metrics", self.metrics_route),
+            Route("/v2", self.v2_meta),
+            Route("/v2/health/live", self.live),
+            Route("/v2/health/ready", self.ready),
+            Route("/v2/models/{model}", self.model_meta),
+            Route("/v2/models/{model}/versions/{version}", self.model_meta),
+            Route("/v2/models/{model}/ready", self.model_ready),
+            Route("/v2/models/{model}/versions/{version}/ready", self.model_ready),
+            Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
+            Route("/-/deploy", self.admin_deploy, methods=["POST"]),
+            Route("/-/delete", self.admin_delete, methods=["POST"]),
+            Route("/-/status", self.admin_status),
+            Route("/-/wake", self.admin_wake, methods=["POST"]),
+            Route("/-/shutdown", self.admin_shutdown, methods=["POST"]),
+        ], lifespan=self.lifespan,
+            exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    async def _not_found(self, request, exc):
+        return _error(404, f"no route {request.url.path}")
+
+    async def _not_allowed(self, request, exc):
+        return _error(405, f"{request.method} is not allowed on {request.url.path}")
+
+    # ------------------------------------------------------------------ ASGI entry
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            if self.token is not None and not self._authorized(scope):
+                await _error(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                             {"www-authenticate": "Bearer"})(scope, receive, send)
+                return
+            path = scope["path"]
+            if not path.startswith(("/v2", "/-/", "/metrics")):
+                await self.deployment_route(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                return v[:7].lower() == b"bearer " and hmac.compare_digest(v[7:].strip(), self.token)
+        return False
+
+    # ------------------------------------------------------------------ lifecycle
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.on_shutdown()
+
+    async def startup(self):
+        self.loop = asyncio.get_running_loop()
+        fabric.init(address=self.address)
+        self.loop.create_task(self._ticker())
+        self.publish()
+
+    async def on_shutdown(self):
+        for rt in list(self.deployments.values()):
+            rt.close()
+        state.remove(self.port)
+
+    async def _ticker(self):
+        n = 0
+        while True:
+            await asyncio.sleep(0.05)
+            n += 1
+            for rt in list(self.deployments.values()):
+                try:
+                    rt.reconcile()
+                    if n % 40 == 0:
+                        rt.health_check()
+                except Exception as e:  # noqa: BLE001 - keep serving; say why in status
+                    rt.last_error = f"{type(e).__name__}: {e}"
+            if n % 10 == 0:
+                self.publish()
+
+    def publish(self):
+        state.write(self.port, {"url": f"http://{self.host}:{self.port}", "host": self.host, "port": self.port,
+                                "pid": os.getpid(), "broker": self.address, "admin_token": self.admin,
+                                "started": self.started, "updated": time.time(),
+                                "deployments": [rt.status() for rt in self.deployments.values()]})
+
+    # ------------------------------------------------------------------ JSON routes
+    async def deployment_route(self, scope, receive, send):
+        rt = match_route(self.routes, scope["path"])
+        if rt is None:
+            await _error(404, f"no deployment serves {scope['path']}")(scope, receive, send)
+            return
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        t0 = time.perf_counter()
+        if body:
+            try:
+                value = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                await self._finish(rt, t0, 400, err(f"the request body is not valid JSON: {e}"), scope, receive, send)
+                return
+        else:
+            value = None
+        if rt.wants_request:
+            qs = scope.get("query_string", b"").decode("latin-1")
+            from urllib.parse import parse_qsl
+
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                       if k != b"authorization"}
+            value = (value, (scope["method"], scope["path"], dict(parse_qsl(qs)), headers, body))
+        status, out = await self._call(rt, value)
+        await self._finish(rt, t0, status, out, scope, receive, send)
+
+    async def _call(self, rt, payload):
+        fut = rt.submit(payload)
+        if fut is None:
+            return 503, err(f"{rt.name} is overloaded: {rt.dispatcher.queued} requests queued "
+                            f"(max_queued_requests={rt.options['max_queued_requests']}); retry later")
+        return await fut
+
+    async def _finish(self, rt, t0, status, body, scope, receive, send):
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 503:
+            headers.append((b"retry-after", b"1"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        rt.m_latency.observe(time.perf_counter() - t0)
+        self.metrics.count(rt.name, status)
+
+    # ------------------------------------------------------------------ Open Inference Protocol
+    async def v2_meta(self, request: Request):
+        return _json({"name": "fabric", "version": fabric.__version__, "extensions": ["binary_tensor_data"]})
+
+    async def live(self, request: Request):
+        return _json({"live": True})
+
+    async def ready(self, request: Request):
+        ok = all(rt.ready() for rt in self.deployments.values())
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    def _model(self, request: Request):
+        name = request.path_params["model"]
+        rt = self.models.get(name)
+        if rt is None:
+            return None, _error(404, f"unknown model {name!r}; served models: {', '.join(self.models) or 'none'}")
+        v = request.path_params.get("version")
+        if v is not None and v != rt.options["version"]:
+            return None, _error(404, f"model {name!r} has no version {v!r}; it serves version {rt.options['version']}")
+        return rt, None
+
+    async def model_meta(self, request: Request):
+        rt, bad = self._model(request)
+        if bad:
+            return bad
+        m = rt.spec["meta"]
+        return _json({"name": rt.name, "versions": [rt.options["version"]], "platform": m.get("platform", ""),
+                      "inputs": m["inputs"], "outputs": m["outputs"]})
+
+    async def model_ready(self, request: Request):
+        rt, bad = self._model(request)
+        if bad:
+            return bad
+        ok = rt.ready()
+        return _json({"name": rt.name, "ready": ok}, 200 if ok else 503)
+
+    async def infer(self, request: Request):
+        rt, bad = self._model(request)
+        if bad:
+            return bad
+        t0 = time.perf_counter()
+        body = await request.body()
+        try:
+            req = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
+            oip.check_inputs(req.inputs, rt.spec["meta"]["inputs"])
+            if req.outputs is not None:
+                names = {o["name"] for o in rt.spec["meta"]["outputs"]}
+                for n, _ in req.outputs:
+                    if n not in names:
+                        raise oip.OIPError(f"unknown output {n!r}; the model's outputs are {', '.join(sorted(names))}")
+        except oip.OIPError as e:
+            return self._count(rt, t0, _error(400, str(e)))
+        status, out = await self._call(rt, req.inputs)
+        if status != 200:
+            body = out if isinstance(out, bytes) else err(str(out))
+            return self._count(rt, t0, Response(body, status, media_type=JSON,
+                                                headers={"retry-after": "1"} if status == 503 else None))
+        try:
+            data, headers = oip.encode_response(rt.name, rt.options["version"], req.id, out, req.outputs,
+                                                req.binary_output)
+        except oip.OIPError as e:
+            return self._count(rt, t0, _error(500, str(e)))
+        ct = headers.pop("content-type")
+        return self._count(rt, t0, Response(data, 200, headers=headers, media_type=ct))
+
+    def _count(self, rt, t0, resp):
+        rt.m_latency.observe(time.perf_counter() - t0)
+        self.metrics.count(rt.name, resp.status_code)
+        return resp
+
+    async def metrics_route(self, request: Request):
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ------------------------------------------------------------------ control (serve.run and friends)
+    def _admin_ok(self, request: Request) -> bool:
+        got = request.headers.get("x-fabric-admin", "")
+        return hmac.compare_digest(got.encode(), self.admin.encode())
+
+    async def admin_deploy(self, request: Request):
+        if not self._admin_ok(request):
+            return _error(403, "control routes need the gateway's admin token")
+        try:
+            req = await request.json()
+            spec = state.load_spec(req["spec_file"])
+        except Exception as e:  # noqa: BLE001
+            return _error(400, f"cannot read the deployment: {type(e).__name__}: {e}")
+        name, prefix = spec["name"], spec["route_prefix"]
+        other = self.routes.get(prefix) if prefix is not None else None
+        if other is not None and other.name != name:
+            return _error(400, f"route_prefix {prefix} is already served by deployment {other.name!r}")
+        if spec["kind"] == "oip" and name in self.models and self.models[name].name != name:
+            return _error(400, f"model {name!r} is already served")
+        try:
+            rt = Runtime(spec, self.loop, self.metrics, self.debug)
+        except Exception as e:  # noqa: BLE001
+            return _error(400, f"{type(e).__name__}: {e}")
+        old = self.deployments.get(name)
+        self.deployments[name] = rt
+        self.routes = {k: v for k, v in self.routes.items() if v.name != name}
+        self.models = {k: v for k, v in self.models.items() if v.name != name}
+        if prefix is not None:
+            self.routes[prefix] = rt
+        if spec["kind"] == "oip":
+            self.models[name] = rt
+        rt.reconcile()
+        if old is not None:
+            old.close()
+        self.publish()
+        return _json(rt.status())
+
+    async def admin_delete(self, request: Request):
+        if not self._admin_ok(request):
+            return _error(403, "control routes need the gateway's admin token")
+        name = (await request.json()).get("name")
+        rt = self.deployments.pop(name, None)
+        if rt is None:
+            return _error(404, f"no deployment named {name!r}")
+        self.routes = {k: v for k, v in self.routes.items() if v is not rt}
+        self.models = {k: v for k, v in self.models.items() if v is not rt}
+        rt.close()
+        self.publish()
+        return _json({"deleted": name})
+
+    async def admin_status(self, request: Request):
+        if not self._admin_ok(request):
+            return _error(403, "control routes need the gateway's admin token")
+        return _json({"url": f"http://{self.host}:{self.port}", "broker": self.address,
+                      "deployments": {rt.name: rt.status() for rt in self.deployments.values()}})
+
+    async def admin_wake(self, request: Request):
+        """A Python handle found no replica: start one (scale from zero) and wait, bounded."""
+        if not self._admin_ok(request):
+            return _error(403, "control routes need the gateway's admin token")
+        body = await request.json()
+        rt = self.deployments.get(body.get("name"))
+        if rt is None:
+            return _error(404, f"no deployment named {body.get('name')!r}")
+        deadline = time.monotonic() + float(body.get("timeout", rt.options["queue_timeout_s"]))
+        if rt.policy is not None and rt.target == 0:
+            rt.target = 1
+            rt.policy._below_since = None
+        while time.monotonic() < deadline:
+            rt.reconcile() if not rt.replicas else None
+            if rt.status()["running_replicas"]:
+                return _json(rt.status())
+            await asyncio.sleep(0.02)
+        return _error(503, f"no replica of {rt.name} became ready in time; {rt.last_error or ''}")
+
+    async def admin_shutdown(self, request: Request):
+        if not self._admin_ok(request):
+            return _error(403, "control routes need the gateway's admin token")
+        if self.server is not None:
+            self.server.should_exit = True
+        return _json({"stopping": True})
+
+
+def read_token(token_file: str | None) -> str | None:
+    if token_file:
+        with open(token_file) as f:
+            t = f.read().strip()
+        if not t:
+            raise SystemExit(f"fabric serve: token file {token_file} is empty")
+        return t
+    return os.environ.get("FABRIC_SERVE_TOKEN") or None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fabric.serve")
+    ap.add_argument("--address", default=None, help="broker address (default: FABRIC_ADDRESS or the recorded cluster)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--token-file", default=None)
+    ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--debug", action="store_true")
+    a = ap.parse_args(argv)
+    os.umask(0o077)
+    token = read_token(a.token_file)
+    if not is_loopback(a.host) and not token:
+        print(f"fabric serve: refusing to listen on {a.host} without a token: set FABRIC_SERVE_TOKEN or pass "
+              f"--token-file (requests must then send 'Authorization: Bearer <token>')", file=sys.stderr)
+        raise SystemExit(2)
+    address = a.address or os.environ.get("FABRIC_ADDRESS") or "auto"
+    debug = a.debug or os.environ.get("FABRIC_SERVE_DEBUG") == "1"
+    gw = Gateway(address, a.host, a.port, token, debug=debug)
+    import uvicorn
+
+    kw = {}
+    try:
+        import uvloop  # noqa: F401
+
+        kw["loop"] = "uvloop"
+    except ImportError:
+        pass
+    try:
+        import httptools  # noqa: F401
+
+        kw["http"] = "httptools"
+    except ImportError:
+        pass
+    config = uvicorn.Config(gw, host=a.host, port=a.port, log_level="warning", access_log=False,
+                            lifespan="on", server_header=False, date_header=False, **kw)
+    server = gw.server = uvicorn.Server(config)
+    if a.parent_pid:
+        def watch():
+            while not server.should_exit:
+                try:
+                    os.kill(a.parent_pid, 0)
+                except ProcessLookupError:
+                    server.should_exit = True
+                    return
+                time.sleep(0.5)
+
+        threading.Thread(target=watch, daemon=True).start()
+    print(f"fabric serve: gateway on http://{a.host}:{a.port} (cluster {address})", flush=True)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)
+    try:
+        fabric.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+if __name__ == "__main__":
+    main()
