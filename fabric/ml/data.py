@@ -566,7 +566,7 @@ class Dataset:
         _by_value(fn)
         name = getattr(fn, "__name__", type(fn).__name__)
         if inspect.isclass(fn):
-            if not callable(getattr(fn, "__call__", None)) or fn.__call__ is object.__call__:
+            if not any("__call__" in vars(k) for k in fn.__mro__[:-1]):
                 raise TypeError(f"map_batches: the class {fn.__name__} must define __call__(self, batch)")
             conc = concurrency or max(1, min(len(self._blocks), int(_cluster_cpus() // max(cpus, 1e-9)) or 1))
             op = _MapBatches(None, batch_format, batch_size, fn_args, fn_kwargs, True, name)
@@ -970,6 +970,8 @@ class Dataset:
             for k, v in b.items():
                 dt = dtypes.get(k) if isinstance(dtypes, dict) else dtypes
                 if v.dtype.kind in "biufc":
+                    if not v.flags.writeable:  # mapped from shared memory: torch wants its own
+                        v = v.copy()
                     out[k] = torch.as_tensor(v, dtype=dt, device=device)
                 else:
                     out[k] = v

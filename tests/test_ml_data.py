@@ -1,0 +1,350 @@
+"""fabric.ml Dataset on the embedded cluster: real broker, executor and workers; S3 through a
+moto server over HTTP started here."""
+import gc
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import fabric
+from fabric import ml
+from fabric.ml import _blocks
+
+pytestmark = pytest.mark.usefixtures("cluster")
+
+
+def _submitted():
+    return fabric.cluster_status()["stats"]["submitted"]
+
+
+def _own_block_files():
+    d = _blocks.block_dir()
+    return {n for n in os.listdir(d) if n.startswith(f"{os.getpid()}-")}
+
+
+def test_import_is_light():
+    code = ("import sys, fabric.ml\n"
+            "from fabric.ml import data, preprocessing\n"
+            "heavy = [m for m in ('pandas', 'pyarrow', 'torch', 'tensorflow', 'xgboost') if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_sources_and_basic_queries():
+    df = pd.DataFrame({"a": np.arange(10), "b": [f"s{i}" for i in range(10)]})
+    for ds in (ml.from_pandas(df, override_num_blocks=3), ml.from_arrow(pa.Table.from_pandas(df)),
+               ml.from_items(df.to_dict("records"), override_num_blocks=2)):
+        assert ds.count() == 10
+        assert ds.columns() == ["a", "b"]
+        assert ds.take(2) == [{"a": 0, "b": "s0"}, {"a": 1, "b": "s1"}]
+        pd.testing.assert_frame_equal(ds.to_pandas(), df)
+    r = ml.range(1000, override_num_blocks=7)
+    assert r.num_blocks() == 7 and r.count() == 1000
+    assert r.to_arrow()["id"].to_pylist() == list(range(1000))
+    n = ml.from_numpy(np.arange(12, dtype=np.float32).reshape(6, 2))
+    b = n.take_batch(6)
+    assert b["data"].shape == (6, 2) and b["data"][5].tolist() == [10.0, 11.0]
+    assert ml.from_numpy({"x": np.arange(5)}).count() == 5
+    assert ml.from_items([1, 2, 3]).take(3) == [{"item": 1}, {"item": 2}, {"item": 3}]
+
+
+@pytest.mark.parametrize("fmt", ["pandas", "numpy", "pyarrow"])
+def test_map_batches_formats(fmt):
+    def double(batch, k):
+        if fmt == "pandas":
+            assert isinstance(batch, pd.DataFrame)
+            return batch.assign(y=batch["id"] * k)
+        if fmt == "numpy":
+            assert isinstance(batch, dict) and isinstance(batch["id"], np.ndarray)
+            return {"id": batch["id"], "y": batch["id"] * k}
+        assert isinstance(batch, pa.Table)
+        return batch.append_column("y", pa.compute.multiply(batch["id"], k))
+
+    ds = ml.range(100, override_num_blocks=4).map_batches(double, batch_format=fmt, fn_kwargs={"k": 3})
+    t = ds.to_arrow()
+    assert t["y"].to_pylist() == [3 * i for i in range(100)]
+
+
+def test_batch_size_splits_blocks():
+    def sizes(b):
+        return {"n": np.full(len(b["id"]), len(b["id"]))}
+
+    out = ml.range(100, override_num_blocks=2).map_batches(sizes, batch_size=16, batch_format="numpy").to_arrow()
+    # each block of 50 rows is seen in batches of 16, 16, 16 and 2
+    assert sorted(set(out["n"].to_pylist())) == [2, 16]
+    assert out.num_rows == 100
+
+
+def test_chain_of_operations_is_one_call_per_block():
+    ds = ml.range(200, override_num_blocks=5)
+    chain = (ds.map_batches(lambda b: {"id": b["id"], "x": b["id"] * 2.0}, batch_format="numpy")
+               .map_batches(lambda df: df.assign(z=df["x"] + 1), batch_format="pandas")
+               .filter(lambda r: r["id"] % 2 == 0)
+               .map(lambda r: {**r, "w": r["z"] * 10})
+               .drop_columns(["x"])
+               .select_columns(["id", "w"]))
+    before = _submitted()
+    t = chain.materialize().to_arrow()
+    assert _submitted() - before == 5   # five blocks: the read and six operations ran in one call each
+    assert t.column_names == ["id", "w"]
+    assert t["w"].to_pylist() == [(2.0 * i + 1) * 10 for i in range(0, 200, 2)]
+
+
+class Tagger:
+    inits = 0   # per worker process: how many times __init__ ran there
+
+    def __init__(self, offset):
+        Tagger.inits += 1
+        self.token = uuid.uuid4().hex
+        self.offset = offset
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        n = len(batch)
+        return batch.assign(token=[self.token] * n, inits=[Tagger.inits] * n, calls=[self.calls] * n,
+                            id2=batch["id"] + self.offset)
+
+
+def test_class_runs_in_warm_instances_init_once():
+    ds = ml.range(120, override_num_blocks=8).map_batches(
+        Tagger, concurrency=2, fn_constructor_kwargs={"offset": 1000}, batch_format="pandas")
+    df = ds.to_pandas()
+    assert df["id2"].tolist() == [i + 1000 for i in range(120)]
+    tokens = set(df["token"])
+    assert 1 <= len(tokens) <= 2           # at most concurrency instances
+    assert set(df["inits"]) == {1}         # __init__ ran once in each instance's process
+    per_token = df.groupby("token")["calls"].max()
+    assert per_token.sum() == 8            # 8 blocks, each one call to a warm instance
+
+
+def test_class_needs_call_and_function_refuses_constructor_kwargs():
+    class NoCall:
+        pass
+
+    with pytest.raises(TypeError, match="__call__"):
+        ml.range(4).map_batches(NoCall)
+    with pytest.raises(TypeError, match="fn_constructor"):
+        ml.range(4).map_batches(lambda b: b, fn_constructor_kwargs={"a": 1})
+
+
+def test_limit_split_train_test_split_repartition():
+    ds = ml.range(103, override_num_blocks=5)
+    assert ds.limit(12).to_arrow()["id"].to_pylist() == list(range(12))
+    lazy = ds.map_batches(lambda b: b, batch_format="pyarrow")
+    assert lazy.limit(30).count() == 30
+    shards = ds.split(4)
+    assert [s.count() for s in shards] == [25] * 4
+    seen = [x for s in shards for x in s.to_arrow()["id"].to_pylist()]
+    assert len(set(seen)) == 100
+    uneven = ds.split(4, equal=False)
+    assert sum(s.count() for s in uneven) == 103 and max(s.count() for s in uneven) - min(
+        s.count() for s in uneven) <= 1
+    train, test = ds.train_test_split(test_size=0.2, shuffle=False)
+    assert (train.count(), test.count()) == (83, 20)
+    assert test.to_arrow()["id"].to_pylist() == list(range(83, 103))
+    train, test = ds.train_test_split(test_size=10, seed=3)
+    assert test.count() == 10
+    assert sorted(train.to_arrow()["id"].to_pylist() + test.to_arrow()["id"].to_pylist()) == list(range(103))
+    r = ds.repartition(3)
+    assert r.num_blocks() == 3 and r.to_arrow()["id"].to_pylist() == list(range(103))
+
+
+def test_random_shuffle():
+    ds = ml.range(500, override_num_blocks=4)
+    a = ds.random_shuffle(seed=7).to_arrow()["id"].to_pylist()
+    b = ds.random_shuffle(seed=7).to_arrow()["id"].to_pylist()
+    c = ds.random_shuffle(seed=8).to_arrow()["id"].to_pylist()
+    assert sorted(a) == list(range(500))
+    assert a == b and a != c and a != list(range(500))
+
+
+def test_iter_batches():
+    ds = ml.range(100, override_num_blocks=3).map_batches(lambda b: b, batch_format="pyarrow")
+    sizes = [len(b["id"]) for b in ds.iter_batches(batch_size=32)]
+    assert sizes == [32, 32, 32, 4]
+    assert [len(b["id"]) for b in ds.iter_batches(batch_size=32, drop_last=True)] == [32, 32, 32]
+    rows = [x for b in ds.iter_batches(batch_size=10, local_shuffle_buffer_size=40, local_shuffle_seed=1)
+            for x in b["id"].tolist()]
+    assert sorted(rows) == list(range(100)) and rows != list(range(100))
+    frames = list(ds.iter_batches(batch_size=50, batch_format="pandas"))
+    assert all(isinstance(f, pd.DataFrame) for f in frames)
+
+
+def test_iter_torch_batches():
+    torch = pytest.importorskip("torch")
+    ds = ml.from_numpy({"x": np.arange(20, dtype=np.float64), "y": np.arange(20)})
+    batches = list(ds.iter_torch_batches(batch_size=8, dtypes={"x": torch.float32}))
+    assert [len(b["x"]) for b in batches] == [8, 8, 4]
+    assert batches[0]["x"].dtype == torch.float32 and batches[0]["y"].dtype == torch.int64
+
+
+def test_to_tf():
+    tf = pytest.importorskip("tensorflow")
+    ds = ml.from_numpy({"a": np.arange(10, dtype=np.float32), "b": np.ones(10, np.float32), "y": np.arange(10)})
+    tfds = ds.to_tf(["a", "b"], "y", batch_size=4)
+    got = list(tfds.as_numpy_iterator())
+    assert [len(y) for _, y in got] == [4, 4, 2]
+    assert got[0][0]["a"].tolist() == [0, 1, 2, 3] and isinstance(tf.data.Dataset, type)
+
+
+def test_parquet_and_csv_round_trip(tmp_path):
+    df = pd.DataFrame({"x": np.arange(30, dtype=np.float32), "y": np.arange(30) % 3})
+    out = tmp_path / "out"
+    assert ml.from_pandas(df, override_num_blocks=3).write_parquet(str(out)) == 30
+    files = sorted(os.listdir(out))
+    assert len(files) == 3 and all(f.endswith(".parquet") for f in files)
+    assert all(os.stat(out / f).st_mode & 0o077 == 0 for f in files)   # owner-only
+    back = ml.read_parquet(str(out))
+    assert back.num_blocks() == 3
+    pd.testing.assert_frame_equal(back.to_pandas(), df)
+    assert ml.read_parquet(str(out / "*.parquet"), columns=["y"]).columns() == ["y"]
+    assert ml.read_parquet([str(out / files[0]), str(out / files[1])]).count() == 20
+    csv = tmp_path / "d.csv"
+    df.to_csv(csv, index=False)
+    assert ml.read_csv(str(csv)).to_pandas()["y"].tolist() == df["y"].tolist()
+    assert ml.read_csv(f"file://{csv}").count() == 30
+
+
+def test_materialized_blocks_are_freed():
+    gc.collect()
+    before = _own_block_files()
+    ds = ml.range(100, override_num_blocks=4).map_batches(lambda b: b, batch_format="pyarrow").materialize()
+    made = _own_block_files() - before
+    assert len(made) == 4
+    shard = ds.split(2)[0]
+    del ds
+    gc.collect()
+    assert len(_own_block_files() - before) == 4   # the shard still refers to them
+    assert shard.count() == 50
+    del shard
+    gc.collect()
+    assert not (_own_block_files() & made)
+
+
+@fabric.fn
+def _count_remote(ds):
+    return ds.count(), ds.map_batches(lambda b: {"x": b["id"] + 1}, batch_format="numpy").to_arrow()["x"][0].as_py()
+
+
+def test_dataset_travels_into_a_call():
+    ds = ml.range(40, override_num_blocks=2).materialize()
+    assert _count_remote.remote(ds).result(timeout=60) == (40, 1)
+
+
+# --- bad input: clear errors, and the cluster keeps serving -----------------------------------
+def test_errors_are_clear_and_cluster_keeps_serving(tmp_path):
+    ds = ml.from_pandas(pd.DataFrame({"a": [1, 2], "b": [3, 4]}))
+    with pytest.raises(ValueError, match=r"no column\(s\) 'zz'.*'a', 'b'"):
+        ds.select_columns(["zz"])
+    lazy = ds.map_batches(lambda df: df, batch_format="pandas")
+    with pytest.raises(ValueError, match=r"no column\(s\) 'q'.*'a', 'b'"):
+        lazy.drop_columns("q").count()
+    with pytest.raises(TypeError, match="must return a pandas.DataFrame.*returned builtins.int"):
+        ds.map_batches(lambda df: 42).materialize()
+    with pytest.raises(TypeError, match=r"map\(.*must return a dict"):
+        ds.map(lambda r: [r]).count()
+    with pytest.raises(ValueError, match="batch_format must be one of"):
+        ds.map_batches(lambda b: b, batch_format="polars")
+    with pytest.raises(ValueError, match="batch_format must be one of"):
+        next(ds.iter_batches(batch_format="arrow"))
+    with pytest.raises(ValueError, match="batch_size"):
+        ds.map_batches(lambda b: b, batch_size=0)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ds.train_test_split(test_size=1.5)
+    with pytest.raises(ValueError, match="between 1 and 1"):
+        ds.train_test_split(test_size=5)
+    with pytest.raises(TypeError, match="test_size"):
+        ds.train_test_split(test_size="half")
+    with pytest.raises(ValueError, match="limit"):
+        ds.limit(-1)
+    with pytest.raises(ValueError, match="split"):
+        ds.split(0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ml.read_parquet(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        ml.read_parquet(str(tmp_path / "empty"))
+    pq.write_table(pa.table({"a": [1]}), tmp_path / "one.parquet")
+    with pytest.raises(ValueError, match=r"no column\(s\) 'b'.*'a'"):
+        ml.read_parquet(str(tmp_path / "one.parquet"), columns=["b"]).count()
+
+    def boom(df):
+        raise KeyError("user bug")
+
+    with pytest.raises(KeyError, match="user bug"):
+        ds.map_batches(boom).count()
+    # the cluster still serves
+    assert ds.map_batches(lambda df: df.assign(c=df["a"] + df["b"])).to_pandas()["c"].tolist() == [4, 6]
+
+
+# --- S3: a moto server over HTTP --------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    port = _free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.1)
+    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"}}
+    import boto3
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="ml-bucket")
+    try:
+        yield opts
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_s3_parquet_with_storage_options(s3):
+    df = pd.DataFrame({"x": np.arange(50, dtype=np.float64), "y": np.arange(50) % 2})
+    url = f"s3://ml-bucket/{uuid.uuid4().hex}/train"
+    assert ml.from_pandas(df, override_num_blocks=2).write_parquet(url, storage_options=s3) == 50
+    back = ml.read_parquet(url, storage_options=s3)
+    assert back.num_blocks() == 2
+    pd.testing.assert_frame_equal(back.to_pandas(), df)
+
+
+def test_s3_through_the_default_store(s3):
+    from fabric import storage
+    old = storage._default
+    storage.set_default(f"s3://ml-bucket/store-{uuid.uuid4().hex}", **s3)
+    try:
+        url = f"s3://ml-bucket/{uuid.uuid4().hex}/d"
+        ml.range(20, override_num_blocks=2).write_parquet(url)   # credentials from the store
+        assert ml.read_parquet(url).map_batches(lambda b: {"id": b["id"] * 2}, batch_format="numpy").to_arrow()[
+            "id"].to_pylist() == [2 * i for i in range(20)]
+    finally:
+        storage._default = old
