@@ -179,7 +179,7 @@ class OptunaSearch(Searcher):
         step = int(result.get("training_iteration", entry[1] + 1))
         entry[1] = step
         ot.report(float(result[self.metric]), step)
-        return ot.should_prune()
+        return bool(ot.should_prune())
 
     def on_trial_complete(self, trial_id, result, error=False, pruned=False):
         entry = self.trials.pop(trial_id, None)
