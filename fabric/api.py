@@ -12,6 +12,7 @@ import os
 import sys
 import sysconfig
 import threading
+import warnings
 from collections import deque
 
 import cloudpickle
@@ -59,6 +60,13 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
     with _lock:
         if _state.client is not None and _state.pid == os.getpid():
             if address is None or address == _state.client.address:
+                ignored = {k: v for k, v in (("store", store), ("num_cpus", num_cpus), ("num_gpus", num_gpus),
+                                             ("memory", memory)) if v is not None}
+                if ignored:
+                    warnings.warn(f"fabric is already initialized (connected to {_state.client.address}); "
+                                  f"fabric.init({', '.join(f'{k}={v!r}' for k, v in ignored.items())}) has no "
+                                  f"effect: call fabric.shutdown() first to start again with them",
+                                  RuntimeWarning, stacklevel=2)
                 return _info()
             raise FabricError(f"fabric is already connected to {_state.client.address}; "
                               f"call fabric.shutdown() before connecting to {address}")
@@ -85,7 +93,10 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
         try:
             # FABRIC_TRANSFER=store sends large objects through the object store even on one host
             shm = config.is_local_address(address) and serde.transfer_mode() != "store"
-            client = Client(address, shm=shm, connect_timeout=connect_timeout)
+            # an embedded broker's exit is known at once (its Popen), so its calls fail at once
+            client = Client(address, shm=shm, connect_timeout=connect_timeout,
+                            broker_proc=cluster.procs[0] if cluster is not None else None,
+                            supervised=bool(cluster is not None and cluster.journal))
         except BaseException:
             if cluster is not None:
                 cluster.stop()
@@ -229,6 +240,14 @@ class _Sig:
 
     def bind(self, args, kwargs):
         if kwargs or not self.lo <= len(args) <= self.hi:
+            params = self.sig.parameters
+            if kwargs and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                # Signature.bind names a missing argument before an unknown one; a misspelt
+                # keyword is the likelier mistake, so say that first
+                unknown = [k for k in kwargs if k not in params or params[k].kind is params[k].POSITIONAL_ONLY]
+                if unknown:
+                    known = ", ".join(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL,)) or "none"
+                    raise TypeError(f"got an unexpected keyword argument {unknown[0]!r} (its parameters: {known})")
             self.sig.bind(*args, **kwargs)
 
 
@@ -586,7 +605,8 @@ def get(futures, timeout: float | None = None):
     if timeout is not None and futures:
         done, _ = wait(futures, num_returns=len(futures), timeout=timeout)
         if len(done) < len(futures):
-            raise GetTimeout(f"{len(futures) - len(done)} of {len(futures)} calls did not finish within {timeout}s")
+            raise GetTimeout(f"{len(futures) - len(done)} of {len(futures)} calls did not finish within {timeout}s "
+                             f"({futures[0]._client.fate()})")
     return [f.result() for f in futures]
 
 

@@ -5,6 +5,9 @@
     fabric status [--address ADDR]          executors, workers, resources, queues
     fabric stop [--address ADDR]            stop the cluster
     fabric keys init DIR                    CurveZMQ keys; then `fabric start --host 0.0.0.0 --keys DIR`
+
+Every cluster on TCP uses CurveZMQ keys: by default this user's, made on first use in the data
+folder (docs/security.md). The command runs under umask 077: what it writes is owner-only.
 """
 from __future__ import annotations
 
@@ -33,17 +36,29 @@ def _recorded():
         return None
 
 
+def _valid_address(address, where="--address"):
+    """A broker address, or a usage error that shows the expected form (not a ZMQError traceback)."""
+    ok = isinstance(address, str) and (
+        address.startswith("ipc://") and len(address) > 6 or
+        address.startswith("tcp://") and address[6:].rpartition(":")[2].isdigit() and address[6:].rpartition(":")[0])
+    if not ok:
+        raise click.BadParameter(f"{address!r} is not a broker address: it looks like tcp://host:port "
+                                 f"(e.g. tcp://127.0.0.1:5555) or ipc:///path/to/socket", param_hint=where)
+    return address
+
+
 def _address(address):
     if address:
-        return address
+        return _valid_address(address)
     if os.environ.get("FABRIC_ADDRESS"):
-        return os.environ["FABRIC_ADDRESS"]
+        return _valid_address(os.environ["FABRIC_ADDRESS"], "FABRIC_ADDRESS")
     rec = _recorded()
     if rec:
         if rec.get("keys") and not os.environ.get("FABRIC_KEYS"):
             os.environ["FABRIC_KEYS"] = rec["keys"]  # the keys that cluster was started with
         return rec["address"]
-    raise click.ClickException("no cluster address: pass --address, set FABRIC_ADDRESS, or `fabric start` one")
+    raise click.ClickException("no fabric cluster is running here: `fabric start` has recorded none. Start one with "
+                               "`fabric start --detach`, or reach one elsewhere with --address or FABRIC_ADDRESS")
 
 
 def _check_host(host):
@@ -53,9 +68,10 @@ def _check_host(host):
     if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.") or security.configured():
         return
     raise click.ClickException(
-        f"refusing to listen on {host}: a fabric broker runs any code it is sent, so without CurveZMQ keys it "
-        f"listens on loopback (127.0.0.1) only. Make keys with `fabric keys init DIR` and start with "
-        f"`fabric start --host {host} --keys DIR` (see `fabric keys --help`).")
+        f"refusing to listen on {host}: a fabric broker runs any code it is sent, so without a keys directory given "
+        f"on purpose it listens on loopback (127.0.0.1) only. Make keys with `fabric keys init DIR` and start with "
+        f"`fabric start --host {host} --keys DIR` (see `fabric keys --help`; this user's default keys are in "
+        f"{os.path.join(config.data_dir(), 'keys')}).")
 
 
 def _use_keys(ctx, param, value):
@@ -85,6 +101,7 @@ def _check_keys(**need):
 @click.version_option(package_name="fabric-compute", prog_name="fabric")
 def main():
     """fabric: a serverless, function-style compute fabric for Python."""
+    config.private_umask()
 
 
 @main.command()
@@ -112,6 +129,12 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
 
     _check_host(host)
     keys = _check_keys(broker_secret=True, pair=None if no_executor and not autoscale else "executor")
+    from . import security
+
+    try:  # this user's default keys, made now (once) rather than by the broker and executor at once
+        in_use = security.keys_dir(f"tcp://{host}:{port}")
+    except FabricError as e:
+        raise click.ClickException(str(e)) from None
     try:
         gpu_list = parse_gpu_list(gpus) if gpus is not None else None
         mem = parse_memory(memory) if memory else None
@@ -138,7 +161,7 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     cluster.start(executor=not no_executor and not autoscale)
     if autoscale:
         cluster.start_autoscaler(lo, hi, idle=idle, cpus_per_executor=cpus or 1)
-    with open(config.state_file(), "w") as f:
+    with config.private_open(config.state_file(), "w") as f:
         json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
                    "log_dir": cluster.log_dir, "keys": keys}, f)
     from .client import request
@@ -163,6 +186,11 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     if keys:
         click.echo(f"  keys:               {keys} (CurveZMQ); other hosts need a keys directory from "
                    f"`fabric keys add-client NAME` or `add-executor NAME`")
+    elif in_use:
+        click.echo(f"  keys:               {in_use} (CurveZMQ, this user's: only this user's processes get in; "
+                   f"let others in with `fabric keys add-client NAME --public-key FILE`)")
+    else:
+        click.echo("  keys:               none (FABRIC_KEYS=none): every user of this host can run code here")
     click.echo(f"  logs:               {cluster.log_dir}")
     if detach:
         return
@@ -192,8 +220,7 @@ def executor(broker, cpus, gpus, memory, label):
     from .executor.gpus import parse_gpu_list
     from .resources import parse_memory
 
-    if not broker.startswith(("tcp://", "ipc://")):
-        raise click.BadParameter("must look like tcp://host:port or ipc:///path", param_hint="--broker")
+    _valid_address(broker, "--broker")
     try:
         labels = dict(kv.split("=", 1) for kv in label)
     except ValueError:
@@ -208,6 +235,15 @@ def executor(broker, cpus, gpus, memory, label):
     logging.basicConfig(filename=log_file, level=logging.INFO, format="%(asctime)s %(levelname)s executor: %(message)s")
     click.echo(f"executor joining {broker}; log: {log_file}")
     d = ExecutorDaemon(broker, cpus=cpus, gpus=gpu_list, memory=mem, labels=labels, log_file=log_file)
+    said = [0.0]
+
+    def waiting(seconds):  # nothing answers yet: say so, then every 30 s, rather than hang silently
+        if seconds >= 3 and seconds - said[0] >= 30 or said[0] == 0 and seconds >= 3:
+            said[0] = seconds
+            click.echo(f"no broker answers at {broker} yet ({seconds:.0f}s); retrying every second until one does "
+                       f"(Ctrl-C to stop)", err=True)
+
+    d.on_waiting = waiting
     signal.signal(signal.SIGTERM, lambda *_: setattr(d, "running", False))
     try:
         d.serve()
@@ -375,8 +411,8 @@ def _add_key_command(role):
                   help=f"Allow-list a new {role} key NAME; by default make its pair in a new keys "
                   f"directory (--out) to copy to that {role}'s host.")
     @click.argument("name")
-    @click.option("--keys", "root", metavar="DIR", envvar="FABRIC_KEYS", required=True,
-                  help="the broker's keys directory (default: $FABRIC_KEYS)")
+    @click.option("--keys", "root", metavar="DIR", envvar="FABRIC_KEYS",
+                  help="the broker's keys directory (default: $FABRIC_KEYS, else this user's default keys)")
     @click.option("--out", metavar="DIR", help="the new host's keys directory [default: ./fabric-keys-NAME]")
     @click.option("--public-key", type=click.Path(exists=True, dir_okay=False),
                   help="allow-list this public .key file (a pair made elsewhere) instead of making a pair")
@@ -384,6 +420,7 @@ def _add_key_command(role):
         from . import security
 
         try:
+            root = _keys_root(root)
             info = security.add_key(root, role, name, out=out, public_key=public_key)
         except FabricError as e:
             raise click.ClickException(str(e)) from None
@@ -406,9 +443,10 @@ def keys_show(directory):
     """Public keys in a keys directory (default: $FABRIC_KEYS): the broker's, this host's, the allowed."""
     from . import security
 
-    root = os.path.abspath(os.path.expanduser(directory)) if directory else security.keys_dir()
-    if not root:
-        raise click.ClickException("no keys directory: pass one or set FABRIC_KEYS")
+    try:
+        root = os.path.abspath(os.path.expanduser(directory)) if directory else _keys_root(None)
+    except FabricError as e:
+        raise click.ClickException(str(e)) from None
     if not os.path.isdir(root):
         raise click.ClickException(f"{root} is not a directory")
     click.echo(f"keys directory {root}")
@@ -426,6 +464,15 @@ def keys_show(directory):
     click.echo(f"  allowed ({len(allowed)}):" if allowed else "  allowed: none (this is not a broker's directory)")
     for key, where in sorted(allowed.items(), key=lambda kv: kv[1]):
         click.echo(f"    {where:<28} {key.decode()}")
+
+
+def _keys_root(root):
+    """A keys directory given (``--keys``, ``FABRIC_KEYS``), else this user's default one."""
+    from . import security
+
+    if root and root.strip().lower() not in security.OFF:
+        return os.path.abspath(os.path.expanduser(root))
+    return security.ensure_default()
 
 
 def _forget(address):

@@ -19,9 +19,11 @@ Sleeping calls use no CPU, so the burst measures the fabric, not this machine's 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -56,7 +58,9 @@ def main():
     ap.add_argument("--json", help="also write the figures to this file")
     a = ap.parse_args()
 
-    os.environ.setdefault("FABRIC_HOME", tempfile.mkdtemp(prefix="fabric-scale-"))
+    if "FABRIC_HOME" not in os.environ:  # a data folder of its own, removed at exit
+        home = os.environ["FABRIC_HOME"] = tempfile.mkdtemp(prefix="fabric-scale-")
+        atexit.register(shutil.rmtree, home, True)
     os.environ.pop("FABRIC_ADDRESS", None)
     cluster = LocalCluster().start(executor=False)
     cluster.start_autoscaler(0, a.max, idle=a.idle, cpus_per_executor=a.cpus_per_executor,

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,6 +276,7 @@ def main(argv=None):
                 totals[k] = totals.get(k, 0) + v
     finally:
         cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # logs and journal: the figures below are the record
     kinds = {k: sum(1 for x in acts if x[0] == k) for k in ("worker", "executor", "broker")}
     print(f"soak: {a.drivers} drivers, {a.seconds:g} s, chaos: {kinds['worker']} workers, "
           f"{kinds['executor']} executors, {kinds['broker']} brokers killed")

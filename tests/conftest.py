@@ -7,9 +7,22 @@ import time
 
 import pytest
 
-# keep logs and state of the tests out of the user's home
-os.environ.setdefault("FABRIC_HOME", tempfile.mkdtemp(prefix="fabric-home-"))
+# keep logs and state of the tests out of the user's home, and remove them afterwards
+_OWN_HOME = None
+if "FABRIC_HOME" not in os.environ:
+    _OWN_HOME = os.environ["FABRIC_HOME"] = tempfile.mkdtemp(prefix="fabric-home-")
 os.environ.pop("FABRIC_ADDRESS", None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves nothing in /tmp: the data folder it made goes once every cluster is down."""
+    if _OWN_HOME and not os.environ.get("FABRIC_KEEP_TEST_HOME"):
+        import shutil
+
+        try:
+            fabric.shutdown()
+        finally:
+            shutil.rmtree(_OWN_HOME, ignore_errors=True)
 
 import fabric  # noqa: E402
 

@@ -26,6 +26,7 @@ import zmq
 
 from .. import protocol as P
 from .. import security
+from .. import config
 from ..config import pid_alive
 from ..resources import parse_memory
 from .gpus import detect_gpus, parse_gpu_list
@@ -62,6 +63,7 @@ class ExecutorDaemon:
         self.next_memory_check = 0.0
         self.counter = itertools.count(1)
         self.running = True
+        self.on_waiting = None              # called with the seconds waited while no broker answers
         self.ctx = zmq.Context()
         self.sock = None
 
@@ -72,7 +74,7 @@ class ExecutorDaemon:
 
     def connect(self):
         s = self.sock = self.ctx.socket(zmq.DEALER)
-        security.curve_client(s, "executor", watch=True)  # CurveZMQ when FABRIC_KEYS is set; see serve
+        security.curve_client(s, "executor", watch=True, address=self.broker)  # CurveZMQ: tcp://, or FABRIC_KEYS
         s.setsockopt(zmq.ROUTING_ID, b"e" + self.id)
         s.setsockopt(zmq.LINGER, 500)
         s.connect(self.broker)
@@ -81,6 +83,7 @@ class ExecutorDaemon:
     def serve(self):
         self.connect()
         # workers register under this executor: start them only once the broker knows it
+        started = time.monotonic()
         while self.running:
             if security.poll(self.sock, 1.0):  # as sock.poll, and notes a refused key
                 if P.command_of(self.sock.recv_multipart()[0]) == P.WELCOME:
@@ -88,6 +91,8 @@ class ExecutorDaemon:
             else:
                 security.raise_if_refused(self.sock)  # ConnectionFailed: the broker refused our key
                 self.hello()
+                if self.on_waiting is not None:  # the CLI says it is still waiting (and retrying)
+                    self.on_waiting(time.monotonic() - started)
             if self.parent_pid and not pid_alive(self.parent_pid):
                 return self.stop()
         pool = max(1, int(self.cpus))
@@ -281,6 +286,7 @@ def main(argv=None):
     ap.add_argument("--parent-pid", type=int, default=0)
     ap.add_argument("--log-file")
     a = ap.parse_args(argv)
+    config.private_umask()  # its log, run files and its workers' files: owner-only (docs/security.md)
     logging.basicConfig(filename=a.log_file, level=logging.INFO,
                         format="%(asctime)s %(levelname)s executor: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(0)))
