@@ -267,18 +267,18 @@ def _run_member(trainer: "DataParallelTrainer", p: dict):
     reporter = _GangReporter(p, ctx, trainer)
     sess = Session(context=ctx, reporter=reporter, checkpoint=p["checkpoint"], shards=shards)
     stopped = False
-    trainer._setup_worker(g)
-    try:
-        with bind(sess):
+    with bind(sess):
+        trainer._setup_worker(g)
+        try:
             loop, config = trainer._loop(), p["config"]
             if _takes_config(loop):
                 loop(config)
             else:
                 loop()
-    except StopTraining:
-        stopped = True
-    finally:
-        trainer._teardown_worker()
+        except StopTraining:
+            stopped = True
+        finally:
+            trainer._teardown_worker()
     reporter.finish()
     return {"rank": g.rank, "stopped": stopped, "iterations": sess.iteration}
 

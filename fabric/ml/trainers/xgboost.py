@@ -1,0 +1,279 @@
+"""``XGBoostTrainer``: distributed XGBoost on a gang, over xgboost's own collective.
+
+Rank 0 starts a ``RabitTracker`` on its gang address; every member joins it through
+``xgboost.collective.CommunicatorContext`` (its task id is its rank, so ranks match the
+gang's), loads its shard into a ``QuantileDMatrix`` (``hist``) or ``DMatrix`` with ``nthread`` =
+its CPUs, and trains; xgboost all-reduces the histograms, so every member ends with the same
+booster. The evaluation metrics of every named dataset are reported each round
+(``"train-logloss"``, ``"valid-logloss"``...), and rank 0 checkpoints the booster as
+``model.ubj`` every ``CheckpointConfig.checkpoint_frequency`` rounds and at the end.
+
+Two forms, as in Ray: the AIR form ``XGBoostTrainer(params=, label_column=, num_boost_round=,
+datasets=)``, and ``XGBoostTrainer(train_loop_per_worker, train_loop_config=...)`` (Ray 2.60) whose
+loop calls ``xgboost.train`` itself, inside the collective, with ``ReportCallback`` to report.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from .. import session
+from .._deps import need
+from ..checkpoint import Checkpoint
+from .base import DataParallelTrainer
+
+__all__ = ["XGBoostTrainer", "ReportCallback", "load_model"]
+
+MODEL_FILE = "model.ubj"
+
+
+def _xgb():
+    return need("xgboost", "ml", "XGBoostTrainer")
+
+
+def load_model(checkpoint: Checkpoint):
+    """The ``xgboost.Booster`` saved in ``checkpoint``."""
+    xgb = _xgb()
+    booster = xgb.Booster()
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, MODEL_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{checkpoint!r} holds no {MODEL_FILE}: it is not an XGBoost checkpoint "
+                                    f"(metadata: {checkpoint.get_metadata()})")
+        booster.load_model(path)
+    return booster
+
+
+def _save(booster, label_column, feature_columns, extra=None) -> Checkpoint:
+    d = tempfile.mkdtemp(prefix="fabric-xgb-")
+    booster.save_model(os.path.join(d, MODEL_FILE))
+    ckpt = Checkpoint.from_directory(d)
+    meta = {"framework": "xgboost", "num_boosted_rounds": booster.num_boosted_rounds()}
+    if label_column:
+        meta["label_column"] = label_column
+    if feature_columns:
+        meta["feature_columns"] = list(feature_columns)
+    ckpt.set_metadata({**meta, **(extra or {})})
+    return ckpt
+
+
+def _make_callback_class():
+    xgb = _xgb()
+
+    class ReportCallbackImpl(xgb.callback.TrainingCallback):
+        """Reports the evaluation metrics after every round (``"<dataset>-<metric>"``) and
+        checkpoints the booster every ``frequency`` rounds (0: only at the end), from rank 0."""
+
+        def __init__(self, frequency: int = 0, checkpoint_at_end: bool = True, label_column=None,
+                     feature_columns=None, metrics=None, num_boost_round=None):
+            super().__init__()
+            self.frequency, self.at_end = int(frequency or 0), checkpoint_at_end
+            self.final = num_boost_round
+            self.last_metrics = {}
+            self.label_column, self.feature_columns = label_column, feature_columns
+            self.metrics = metrics
+            self.last_saved = None
+
+        def _metrics(self, evals_log):
+            out = {}
+            for data, ms in evals_log.items():
+                for name, values in ms.items():
+                    v = values[-1]
+                    out[f"{data}-{name}"] = float(v[0] if isinstance(v, tuple) else v)
+            if self.metrics is not None:  # a subset, maybe renamed: {"loss": "train-logloss"} or a list
+                items = self.metrics.items() if isinstance(self.metrics, dict) else ((m, m) for m in self.metrics)
+                out = {k: out[v] for k, v in items if v in out}
+            return out
+
+        def _checkpoint(self, model):
+            if session.get_context().get_world_rank() != 0:
+                return None
+            return _save(model, self.label_column, self.feature_columns)
+
+        def after_iteration(self, model, epoch, evals_log):
+            rounds = model.num_boosted_rounds()
+            ckpt = None
+            if (self.frequency and rounds % self.frequency == 0) or (self.at_end and rounds == self.final):
+                ckpt = self._checkpoint(model)
+                self.last_saved = rounds
+            self.last_metrics = self._metrics(evals_log)
+            session.report(self.last_metrics, checkpoint=ckpt)
+            return False
+
+        def after_training(self, model):
+            rounds = model.num_boosted_rounds()
+            if self.at_end and self.last_saved != rounds:
+                # the final model, with the last round's metrics again (the loop did not say
+                # how many rounds it would run, so the last report could not carry it)
+                self.last_saved = rounds
+                session.report(self.last_metrics or {"num_boosted_rounds": rounds},
+                               checkpoint=self._checkpoint(model))
+            return model
+
+    return ReportCallbackImpl
+
+
+class _LazyCallback:
+    """``ReportCallback(...)`` builds xgboost's callback class on first use (xgboost is imported
+    only then)."""
+
+    _cls = None
+
+    def __call__(self, *args, **kwargs):
+        if _LazyCallback._cls is None:
+            _LazyCallback._cls = _make_callback_class()
+        return _LazyCallback._cls(*args, **kwargs)
+
+
+ReportCallback = _LazyCallback()
+
+
+def _default_loop(config: dict):
+    """The AIR form's loop: each rank trains on its shards of every named dataset."""
+    xgb = _xgb()
+    params = dict(config["params"])
+    label = config["label_column"]
+    nthread = config["nthread"]
+    params.setdefault("nthread", nthread)
+    ctx = session.get_context()
+    shards = session.current().shards
+    if "train" not in shards:
+        raise ValueError("XGBoostTrainer needs datasets['train']")
+    frames = {}
+    for name, ds in shards.items():
+        frames[name] = ds.to_pandas()
+    train_df = frames["train"]
+    features = [c for c in train_df.columns if c != label]
+    use_quantile = params.get("tree_method", "hist") in ("hist", "approx", "gpu_hist") and \
+        hasattr(xgb, "QuantileDMatrix")
+    dm_kwargs = dict(config.get("dmatrix_params", {}).get("train", {}))
+    if use_quantile:
+        dtrain = xgb.QuantileDMatrix(train_df[features], label=train_df[label], nthread=nthread, **dm_kwargs)
+    else:
+        dtrain = xgb.DMatrix(train_df[features], label=train_df[label], nthread=nthread, **dm_kwargs)
+    evals = [(dtrain, "train")]
+    for name, df in frames.items():
+        if name == "train":
+            continue
+        if use_quantile:
+            d = xgb.QuantileDMatrix(df[features], label=df[label], nthread=nthread, ref=dtrain)
+        else:
+            d = xgb.DMatrix(df[features], label=df[label], nthread=nthread)
+        evals.append((d, name))
+    del frames, train_df
+    booster = None
+    done_rounds = 0
+    resume = session.get_checkpoint()
+    if resume is not None and resume.get_metadata().get("framework") == "xgboost":
+        booster = load_model(resume)
+        done_rounds = booster.num_boosted_rounds()
+    remaining = max(0, config["num_boost_round"] - done_rounds)
+    cb = ReportCallback(frequency=config["checkpoint_frequency"], checkpoint_at_end=config["checkpoint_at_end"],
+                        label_column=label, feature_columns=features, num_boost_round=config["num_boost_round"])
+    booster = xgb.train(params, dtrain, num_boost_round=remaining, evals=evals, xgb_model=booster,
+                        callbacks=[cb], verbose_eval=False)
+    if remaining == 0 and ctx.get_world_rank() == 0:
+        session.report({"num_boosted_rounds": booster.num_boosted_rounds()},
+                       checkpoint=_save(booster, label, features))
+
+
+class XGBoostTrainer(DataParallelTrainer):
+    """``XGBoostTrainer(params=..., label_column=..., num_boost_round=..., datasets=...)``, or with
+    ``train_loop_per_worker=``. Everything else as for every trainer (scaling, run config,
+    preprocessor); ``result.checkpoint`` holds ``model.ubj`` (``XGBoostTrainer.get_model(ckpt)``)."""
+
+    _framework = "xgboost"
+
+    def __init__(self, train_loop_per_worker=None, *, train_loop_config=None, params: dict | None = None,
+                 label_column: str | None = None, num_boost_round: int = 10, dmatrix_params: dict | None = None,
+                 xgboost_config=None, **kwargs):
+        _xgb()
+        super().__init__(train_loop_per_worker, train_loop_config=train_loop_config, **kwargs)
+        if train_loop_per_worker is None:
+            if params is not None and not isinstance(params, dict):
+                raise TypeError(f"XGBoostTrainer: params must be a dict of xgboost parameters, "
+                                f"got {type(params).__name__}")
+            if not isinstance(label_column, str) or not label_column:
+                raise ValueError("XGBoostTrainer: label_column must name the label column of the datasets")
+            if isinstance(num_boost_round, bool) or not isinstance(num_boost_round, int) or num_boost_round < 0:
+                raise ValueError(f"XGBoostTrainer: num_boost_round must be a whole number >= 0, "
+                                 f"got {num_boost_round!r}")
+            if "train" not in self.datasets:
+                raise ValueError(f"XGBoostTrainer: datasets must hold a 'train' Dataset "
+                                 f"(got {', '.join(self.datasets) or 'none'})")
+        self.params = dict(params or {})
+        self.label_column = label_column
+        self.num_boost_round = num_boost_round
+        self.dmatrix_params = dict(dmatrix_params or {})
+        if self.train_loop_per_worker is None:
+            self._config_attr = "params"
+        self._tracker = None
+        self._comm = None
+
+    @staticmethod
+    def get_model(checkpoint: Checkpoint):
+        """The booster of an XGBoost checkpoint (as Ray's ``XGBoostTrainer.get_model``)."""
+        return load_model(checkpoint)
+
+    def _validate(self):
+        if self.train_loop_per_worker is not None:
+            return
+        for name, ds in self.datasets.items():
+            cols = ds.columns()
+            if self.label_column not in cols:
+                raise ValueError(f"XGBoostTrainer: label_column {self.label_column!r} is not a column of "
+                                 f"datasets[{name!r}] (its columns: {', '.join(map(str, cols))})")
+
+    def _loop(self):
+        return self.train_loop_per_worker or _default_loop
+
+    def _config(self) -> dict:
+        if self.train_loop_per_worker is not None:
+            return self.train_loop_config
+        cc = self.run_config.checkpoint_config
+        return {"params": self.params, "label_column": self.label_column, "num_boost_round": self.num_boost_round,
+                "nthread": max(1, int(self.scaling_config.num_cpus_per_worker)),
+                "checkpoint_frequency": cc.checkpoint_frequency,
+                "checkpoint_at_end": True if cc.checkpoint_at_end is None else cc.checkpoint_at_end,
+                "dmatrix_params": self.dmatrix_params}
+
+    def _checkpoint_metadata(self) -> dict:
+        meta = super()._checkpoint_metadata()
+        if self.label_column:
+            meta.setdefault("label_column", self.label_column)
+        return meta
+
+    # ------------------------------------------------------------------ the collective
+    def _setup_worker(self, ctx) -> None:
+        xgb = _xgb()
+        from xgboost import collective
+
+        if ctx.world_size == 1:
+            return
+        host, port = ctx.master_addr, ctx.master_port
+        if ctx.rank == 0:
+            from xgboost.tracker import RabitTracker
+
+            self._tracker = RabitTracker(n_workers=ctx.world_size, host_ip=host, port=port, sortby="task",
+                                         timeout=600)
+            self._tracker.start()
+        sess = session.current()
+        # every rank waits until rank 0's tracker listens (the hub's barrier: no probe connections)
+        p = sess.reporter.p
+        p["sink"].barrier(p["key"], ctx.rank, ctx.world_size, "xgboost-tracker", 600)
+        self._comm = collective.CommunicatorContext(dmlc_communicator="rabit", dmlc_tracker_uri=host,
+                                                    dmlc_tracker_port=port, dmlc_task_id=str(ctx.rank),
+                                                    dmlc_timeout=600)
+        self._comm.__enter__()
+        del xgb
+
+    def _teardown_worker(self) -> None:
+        comm, self._comm = self._comm, None
+        if comm is not None:
+            comm.__exit__(None, None, None)
+        tracker, self._tracker = self._tracker, None
+        if tracker is not None:
+            try:
+                tracker.wait_for(60)
+            except Exception:  # noqa: BLE001 - the training's own outcome says what happened
+                pass
