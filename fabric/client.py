@@ -233,7 +233,7 @@ class Client:
 
     def _socket(self, ident, watch=False):
         s = self.ctx.socket(zmq.DEALER)
-        security.curve_client(s, watch=watch)  # CurveZMQ when FABRIC_KEYS is set
+        security.curve_client(s, watch=watch, address=self.address)  # CurveZMQ: tcp://, or FABRIC_KEYS
         s.setsockopt(zmq.ROUTING_ID, ident)
         s.setsockopt(zmq.LINGER, 1000)
         s.setsockopt(zmq.SNDHWM, 0)
@@ -650,7 +650,7 @@ def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.ROUTING_ID, b"c" + P.new_id())
     s.setsockopt(zmq.LINGER, 1000)
-    security.curve_client(s, watch=True)
+    security.curve_client(s, watch=True, address=address)
     s.connect(address)
     try:
         sent = security.send_first(s, [P.C[command]])

@@ -25,6 +25,7 @@ def _child_env():
     env = dict(os.environ)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [pkg_parent, env.get("PYTHONPATH", "")] if p)
+    env.setdefault(config.USER_UMASK, f"{config.current_umask():o}")  # workers run user code under it
     return env
 
 
@@ -87,10 +88,12 @@ class LocalCluster:
     def _spawn(self, module, args):
         if self.parent_pid:
             args = args + ["--parent-pid", str(self.parent_pid)]
-        # what the process prints outside its log (a crash's traceback) lands next to that log
-        with open(os.path.join(self.log_dir, module.split(".")[-1] + ".out"), "ab") as out:
+        # what the process prints outside its log (a crash's traceback) lands next to that log;
+        # fabric's processes run under umask 077: their logs, journal and sockets are owner-only
+        with config.private_open(os.path.join(self.log_dir, module.split(".")[-1] + ".out"), "ab") as out:
             return subprocess.Popen([sys.executable, "-m", module, *args], env=_child_env(), stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    umask=config.UMASK)
 
     @property
     def pids(self) -> list[int]:

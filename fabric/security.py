@@ -1,11 +1,23 @@
 """CurveZMQ keys: encryption of every connection to a broker, and an allow-list of who may connect.
 
-Whoever can submit a call can run code on the cluster, so a broker that listens beyond
-loopback needs keys (DESIGN.md, Security). With a keys directory configured (``FABRIC_KEYS``,
-or ``--keys`` on the ``fabric`` command), the broker's ROUTER is a CURVE server and every
-connection to it, ``tcp://`` and ``ipc://`` alike, is encrypted and authenticated; a
-connection whose public key is not allow-listed is refused during the handshake, before it
-can send a message. Without keys nothing changes: plain sockets, loopback or ``ipc://`` only.
+Whoever can submit a call can run code on the cluster, as the cluster's owner, and on a shared
+host loopback is no boundary: every local user can reach ``127.0.0.1``. So every broker that
+listens on TCP, loopback included, is a CURVE server by default (docs/security.md):
+
+- ``FABRIC_KEYS=DIR`` (or ``--keys DIR`` on the ``fabric`` command): that keys directory, for
+  every connection, ``tcp://`` and ``ipc://`` alike. Needed to listen beyond loopback.
+- unset: the owner's default keys directory ``DATA/keys`` (``DATA`` is fabric's data folder,
+  ``FABRIC_HOME``), made on first use (owner-only), for every ``tcp://`` address. The same
+  user's drivers, executors, workers and CLI find it there, so nothing needs configuring; another
+  user's processes have keys of their own, which this broker does not know, and are refused in
+  the handshake with a message naming the public key to have allow-listed.
+  ``ipc://`` (the embedded cluster) stays plain: its socket is in a 0700 folder.
+- ``FABRIC_KEYS=none``: no keys (plaintext; loopback or ``ipc://`` only; a benchmark's baseline).
+  ``FABRIC_ALLOW_INSECURE_REMOTE=1`` without ``FABRIC_KEYS`` also means no keys, and lets a
+  broker listen on a network in plaintext (a test rig's isolated network only).
+
+A connection whose public key is not allow-listed is refused during the handshake, before it
+can send a message; the broker logs each refusal (at most once a minute per reason) and goes on.
 
 The keys directory (``fabric keys init DIR`` makes one; files in pyzmq's certificate format,
 ``zmq.auth.create_certificates``)::
@@ -36,14 +48,19 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import threading
 import time
 import weakref
 
 import zmq
 
+from . import config
 from .errors import ConnectionFailed, FabricError
 
 ENV = "FABRIC_KEYS"
+OFF = ("none", "off", "no", "0", "false")   # FABRIC_KEYS=none: no keys, plaintext
+INSECURE = "FABRIC_ALLOW_INSECURE_REMOTE"
 ROLES = ("client", "executor")
 ALLOW_DIRS = {"client": "clients", "executor": "executors"}
 ZAP_DOMAIN = b"fabric"
@@ -52,14 +69,73 @@ log = logging.getLogger("fabric.security")
 
 
 # ----------------------------------------------------------------------------- the keys directory
-def keys_dir() -> str | None:
-    """The configured keys directory (``FABRIC_KEYS``), or None: no keys, plain sockets."""
+def explicit_dir() -> str | None:
+    """The keys directory ``FABRIC_KEYS`` names (None when unset or ``none``)."""
     path = os.environ.get(ENV, "").strip()
-    return os.path.abspath(os.path.expanduser(path)) if path else None
+    if not path or path.lower() in OFF:
+        return None
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def keyless() -> bool:
+    """Keys turned off on purpose: ``FABRIC_KEYS=none``, or the insecure opt-in without keys."""
+    path = os.environ.get(ENV, "").strip()
+    return path.lower() in OFF if path else bool(os.environ.get(INSECURE))
+
+
+def keys_dir(address: str | None = None) -> str | None:
+    """The keys directory a connection to (or a broker at) ``address`` uses, or None: plain.
+    ``FABRIC_KEYS`` when set; else, for a ``tcp://`` address, the owner's default directory
+    (made on first use); else None (``ipc://`` in a private folder, or keys turned off)."""
+    root = explicit_dir()
+    if root is not None or keyless():
+        return root
+    if address is not None and address.startswith("tcp://"):
+        return ensure_default()
+    return None
 
 
 def configured() -> bool:
-    return keys_dir() is not None
+    """Whether a keys directory was given (``FABRIC_KEYS``/``--keys``): needed beyond loopback."""
+    return explicit_dir() is not None
+
+
+def default_dir() -> str:
+    """The owner's default keys directory: ``keys`` in fabric's data folder."""
+    return os.path.join(config.data_dir(), "keys")
+
+
+def ensure_default() -> str:
+    """The default keys directory, made (``init_keys``) if it is not there yet. Made in a
+    private temporary folder beside it and renamed into place, so processes starting at once
+    (a broker and its executor, two drivers) end up with one set of keys."""
+    try:
+        root = default_dir()
+    except OSError as e:
+        raise FabricError(f"cannot make this user's CurveZMQ keys: fabric's data folder is not usable ({e}); set "
+                          f"FABRIC_HOME to a folder of yours, or FABRIC_KEYS to a keys directory") from None
+    if os.path.exists(os.path.join(root, "broker.key_secret")):
+        return root
+    if os.path.isdir(root) and os.listdir(root):
+        raise FabricError(f"{root} (this user's default CurveZMQ keys) holds files but no broker.key_secret; "
+                          f"move it aside so fabric can make new keys there, or set FABRIC_KEYS to a keys directory")
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(prefix=".keys-", dir=os.path.dirname(root))
+        init_keys(tmp)
+        try:
+            os.rename(tmp, root)  # replaces an empty folder; fails if another process got there first
+            tmp = None
+            log.info("made this user's CurveZMQ keys in %s", root)
+        except OSError:
+            if not os.path.exists(os.path.join(root, "broker.key_secret")):
+                raise
+    except OSError as e:
+        raise FabricError(f"cannot make this user's CurveZMQ keys in {root}: {e}") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def _load(path: str, secret: bool):
@@ -144,7 +220,7 @@ def _copy(src: str, dst: str):
 
 
 def _private_dir(path: str):
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    config.private_dir(path)
     os.chmod(path, 0o700)
 
 
@@ -220,16 +296,18 @@ class _AllowList:
 _authenticators: dict = {}
 
 
-def curve_server(sock) -> bool:
-    """Make ``sock`` (the broker's ROUTER, before bind) a CURVE server whose peers must have an
-    allow-listed key; returns False, changing nothing, when no keys are configured. The ZAP
-    handler (pyzmq's ThreadAuthenticator, one thread per context) runs only at handshakes.
-    ``ZAP_ENFORCE_DOMAIN`` makes a missing handler refuse connections instead of accepting them."""
-    root = keys_dir()
+def curve_server(sock, address: str | None = None) -> bool:
+    """Make ``sock`` (the broker's ROUTER, before it binds ``address``) a CURVE server whose
+    peers must have an allow-listed key; returns False, changing nothing, when this address
+    takes no keys (:func:`keys_dir`). The ZAP handler (pyzmq's ThreadAuthenticator, one thread
+    per context) runs only at handshakes. ``ZAP_ENFORCE_DOMAIN`` makes a missing handler refuse
+    connections instead of accepting them."""
+    root = keys_dir(address)
     if root is None:
         return False
     if not zmq.has("curve"):
-        raise FabricError(f"{ENV} is set but this libzmq has no CURVE support")
+        raise FabricError(f"this libzmq has no CURVE support, and the broker at {address} needs CurveZMQ keys "
+                          f"(set {ENV}=none to run without them, on a host no one else uses)")
     check(root, broker_secret=True)
     public, secret = _load(os.path.join(root, "broker.key_secret"), secret=True)
     ctx = sock.context
@@ -248,9 +326,53 @@ def curve_server(sock) -> bool:
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
+    _log_refusals(sock, address or "")
     log.info("CurveZMQ on: broker public key %s, %d allow-listed keys in %s", public.decode(),
              len(allowed_keys(root)), root)
     return True
+
+
+def _log_refusals(sock, address):
+    """Log the handshakes the broker refused before the allow-list could be asked: a peer
+    without keys, or one that does not hold this broker's public key (another user's or another
+    cluster's keys). Refused keys are logged by :class:`_AllowList`. A daemon thread reads the
+    ROUTER's monitor: handshakes only, never per message."""
+    events = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    addr = f"inproc://fabric-broker-handshakes-{os.getpid()}-{next(_seq)}"
+    try:
+        sock.monitor(addr, events)
+    except zmq.ZMQError:
+        return
+
+    def run():
+        from zmq.utils.monitor import recv_monitor_message
+
+        mon = sock.context.socket(zmq.PAIR)
+        mon.setsockopt(zmq.LINGER, 0)
+        last, quiet = -1e9, 0
+        try:
+            mon.connect(addr)
+            while True:
+                ev = recv_monitor_message(mon)
+                if ev["event"] == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                now = time.monotonic()
+                if now - last < 60:  # a refused peer retries every ~0.1 s: once a minute is enough
+                    quiet += 1
+                    continue
+                last = now
+                more = f" ({quiet} more since the last such line)" if quiet else ""
+                quiet = 0
+                log.warning("refused a connection on %s: the CurveZMQ handshake failed, before any message. The "
+                            "peer has no keys, or not this broker's public key (another user's process, or keys of "
+                            "another cluster); to let someone in, allow-list their public key with `fabric keys "
+                            "add-client NAME --public-key FILE` (docs/security.md)%s", address, more)
+        except zmq.ZMQError:
+            pass  # the context is ending
+        finally:
+            mon.close(0)
+
+    threading.Thread(target=run, name="fabric-handshakes", daemon=True).start()
 
 
 # ----------------------------------------------------------------------------- the connecting side
@@ -258,25 +380,26 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _monitors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # socket -> its monitor PAIR
 _refusals: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # socket -> ConnectionFailed
-_roles: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()      # socket -> (role, key file, public)
+_roles: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()      # socket -> (role, key file, public, own)
 _seq = itertools.count()
 
 
-def curve_client(sock, role: str = "client", watch: bool = False) -> bool:
-    """Make ``sock`` (a DEALER, before connect) a CURVE client with this process's key pair
-    and the broker's public key from ``FABRIC_KEYS``; returns False, changing nothing, when
-    no keys are configured. ``watch``: also record the handshake's failures from now on (with
-    or without keys) so that :func:`poll` can say why a broker does not answer. A watched
-    socket holds a monitor socket until :func:`poll` or :func:`unwatch` ends the watch, which
-    must happen before its context is terminated."""
-    root = keys_dir()
+def curve_client(sock, role: str = "client", watch: bool = False, address: str | None = None) -> bool:
+    """Make ``sock`` (a DEALER, before it connects to ``address``) a CURVE client with this
+    process's key pair and the broker's public key from the keys directory :func:`keys_dir`
+    gives for that address; returns False, changing nothing, when it takes none. ``watch``:
+    also record the handshake's failures from now on (with or without keys) so that
+    :func:`poll` can say why a broker does not answer. A watched socket holds a monitor socket
+    until :func:`poll` or :func:`unwatch` ends the watch, which must happen before its context
+    is terminated."""
+    root = keys_dir(address)
     if root is not None:
         server = broker_public(root)
         public, secret, path = own_pair(root, role)
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_serverkey = server
-        _roles[sock] = (role, path[: -len("_secret")], public.decode(errors="replace"))
+        _roles[sock] = (role, path[: -len("_secret")], public.decode(errors="replace"), explicit_dir() is None)
     if watch:
         _watch(sock)
     return root is not None
@@ -368,9 +491,17 @@ def _explain(sock, ev) -> ConnectionFailed:
     where = ev.get("endpoint", b"")
     where = where.decode(errors="replace") if isinstance(where, bytes) else str(where)
     where = where or "the broker"
-    root = keys_dir()
     if sock in _roles:
-        role, key_file, public = _roles[sock]
+        role, key_file, public, own = _roles[sock]
+        if own and ev["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            # this user's default keys, and a broker they do not open: not this user's cluster
+            return ConnectionFailed(
+                f"the broker at {where} requires CurveZMQ keys and did not accept this user's ({key_file}, public "
+                f"key {public}): it is not a cluster this user started (another user's, one started with other "
+                f"keys, or one running without keys: {ENV}=none). To be let in, give its owner a copy of your public key file {key_file} and ask them to "
+                f"allow-list it: `fabric keys add-{role} NAME --public-key {os.path.basename(key_file)}`; they also "
+                f"give you their broker.key (or a whole keys directory made with `fabric keys add-{role} NAME --out "
+                f"DIR`), which you use with {ENV}=DIR (docs/security.md)")
         if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return ConnectionFailed(
                 f"the broker at {where} did not accept this process's key (public key {public}, {key_file}): "
@@ -378,8 +509,8 @@ def _explain(sock, ev) -> ConnectionFailed:
                 f"`fabric keys add-{role} NAME --public-key {os.path.basename(key_file)}` (that file copied there), "
                 f"or make an allowed pair with `fabric keys add-{role} NAME` and use it here ({ENV})")
         return ConnectionFailed(
-            f"the CurveZMQ handshake with {where} failed: check that {root}/broker.key is that broker's public "
-            f"key, and that the broker runs with keys ({ENV} or `fabric start --keys DIR`)")
+            f"the CurveZMQ handshake with {where} failed: check that {os.path.dirname(key_file)}/broker.key is that "
+            f"broker's public key, and that the broker runs with keys ({ENV} or `fabric start --keys DIR`)")
     return ConnectionFailed(
         f"the handshake with {where} failed: if it is a fabric broker, it requires CurveZMQ keys. Set {ENV} to a "
         f"keys directory holding its broker.key and an allow-listed key pair (see `fabric keys --help`)")

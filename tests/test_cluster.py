@@ -109,12 +109,17 @@ GARBAGE = [
 ]
 
 
-def test_garbage_frames_are_refused_logged_and_the_broker_keeps_serving(started):
+def test_garbage_frames_are_refused_logged_and_the_broker_keeps_serving(started, monkeypatch):
+    from fabric import security
+
+    # the cluster's owner's keys (its data folder's): the garbage has to get past the handshake
+    monkeypatch.setenv("FABRIC_KEYS", os.path.join(started["env"]["FABRIC_HOME"], "keys"))
     ctx = zmq.Context()
     try:
         socks = []
         for prefix in (b"d", b"e", b"w", b"x", b"c"):
             s = ctx.socket(zmq.DEALER)
+            security.curve_client(s, address=started["address"])
             s.setsockopt(zmq.ROUTING_ID, prefix + os.urandom(8))
             s.setsockopt(zmq.LINGER, 0)
             s.connect(started["address"])
@@ -127,6 +132,7 @@ def test_garbage_frames_are_refused_logged_and_the_broker_keeps_serving(started)
         d, r = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
         did = os.urandom(8)
         for s, ident in ((d, b"d" + did), (r, b"r" + did)):
+            security.curve_client(s, address=started["address"])
             s.setsockopt(zmq.ROUTING_ID, ident)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(started["address"])

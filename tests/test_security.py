@@ -329,34 +329,49 @@ def test_remote_bind_without_keys_is_refused(tmp_path, monkeypatch):
     assert r.returncode != 0 and "does not exist" in r.stderr, r.stderr
 
 
-def test_traffic_is_plaintext_without_keys_and_encrypted_with_keys(keyed, keys):
-    from fabric.cluster import LocalCluster
-
-    # without keys (a loopback cluster, as before): the argument and the function's name are on the wire
-    port = free_port()
-    with keys_env(None):
-        plain = LocalCluster(address=f"tcp://127.0.0.1:{port}", cpus=1).start()
+def _through_relay(port, keys):
+    """A driver's calls to the broker on ``port`` through a recording relay: the bytes seen."""
     relay = Relay(port)
     try:
-        assert wait_for(lambda: _executors(f"tcp://127.0.0.1:{port}", None) == 1, 30)
-        r = driver(f"tcp://127.0.0.1:{relay.port}", None, timeout=90, nested=False)
+        r = driver(f"tcp://127.0.0.1:{relay.port}", keys, timeout=90, nested=False)
         assert r.returncode == 0 and f"RESULT {MARKER}-echo" in r.stdout, r.stdout + r.stderr
-        wire = relay.recorded()
+        return relay.recorded()
+    finally:
+        relay.close()
+
+
+def _encrypted(wire):
+    assert len(wire) > 1000
+    assert MARKER.encode() not in wire and FUNC.encode() not in wire
+    assert b"-echo" not in wire and P.C[P.SUBMIT] not in wire
+
+
+def test_traffic_is_encrypted_by_default_and_plaintext_only_with_keys_off(keyed, keys):
+    from fabric.cluster import LocalCluster
+
+    # FABRIC_KEYS=none (keys off on purpose): the argument and the function's name are on the wire
+    port = free_port()
+    with keys_env("none"):
+        plain = LocalCluster(address=f"tcp://127.0.0.1:{port}", cpus=1).start()
+    try:
+        assert wait_for(lambda: _executors(f"tcp://127.0.0.1:{port}", "none") == 1, 30)
+        wire = _through_relay(port, "none")
         assert MARKER.encode() in wire and FUNC.encode() in wire
     finally:
-        relay.close()
-        plain.stop()
-    # with keys: the same calls succeed through the relay, and neither string is on the wire
-    relay = Relay(keyed["port"])
+        with keys_env("none"):
+            plain.stop()
+    # the default, nothing configured: a loopback cluster with this user's keys, encrypted
+    port = free_port()
+    with keys_env(None):
+        default = LocalCluster(address=f"tcp://127.0.0.1:{port}", cpus=1).start()
     try:
-        r = driver(f"tcp://127.0.0.1:{relay.port}", keys["alice"], timeout=90, nested=False)
-        assert r.returncode == 0 and f"RESULT {MARKER}-echo" in r.stdout, r.stdout + r.stderr
-        wire = relay.recorded()
-        assert len(wire) > 1000
-        assert MARKER.encode() not in wire and FUNC.encode() not in wire
-        assert b"-echo" not in wire and P.C[P.SUBMIT] not in wire
+        assert wait_for(lambda: _executors(f"tcp://127.0.0.1:{port}", None) == 1, 30)
+        _encrypted(_through_relay(port, None))
     finally:
-        relay.close()
+        with keys_env(None):
+            default.stop()
+    # a keys directory given on purpose: the same
+    _encrypted(_through_relay(keyed["port"], keys["alice"]))
 
 
 def test_embedded_cluster_with_keys_encrypts_its_ipc_socket(keys):

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 
+from .. import config
 from . import Autoscaler, AwsProvider, LocalProvider, Policy, Pool, decision_log_path, format_decisions, \
     last_decisions
 
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
     if not a.broker:
         ap.error("--broker is required")
 
+    config.private_umask()  # its decision log, and the executors it starts: owner-only (docs/security.md)
     if a.log_dir:
-        os.makedirs(a.log_dir, exist_ok=True)
+        config.private_dir(a.log_dir)
     logging.basicConfig(filename=os.path.join(a.log_dir, "autoscaler.log") if a.log_dir else None,
                         level=logging.INFO, format="%(asctime)s %(levelname)s autoscaler: %(message)s")
     gpu_cpus = a.gpu_cpus_per_executor if a.gpu_cpus_per_executor is not None else a.cpus_per_executor

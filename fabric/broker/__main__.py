@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+from .. import config
 from .core import Broker
 
 
@@ -56,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--restart", action="store_true", help="restart the broker whenever it dies")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
+    config.private_umask()  # its log, journal and socket: owner-only (docs/security.md)
     logging.basicConfig(filename=a.log_file, level=logging.INFO,
                         format="%(asctime)s %(levelname)s broker: %(message)s")
     if a.restart:

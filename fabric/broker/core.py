@@ -89,12 +89,13 @@ class Broker(GangScheduling):
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 0)
-        keyed = security.curve_server(s)  # FABRIC_KEYS set: CURVE on every connection, allow-listed keys only
-        if not keyed and not config.is_local_address(address) and not os.environ.get("FABRIC_ALLOW_INSECURE_REMOTE"):
+        if not security.configured() and not config.is_local_address(address) and not os.environ.get(
+                security.INSECURE):
             s.close()
             raise FabricError(f"refusing to listen on {address}: a fabric broker runs any code it is sent, so "
-                              f"without CurveZMQ keys it listens on loopback or ipc:// only. Make keys with "
-                              f"`fabric keys init DIR` and set FABRIC_KEYS=DIR (or `fabric start --keys DIR`)")
+                              f"without a keys directory given on purpose it listens on loopback or ipc:// only. "
+                              f"Make keys with `fabric keys init DIR` and set FABRIC_KEYS=DIR (or `fabric start --keys DIR`)")
+        security.curve_server(s, address)  # CURVE on tcp:// (default keys) or with FABRIC_KEYS; docs/security.md
         s.bind(address)
         self.started = self.no_executor_since = time.monotonic()
         self.drivers: dict[bytes, dict] = {}        # driver id -> info

@@ -28,6 +28,7 @@ import time
 
 import zmq
 
+from .. import config
 from .. import protocol as P
 from .. import security
 from .. import gangs as _gang
@@ -104,7 +105,7 @@ class OutputChannel:
 
     def _flusher(self):
         sock = self.ctx.socket(zmq.DEALER)
-        security.curve_client(sock, "executor")  # CurveZMQ when FABRIC_KEYS is set
+        security.curve_client(sock, "executor", address=self.address)  # CurveZMQ: tcp://, or FABRIC_KEYS
         sock.setsockopt(zmq.ROUTING_ID, self.ident)
         sock.setsockopt(zmq.LINGER, 500)
         sock.connect(self.address)
@@ -152,7 +153,7 @@ class Worker:
         self.ident = P.worker_id(executor_id, n)
         self.ctx = zmq.Context()
         s = self.sock = self.ctx.socket(zmq.DEALER)
-        security.curve_client(s, "executor")  # CurveZMQ when FABRIC_KEYS is set
+        security.curve_client(s, "executor", address=address)  # CurveZMQ: tcp://, or FABRIC_KEYS
         s.setsockopt(zmq.ROUTING_ID, self.ident)
         s.setsockopt(zmq.LINGER, 1000)
         s.setsockopt(zmq.SNDHWM, 0)
@@ -430,6 +431,7 @@ def main(argv=None):
     ap.add_argument("--token")
     ap.add_argument("--credit", type=int, default=1)
     a = ap.parse_args(argv)
+    config.user_umask()  # user code keeps the user's umask; what fabric writes here has explicit modes
     _die_with_parent()
     executor = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0)
     if executor and os.getppid() != executor:  # it died before the death signal was armed

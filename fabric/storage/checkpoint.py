@@ -14,10 +14,19 @@ import os
 import time
 import uuid
 
+from .. import config
 from .store import DIR_MANIFEST, INTERNAL, KeyNotFound, StorageError, Store
 
 _VERSION = INTERNAL + "v"
 _FORMAT = 1
+
+
+def _owner_only(top: str) -> None:
+    """Folders 0700 and files 0600 under ``top`` (what fsspec's copy made under the umask)."""
+    for here, _, names in os.walk(top):
+        os.chmod(here, 0o700)
+        for name in names:
+            os.chmod(os.path.join(here, name), 0o600)
 
 
 def put_dir(store: Store, key: str, local_dir: str | os.PathLike) -> None:
@@ -37,10 +46,14 @@ def put_dir(store: Store, key: str, local_dir: str | os.PathLike) -> None:
     version = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
     prefix = f"{path}/{_VERSION}{version}"
     with store._errors(key, writing=True):
+        if store._local:  # owner-only, whatever the umask: the version's folder first, then its files
+            config.private_dir(prefix)
         if files:
             rels = sorted(files)
             store.fs.put([os.path.join(local_dir, *r.split("/")) for r in rels],
                          [f"{prefix}/{r}" for r in rels])
+        if store._local:
+            _owner_only(prefix)
     manifest = {"format": _FORMAT, "version": version, "files": files, "dirs": sorted(dirs)}
     store._write_bytes(f"{path}/{DIR_MANIFEST}", json.dumps(manifest).encode(), key)
     if previous and previous["version"] != version:

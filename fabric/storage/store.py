@@ -23,6 +23,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from .. import config
+
 try:
     from fabric.errors import FabricError, SerializationError
 except ImportError:  # the core runtime is optional for the storage layer
@@ -274,10 +276,11 @@ class Store:
         """A binary file whose content appears under ``path`` only when it is closed cleanly."""
         if self._local:
             # Same directory, so os.replace is a rename: atomic on POSIX and on Windows.
+            # Owner-only, whatever the umask: folders 0700, objects 0600 (docs/security.md)
             tmp = self._tmp_sibling(path)
             with self._errors(key, writing=True):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+                config.private_dir(os.path.dirname(path))
+                f = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
             def commit():
                 f.flush()

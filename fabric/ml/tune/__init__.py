@@ -12,6 +12,7 @@
 Each trial is a fabric call (or a Trainer's gang); the scheduler and searcher are pure code in
 the driver (``schedulers.py``, ``searchers.py``, ``search.py``). See docs/tune.md.
 """
+from fabric.ml.checkpoint import Checkpoint
 from fabric.ml.session import get_checkpoint, get_context, report
 
 from .result_grid import ResultGrid
@@ -23,7 +24,7 @@ from .searchers import BasicVariantGenerator, OptunaSearch, Searcher
 from .trial import Trial, TrialError
 from .tuner import TuneConfig, TuneError, Tuner, with_parameters, with_resources
 
-__all__ = ["Tuner", "TuneConfig", "ResultGrid", "report", "get_checkpoint", "get_context",
+__all__ = ["Tuner", "TuneConfig", "ResultGrid", "report", "get_checkpoint", "get_context", "Checkpoint",
            "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint", "lograndint", "randn", "qrandn",
            "choice", "grid_search", "sample_from", "Domain", "SearchSpaceError",
            "TrialScheduler", "FIFOScheduler", "ASHAScheduler", "AsyncHyperBandScheduler", "HyperBandScheduler",
