@@ -58,6 +58,7 @@ class Runtime:
         self.backoff_until = 0.0
         self.last_error = None
         self.deaths = 0
+        self.hold_until = 0.0
         self.closed = False
         self.m_latency, self.m_queue, self.m_compute, self.m_in_flight, self.m_batch = metrics.for_deployment(self.name)
 
@@ -190,7 +191,10 @@ class Runtime:
             return
         now = time.monotonic()
         if self.policy is not None:
-            self.target = self.policy.decide(now, len(self.replicas), self.dispatcher.ongoing)
+            # a Python handle's wake counts as one ongoing request for a while: its calls go
+            # straight to replicas, unseen here
+            held = 1 if now < self.hold_until else 0
+            self.target = self.policy.decide(now, len(self.replicas), self.dispatcher.ongoing + held)
         while len(self.replicas) < self.target and now >= self.backoff_until:
             self._start_replica()
         extra = len(self.replicas) - self.target

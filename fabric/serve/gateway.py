@@ -330,11 +330,9 @@ class Gateway:
         if rt is None:
             return _error(404, f"no deployment named {body.get('name')!r}")
         deadline = time.monotonic() + float(body.get("timeout", rt.options["queue_timeout_s"]))
-        if rt.policy is not None and rt.target == 0:
-            rt.target = 1
-            rt.policy._below_since = None
+        rt.hold_until = time.monotonic() + max(10.0, rt.policy.down_delay if rt.policy else 0.0)
         while time.monotonic() < deadline:
-            rt.reconcile() if not rt.replicas else None
+            rt.reconcile()
             if rt.status()["running_replicas"]:
                 return _json(rt.status())
             await asyncio.sleep(0.02)

@@ -59,6 +59,7 @@ class Replica:
         self.fn = target
         self.debug = debug
         self._loop = None
+        self._takes_body = {}
         self._lock = threading.Lock()
 
     def _method(self, name):
@@ -95,15 +96,18 @@ class Replica:
             m = self._method(method)
         except AttributeError as e:
             return [(404, json.dumps({"error": str(e)}).encode())] * len(items)
+        body = self._takes_body.get(method)
+        if body is None:
+            body = self._takes_body[method] = _takes_body(m)
         out = [None] * len(items)
         waits = []
         for i, it in enumerate(items):
             try:
                 if type(it) is tuple:
                     value, meta = it
-                    r = m(value, request=Request(*meta)) if value is not None else m(request=Request(*meta))
+                    r = m(value, request=Request(*meta)) if body else m(request=Request(*meta))
                 else:
-                    r = m(it) if it is not None else m()
+                    r = m(it) if body else m()
                 if inspect.isawaitable(r):
                     waits.append((i, r))
                 else:
@@ -132,6 +136,16 @@ class Replica:
         import os
 
         return os.getpid()
+
+
+def _takes_body(m) -> bool:
+    """Whether the method has a parameter for the request body (besides ``request``)."""
+    try:
+        ps = inspect.signature(m).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) and p.name != "request"
+               for p in ps)
 
 
 class _Failed:

@@ -76,9 +76,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _by_value(obj) -> None:
+    """The user's own module (a script, a test file) travels by value, as fabric's calls do:
+    the gateway and the replicas need not import it."""
+    import sys
+    import sysconfig
+
+    import cloudpickle
+
+    name = getattr(obj, "__module__", None) or ""
+    mod = sys.modules.get(name)
+    path = getattr(mod, "__file__", None)
+    if not name or name == "__main__" or name.split(".")[0] == "fabric" or path is None:
+        return
+    path = os.path.realpath(path)
+    libs = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib", "stdlib")}
+    if "site-packages" in path or any(path.startswith(d + os.sep) for d in libs):
+        return
+    try:
+        cloudpickle.register_pickle_by_value(mod)
+    except (ValueError, TypeError):
+        pass
+
+
 def save_spec(spec: dict) -> str:
     import cloudpickle
 
+    _by_value(spec["target"])
     p = os.path.join(folder(), f"spec-{secrets.token_hex(8)}.pkl")
     with config.private_open(p, "wb") as f:
         f.write(cloudpickle.dumps(spec))
