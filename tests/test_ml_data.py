@@ -18,6 +18,7 @@ import pytest
 import fabric
 from fabric import ml
 from fabric.ml import _blocks
+from conftest import wait_for
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
@@ -230,7 +231,7 @@ def test_materialized_blocks_are_freed():
     assert shard.count() == 50
     del shard
     gc.collect()
-    assert not (_own_block_files() & made)
+    assert wait_for(lambda: not (_own_block_files() & made))   # unlinked in the background
 
 
 @fabric.fn
