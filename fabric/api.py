@@ -139,10 +139,13 @@ def shutdown():
             return
         client, cluster = _state.client, _state.cluster
         _state.client = _state.cluster = None
+        gone = client is not None and client.gone is not None
         if client is not None:
             client.close()
         if cluster is not None:
-            cluster.stop()
+            # its broker is gone: no SHUTDOWN reaches the executor, so do not wait long for it
+            # (its workers die with it: PR_SET_PDEATHSIG)
+            cluster.stop(timeout=0.5 if gone else 5.0)
 
 
 def _client() -> Client:
@@ -161,7 +164,8 @@ def cluster_status() -> dict:
 # ---------------------------------------------------------------------- options
 _FN_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 3, "timeout": None, "min_warm": 0,
                "max_containers": None, "name": None}
-_CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k != "retries"}, "concurrency": 1}
+_FN_OPTIONS["cache"] = False  # keep the result in the store under the code's and arguments' hashes
+_CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k not in ("retries", "cache")}, "concurrency": 1}
 
 
 def _check_number(name, v, minimum=0.0, maximum=1e6):
@@ -199,6 +203,8 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
         c = o["concurrency"]
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255:
             raise ValueError(f"concurrency must be a whole number from 1 to 255, got {c!r}")
+    if not isinstance(o.get("cache", False), bool):
+        raise TypeError(f"cache must be True or False, got {o['cache']!r}")
     if o["name"] is not None and not isinstance(o["name"], str):
         raise TypeError(f"name must be a string, got {type(o['name']).__name__}")
     return o
@@ -295,7 +301,13 @@ class RemoteFunction:
     def _blob(self):
         if self._code[0] is None:
             _ship_by_value(self._func)
-            self._code[:] = serde.code_blob(self._func)
+            blob, h = serde.code_blob(self._func)
+            if self._options.get("cache"):  # the worker runs a shim that looks in the store first
+                from . import cache
+
+                blob, h = serde.code_blob(functools.partial(cache.run_cached, cache.stage_prefix(self._name, h),
+                                                            self._func))
+            self._code[:] = blob, h
         return self._code
 
     def remote(self, *args, **kwargs) -> Future:
@@ -376,7 +388,10 @@ class _Progress:
 
 def fn(_func=None, **options):
     """Make a function remote: ``@fabric.fn`` or ``@fabric.fn(cpus=1, gpus=0, memory="2GiB",
-    retries=3, timeout=None, min_warm=0, max_containers=None)``."""
+    retries=3, timeout=None, min_warm=0, max_containers=None, cache=False)``.
+
+    ``cache=True`` makes a flow stage: its result is kept in the store under the hash of its code
+    and arguments, and a later call with the same code and arguments returns it without running."""
     opts = _check_options("@fabric.fn", options, _FN_OPTIONS)
 
     def wrap(func):

@@ -496,5 +496,34 @@ def _port_taken(host, port):
     return False
 
 
+
+@main.group()
+def cache():
+    """Cached flow stages (@fabric.fn(cache=True)) in the store."""
+
+
+@cache.command("ls")
+@click.argument("function", required=False)
+def cache_ls(function):
+    """List cached results, optionally of one FUNCTION (by name)."""
+    from . import cache as _cache
+    from . import storage
+
+    keys = _cache.entries(storage.default(), function)
+    for k in keys:
+        click.echo(k)
+    click.echo(f"{len(keys)} cached result(s) in {storage.default().url(_cache.PREFIX)}", err=True)
+
+
+@cache.command("clear")
+@click.argument("function", required=False)
+def cache_clear(function):
+    """Delete cached results (all, or one FUNCTION's): the next run computes them again."""
+    from . import cache as _cache
+    from . import storage
+
+    n = _cache.clear(storage.default(), function)
+    click.echo(f"deleted {n} cached result(s)" + (f" of {function}" if function else ""))
+
 if __name__ == "__main__":
     sys.exit(main())

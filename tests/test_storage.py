@@ -478,6 +478,9 @@ def test_directory_readers_see_whole_checkpoints(store, tmp_path):
 
 # --- the default store -------------------------------------------------------------------------
 def test_default_falls_back_to_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FABRIC_HOME", str(tmp_path / "fh"))  # fabric's data folder holds the store
+    assert storage.default().url() == f"file://{tmp_path}/fh/store"
+    monkeypatch.delenv("FABRIC_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     assert storage.default().url() == f"file://{tmp_path}/xdg/fabric/store"
     monkeypatch.delenv("XDG_DATA_HOME")
@@ -489,6 +492,7 @@ def test_default_falls_back_to_the_data_dir(tmp_path, monkeypatch):
 
 
 def test_default_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("FABRIC_HOME")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     storage.set_default(f"file://{tmp_path}/chosen")
     assert storage.default().url() == f"file://{tmp_path}/chosen"

@@ -58,7 +58,10 @@ def default() -> Store:
 
 
 def default_local_path() -> str:
-    """Where the fallback store lives: ``$XDG_DATA_HOME/fabric/store`` (or ``~/.local/share``)."""
+    """Where the fallback store lives: in fabric's data folder, ``$FABRIC_HOME/store``, else
+    ``$XDG_DATA_HOME/fabric/store`` (or ``~/.local/share/fabric/store``)."""
+    if os.environ.get("FABRIC_HOME"):  # one data folder for logs, journal, keys and the store
+        return os.path.join(os.environ["FABRIC_HOME"], "store")
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data, "fabric", "store")
 
