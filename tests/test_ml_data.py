@@ -244,6 +244,24 @@ def test_dataset_travels_into_a_call():
     assert _count_remote.remote(ds).result(timeout=60) == (40, 1)
 
 
+def _member(shards):
+    ctx = fabric.gang_context()
+    mine = shards[ctx.rank]
+    rows = [int(x) for b in mine.iter_batches(batch_size=7) for x in b["y"]]
+    return ctx.rank, mine.count(), rows, mine.map_batches(lambda b: {"y": b["y"] * 0}, batch_format="numpy").count()
+
+
+def test_shards_in_a_gang_that_holds_every_cpu():
+    # 2 members x 1 CPU take the whole 2-CPU cluster: the shards' pending steps run in the
+    # members themselves (a nested call would wait for a CPU forever)
+    ds = ml.range(60, override_num_blocks=4).map_batches(lambda b: {"y": b["id"] * 2}, batch_format="numpy")
+    shards = ds.split(2)
+    out = fabric.get(fabric.gang(2, cpus=1).run(_member, shards), timeout=120)
+    out.sort()
+    assert [o[1] for o in out] == [30, 30] and [o[3] for o in out] == [30, 30]
+    assert sorted(out[0][2] + out[1][2]) == [2 * i for i in range(60)]
+
+
 # --- bad input: clear errors, and the cluster keeps serving -----------------------------------
 def test_errors_are_clear_and_cluster_keeps_serving(tmp_path):
     ds = ml.from_pandas(pd.DataFrame({"a": [1, 2], "b": [3, 4]}))

@@ -55,6 +55,23 @@ class DataContext:
     progress_min_blocks: int = 8
     #: target size of blocks made from in-memory data (from_pandas etc.)
     target_block_bytes: int = 32 << 20
+    #: where per-block steps run: "cluster" (fabric calls), "local" (in this process), or
+    #: "auto": local inside a gang member (a trainer's worker), whose gang holds the CPUs that
+    #: nested calls would wait for (fabric does not lend a blocked call's CPU), else cluster
+    execution: str = "auto"
+
+
+def _local() -> bool:
+    mode = DataContext.execution
+    if mode not in ("auto", "cluster", "local"):
+        raise ValueError(f"DataContext.execution must be 'auto', 'cluster' or 'local', got {mode!r}")
+    if mode != "auto":
+        return mode == "local"
+    try:
+        fabric.gang_context()
+    except fabric.FabricError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------- sources
@@ -104,9 +121,38 @@ class _Read:
         return t
 
 
+class _Done:
+    """The outcome of a per-block step run in this process (local execution), shaped like a Future."""
+
+    __slots__ = ("value", "error")
+
+    def __init__(self, value=None, error=None):
+        self.value, self.error = value, error
+
+    def __reduce__(self):
+        return _Done, (self.value, self.error)
+
+    def done(self):
+        return True
+
+    def exception(self):
+        return self.error
+
+    def result(self, timeout=None):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def add_done_callback(self, fn):
+        fn(self)
+
+
+_FUTURES = (fabric.Future, _Done)
+
+
 def _src_rows(src):
     """Row count of a source known without running anything on the cluster (None: a read)."""
-    if isinstance(src, fabric.Future):
+    if isinstance(src, _FUTURES):
         src = src.result()
     if isinstance(src, (BlockRef, _Put)):
         return src.num_rows
@@ -115,7 +161,7 @@ def _src_rows(src):
 
 def _src_schema(src):
     pa = _pa()
-    if isinstance(src, fabric.Future):
+    if isinstance(src, _FUTURES):
         src = src.result()
     return pa.ipc.read_schema(pa.py_buffer(src.schema_buf))
 
@@ -123,7 +169,7 @@ def _src_schema(src):
 def _load_src(src):
     """In a worker (or the driver): the table behind a source."""
     pa = _pa()
-    if isinstance(src, fabric.Future):  # the driver reading its own blocks
+    if isinstance(src, _FUTURES):  # the driver reading its own blocks
         src = src.result()
     if isinstance(src, BlockRef):
         return _blocks.read(src)
@@ -329,6 +375,8 @@ def _finish(t, term, owner):
         return _blocks.write(t, owner)
     if kind == "count":
         return t.num_rows
+    if kind == "table":
+        return t
     if kind == "schema":
         return t.schema.serialize().to_pybytes()
     if kind == "agg":
@@ -433,7 +481,7 @@ def _free_future(f):
 
 def _free_all(futs):
     for f in futs:
-        if isinstance(f, fabric.Future):
+        if isinstance(f, _FUTURES):
             f.add_done_callback(_free_future)
         elif isinstance(f, BlockRef):
             _blocks.free(f)
@@ -521,7 +569,7 @@ class Dataset:
 
     # --- pickling: done Futures travel as their (tiny) references; the copy owns nothing
     def __getstate__(self):
-        blocks = [[(s.result() if isinstance(s, fabric.Future) and s.done() and s.exception() is None else s, lo, hi)
+        blocks = [[(s.result() if isinstance(s, _FUTURES) and s.done() and s.exception() is None else s, lo, hi)
                    for s, lo, hi in b] for b in self._blocks]
         return {"blocks": blocks, "stages": self._stages}
 
@@ -647,6 +695,9 @@ class Dataset:
         stages = self._stages or (_Stage((), 1.0, 0.0),)
         owner = _blocks.owner_tag()
         n = len(self._blocks)
+        if _local():
+            yield from _execute_here(self._blocks, stages, term, owner)
+            return
         window = _window()
         for s in stages:
             if s.concurrency and s.actor is None:
@@ -844,7 +895,9 @@ class Dataset:
             parts = [(ref, offs[j], offs[j + 1]) for ref, offs in refs if offs[j + 1] > offs[j]]
             if not parts:
                 continue
-            outs.append(_task_fn(1.0, 0.0).remote(parts, (), ("shuffle_reduce", [seed, j, 1]), owner))
+            term = ("shuffle_reduce", [seed, j, 1])
+            outs.append(_Done(_block_task(parts, (), term, owner)) if _local()
+                        else _task_fn(1.0, 0.0).remote(parts, (), term, owner))
         first = [r for r, _ in refs]
         left = [len(outs)]
         lock = threading.Lock()
@@ -886,6 +939,11 @@ class Dataset:
         if self._known():
             for b in self._blocks:
                 yield _load(b)
+            return
+        if _local():
+            stages = self._stages or (_Stage((), 1.0, 0.0),)
+            for _, d in _execute_here(self._blocks, stages, ("table",), 0):
+                yield d.result()
             return
         q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         stop = threading.Event()
@@ -1070,6 +1128,22 @@ class Dataset:
 
     def stats(self) -> str:
         return repr(self)
+
+
+def _execute_here(blocks, stages, term, owner):
+    """``Dataset._execute`` in this process: the same steps, one block after another."""
+    insts = {}
+    for i, parts in enumerate(blocks):
+        t = _load(parts)
+        for k, s in enumerate(stages):
+            inst = None
+            if s.actor is not None:
+                if k not in insts:
+                    klass, args, kwargs = s.actor
+                    insts[k] = klass(*args, **kwargs)
+                inst = insts[k]
+            t = _run_ops(t, s.ops, inst)
+        yield i, _Done(_finish(t, term(i) if callable(term) else term, owner))
 
 
 def _min_none(a, b):
