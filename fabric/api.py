@@ -51,8 +51,9 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
     the cluster that ``fabric start --detach`` recorded; ``None`` uses ``FABRIC_ADDRESS`` or,
     without it, starts an embedded local cluster (broker + one executor) owned by this process
     and stopped when it exits. ``num_cpus``/``num_gpus``/``memory`` size the embedded cluster.
-    With ``FABRIC_KEYS`` set (a keys directory, docs/security.md) the connection uses CurveZMQ,
-    and a broker that does not accept this process's key raises ``ConnectionFailed`` at once.
+    A ``tcp://`` connection uses CurveZMQ with this user's default keys (made on first use in
+    fabric's data folder) or those of ``FABRIC_KEYS`` (docs/security.md); a broker that does not
+    accept this process's key (another user's cluster) raises ``ConnectionFailed`` at once.
     """
     if address is not None and address != "auto" and (
             not isinstance(address, str) or not address.startswith(("tcp://", "ipc://"))):

@@ -374,7 +374,11 @@ def _started_here(broker_pid, rec) -> bool:
 def keys():
     """CurveZMQ keys: encrypt all of a cluster's traffic and allow-list who may connect.
 
-    Needed to listen beyond loopback: whoever can submit a call runs code (docs/security.md).
+    Every TCP cluster uses them: by default this user's, made on first use in fabric's data
+    folder, so only this user's processes get in (whoever can submit a call runs code as the
+    cluster's owner; docs/security.md). Let another user in on purpose: `fabric keys add-client
+    NAME --public-key THEIR_client.key` (the file their refusal names). Listening beyond loopback
+    takes a keys directory given on purpose:
 
     \b
     On the broker's host:

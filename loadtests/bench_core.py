@@ -7,6 +7,10 @@ Runs fabric's side of the workloads of ../shared/bench/peers.py (sync, async, ac
 fanout, startup; plus memory: broker RSS over 1,000,000 calls and the cost of 100,000 pending
 calls), then runs the peers' side (Ray, Dask, the raw ZeroMQ floor) with the peers' venv, and
 prints one table of medians over ``--repeat`` runs with fabric's ratio to each peer.
+
+``--keys`` runs fabric's side with CurveZMQ on (this user's default keys, as every ``tcp://``
+cluster has them): on the embedded cluster's ``ipc://`` socket, so that beside a run without
+``--keys`` the only difference is the encryption (docs/security.md, Cost).
 """
 from __future__ import annotations
 
@@ -211,7 +215,14 @@ def main():
     ap.add_argument("--peers-python", default=os.path.join(REPO, ".venv-peers", "bin", "python"))
     ap.add_argument("--memory", action="store_true", help="also measure memory over 1,000,000 calls")
     ap.add_argument("--write", help="write the table into this markdown file (docs/benchmarks.md)")
+    ap.add_argument("--keys", action="store_true", help="fabric with CurveZMQ keys on (the default keys of a "
+                    "tcp:// cluster; here on the embedded cluster's socket): what the encryption costs")
     a = ap.parse_args()
+    if a.keys:
+        from fabric import security
+
+        os.environ["FABRIC_KEYS"] = security.ensure_default()  # inherited by the startup row's process
+        print(f"CurveZMQ keys on: {os.environ['FABRIC_KEYS']}", flush=True)
     results = {}
     rows = []
     for i in range(a.repeat):
