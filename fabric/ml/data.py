@@ -810,6 +810,7 @@ class Dataset:
         try:
             for _, f in gen:
                 if got >= n:
+                    _free_future(f)   # computed ahead, not needed
                     break
                 ref = f.result()
                 futs.append(f)
