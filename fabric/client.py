@@ -6,6 +6,13 @@ worker output and refusals: received by whichever thread waits for a result (lea
 else by the IO thread. Results are kept as raw frames and unpickled lazily by whoever asks for them, so
 the IO thread does little per message.
 
+Liveness: the broker answers each of the driver's once-a-second HEARTBEATs on ``r``; the IO
+thread notes when anything last arrived there. A broker silent for ``FABRIC_BROKER_TIMEOUT``
+seconds (or, for an embedded cluster, a broker process known to have exited with no
+supervisor to restart it) is declared gone: every pending Future fails with
+``ConnectionFailed`` and new calls fail fast, until a broker answers again (then the driver
+rejoins as after a restart). Nothing of this runs on the call path.
+
 Ownership: the broker keeps each result until this driver says ``RELEASE``; the IO thread
 releases a result once it holds it, unless a call being submitted right now refers to it
 (``_pin``), in which case the release waits until that submit is on the wire. A Future that
@@ -47,6 +54,10 @@ BATCH_MAX = 64     # submits per BATCH message
 MAX_PENDING = int(os.environ.get("FABRIC_MAX_PENDING", 100_000))
 # a fabric.put object at least this big goes to the object store, not into the broker's memory
 PUT_SPILL = int(os.environ.get("FABRIC_PUT_SPILL", 64 << 20))
+# a broker silent this long is gone (read when a Client starts): long enough for a supervisor
+# to restart a broker and replay its journal, short enough that nobody waits for ever
+BROKER_TIMEOUT = 30.0
+HEARTBEAT_EVERY = 1.0  # seconds between a driver's HEARTBEATs (the broker answers each)
 _NOTHING = object()
 
 
@@ -87,7 +98,7 @@ class Future:
         if self._state != _DONE:
             self._client.wait([self], 1, timeout)
             if self._state != _DONE:
-                raise GetTimeout(f"{self.label} did not finish within {timeout}s (it keeps running)")
+                raise GetTimeout(f"{self.label} did not finish within {timeout}s ({self._client.fate()})")
         return self._outcome()
 
     def exception(self, timeout: float | None = None):
@@ -181,7 +192,11 @@ class ReadyFuture(Future):
 
 
 class Client:
-    def __init__(self, address: str, *, shm: bool = False, connect_timeout: float = 10.0, name: str = ""):
+    def __init__(self, address: str, *, shm: bool = False, connect_timeout: float = 10.0, name: str = "",
+                 broker_proc=None, supervised: bool = False):
+        """``broker_proc``: the broker's ``subprocess.Popen`` when this process started it (the
+        embedded cluster): its exit is known at once, and with no ``supervised`` restart coming,
+        fails the pending calls at once instead of after ``FABRIC_BROKER_TIMEOUT``."""
         self.address = address
         self.id = P.new_id()
         self.ctx = zmq.Context()
@@ -212,6 +227,14 @@ class Client:
         self.puts = weakref.WeakValueDictionary()      # put() objects alive here: re-sent on restart
         self.rejoins = 0
         self.extra_outcomes = 0  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
+        self.broker_timeout = _env_seconds("FABRIC_BROKER_TIMEOUT", BROKER_TIMEOUT)
+        self.broker_proc, self.supervised = broker_proc, supervised
+        self.heard = time.monotonic()                  # when anything last arrived from the broker
+        self.polled = self.heard                       # when a thread last polled the result socket
+        self.answers_beats = False                     # the broker answers HEARTBEATs (WELCOME says)
+        self.gone: ConnectionFailed | None = None      # set while the broker is declared gone
+        self.abandoned: set[bytes] = set()             # ids failed that way: a late outcome is dropped
+        self.last_check = 0.0
         self.spilled: dict[bytes, list] = {}           # put() id -> store keys of its spilled object
         self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
@@ -227,7 +250,10 @@ class Client:
             if P.command_of(msg[0]) != P.WELCOME:
                 self._close_sockets()
                 raise ConnectionFailed(f"the broker at {address} refused this driver: {msg[-1][:200]!r}")
-            self.epoch = str(P.loads_json(msg[1]).get("epoch", "")).encode()
+            info = P.loads_json(msg[1])
+            self.epoch = str(info.get("epoch", "")).encode()
+            self.answers_beats = bool(info.get("heartbeat"))
+        self.heard = time.monotonic()
         self.io = threading.Thread(target=self._io_loop, name="fabric-io", daemon=True)
         self.io.start()
 
@@ -252,6 +278,8 @@ class Client:
         returns their n Futures in rank order (rank 0's id is the call's id)."""
         if self.closed:
             raise ConnectionFailed("this fabric client is shut down; call fabric.init() again")
+        if self.gone is not None:
+            raise ConnectionFailed(f"{label}: {self.gone}")
         if len(self.pending) >= MAX_PENDING and threading.current_thread() is not self.io:
             self._throttle()
         cid = self.new_id()
@@ -319,6 +347,8 @@ class Client:
         while len(self.pending) > low:
             if self.closed:
                 raise ConnectionFailed("the fabric client was shut down while waiting to submit")
+            if self.gone is not None:
+                raise ConnectionFailed(str(self.gone))
             self._wait_round(0.05)
 
     def _rejoin(self, info: dict):
@@ -333,6 +363,10 @@ class Client:
             self.code_sent.clear()
             if self.outq:
                 self._flush_out()
+            if self.abandoned:  # failed here as lost: a journal may still hold them; nobody waits
+                ids = b"".join(self.abandoned)
+                P.send(self.d, [P.C[P.CANCEL], ids])
+                P.send(self.d, [P.C[P.RELEASE], ids])
             puts = list(self.puts.items())
             for cid, fut in puts:
                 P.send(self.d, self._put_message(cid, fut._value))
@@ -423,6 +457,8 @@ class Client:
                 f._pin -= 1
 
     def put(self, value) -> Future:
+        if self.gone is not None:
+            raise ConnectionFailed(f"fabric.put: {self.gone}")
         cid = self.new_id()
         self._send_d(self._put_message(cid, value))
         fut = ReadyFuture(cid, self, "fabric.put", value)
@@ -498,9 +534,12 @@ class Client:
                 now = time.monotonic()
                 if (self.to_release or self.dropped or self.dropped_actors) and now - self.last_flush > 0.05:
                     self._flush_releases()
-                if now - self.last_beat > 1.0:  # the broker drops a driver it has not heard from
+                if now - self.last_beat > HEARTBEAT_EVERY:  # the broker drops a driver it has not heard from
                     self.last_beat = now
                     self._send_d([P.C[P.HEARTBEAT], self.epoch])
+                if now - self.last_check > 0.1:
+                    self.last_check = now
+                    self._check_broker(now)
             except zmq.ZMQError:
                 if self.closed:
                     return
@@ -509,9 +548,14 @@ class Client:
     def _pump(self, timeout):
         """Receive what has arrived (waiting up to ``timeout``) and complete its Futures."""
         r = self.r
-        if not self.rpoll.poll(timeout * 1000):
+        ready = self.rpoll.poll(timeout * 1000)
+        self.polled = time.monotonic()  # someone receives: the silence measured is real
+        if not ready:
             return
         batch = P.recv_batch(r, 1000)
+        self.heard = self.polled  # (once per batch: the broker is alive)
+        if self.gone is not None and batch:
+            self._back()
         result_cmd = P.C[P.RESULT]
         done, rejoin = [], []
         pending = self.pending
@@ -524,7 +568,7 @@ class Client:
                     fut._head, fut._frames, fut._status = f0[4:], frames[1:], f0[20]
                     done.append(fut)
                 else:
-                    self.extra_outcomes += 1
+                    self._unexpected(f0[4:20])
             elif c == P.C[P.BATCH]:
                 for _, head, fr in P.unbatch(frames):
                     fut = pending.pop(head[:16], None)
@@ -532,7 +576,7 @@ class Client:
                         fut._head, fut._frames, fut._status = head, fr, head[16]
                         done.append(fut)
                     else:
-                        self.extra_outcomes += 1
+                        self._unexpected(head[:16])
             elif c == P.C[P.LOG]:
                 if self.log_to_driver:
                     self._print_output(frames[1].bytes, frames[2].bytes)
@@ -544,6 +588,13 @@ class Client:
             self._rejoin(rejoin[-1])
         if not done:
             return
+        self._complete(done)
+        self.to_release.extend(done)
+        if len(self.to_release) >= 512:
+            self._flush_releases()
+
+    def _complete(self, done):
+        """Mark Futures done, wake their waiters, run their callbacks."""
         with self.cond:
             for fut in done:
                 fut._state = _DONE
@@ -551,7 +602,8 @@ class Client:
         for fut in done:
             if fut._shm:
                 head = fut._head
-                self.shm.give_back(fut._shm, reuse=head[16] == P.OK and bool(head[-1] & P.SHM_FREE))
+                reuse = head is not None and head[16] == P.OK and bool(head[-1] & P.SHM_FREE)
+                self.shm.give_back(fut._shm, reuse=reuse)
                 fut._shm = None
             if fut._callbacks:
                 for cb in fut._callbacks:
@@ -560,9 +612,84 @@ class Client:
                     except Exception:  # noqa: BLE001
                         log.exception("a Future callback raised")
                 fut._callbacks = None
-        self.to_release.extend(done)
-        if len(self.to_release) >= 512:
-            self._flush_releases()
+
+    def _unexpected(self, cid):
+        """An outcome for an id not pending: a call failed as lost with its broker (dropped and
+        released), or a duplicate (counted: it must never happen)."""
+        if cid in self.abandoned:
+            self.abandoned.discard(cid)
+            self.dropped.append(cid)
+        else:
+            self.extra_outcomes += 1
+
+    # ------------------------------------------------------------------ broker liveness
+    def _check_broker(self, now):
+        """IO thread, every 0.1 s: is the broker gone? Then fail what waits on it."""
+        if self.gone is not None:
+            if self.pending:  # submitted while it was being declared gone
+                self._fail_pending()
+            return
+        why = None
+        p = self.broker_proc
+        if p is not None and not self.supervised and p.poll() is not None:
+            code = p.returncode
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            why = (f"the embedded fabric broker at {self.address} (pid {p.pid}) exited with {how}; "
+                   f"nothing was heard from it for {now - self.heard:.1f}s; call fabric.shutdown() "
+                   f"and fabric.init() to start a new cluster")
+        elif self.answers_beats and now - self.heard > self.broker_timeout:
+            # only while someone receives: a thread stuck in a callback, or this one stalled,
+            # may not have read what arrived meanwhile
+            if now - self.polled > 0.5:
+                if not self.rlock.acquire(blocking=False):
+                    return
+                try:
+                    self._pump(0)
+                finally:
+                    self.rlock.release()
+                now = time.monotonic()
+                if now - self.heard <= self.broker_timeout:
+                    return
+            why = (f"the fabric broker at {self.address} has not answered for {now - self.heard:.1f}s "
+                   f"(FABRIC_BROKER_TIMEOUT={self.broker_timeout:g}s): it is gone, or unreachable; "
+                   f"the call's outcome is unknown")
+        if why is None:
+            return
+        log.error("%s: failing %d pending calls; new calls fail until a broker answers", why, len(self.pending))
+        self.gone = ConnectionFailed(why)
+        self._fail_pending()
+
+    def _fail_pending(self):
+        with self.rlock:  # no pump completes a Future meanwhile
+            failed = []
+            for cid in list(self.pending):
+                fut = self.pending.pop(cid, None)
+                if fut is None:
+                    continue
+                fut._status, fut._frames, fut._sub = P.CRASHED, None, None
+                fut._value = _Raise(ConnectionFailed(f"{fut.label}: {self.gone}"))
+                self.abandoned.add(cid)
+                failed.append(fut)
+            self._complete(failed)
+
+    def _back(self):
+        """A broker answers again after it was declared gone: new calls work again. The calls
+        failed meanwhile are cancelled there (a journal may hold them; nobody waits for them)."""
+        log.warning("the fabric broker at %s answers again; new calls go through", self.address)
+        self.gone = None
+        if self.abandoned:
+            ids = b"".join(self.abandoned)
+            self._send_d([P.C[P.CANCEL], ids])
+            self._send_d([P.C[P.RELEASE], ids])
+
+    def fate(self) -> str:
+        """What a GetTimeout says about the call: it keeps running only if the broker is there."""
+        silent = time.monotonic() - self.heard
+        if self.gone is None and (silent < min(2.5 * HEARTBEAT_EVERY, self.broker_timeout / 2)
+                                  or not self.answers_beats):
+            return "it keeps running"
+        return (f"the broker at {self.address} has not answered for {silent:.0f}s: if it is gone, "
+                f"the call fails with ConnectionFailed after FABRIC_BROKER_TIMEOUT={self.broker_timeout:g}s")
 
     def _flush_releases(self):
         self.last_flush = time.monotonic()
@@ -623,6 +750,19 @@ class Client:
         self.d.close(linger=500)
         self.r.close(linger=0)
         self.ctx.term()
+
+
+def _env_seconds(name, default):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        t = float(v)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {v!r}") from None
+    if not t > 0:
+        raise ValueError(f"{name} must be a number of seconds above 0, got {v!r}")
+    return t
 
 
 def _delete_objects(keys):

@@ -47,15 +47,36 @@ def crash_until(path, crashes):
 
 
 @fabric.fn(timeout=0.5, retries=0)
-def sleepy(t):
+def sleepy(t, mark=None):
+    if mark:
+        with open(mark, "w") as f:
+            f.write(str(os.getpid()))
     time.sleep(t)
     return os.getpid()
 
 
 @fabric.fn
-def nap(t):
+def nap(t, mark=None):
+    if mark:  # says it runs, and where
+        with open(mark + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(mark + ".tmp", mark)
     time.sleep(t)
     return t
+
+
+def _pid_in(mark):
+    assert wait_for(lambda: os.path.exists(mark), timeout=60), "the call never started"
+    return int(open(mark).read())
+
+
+def _gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie not reaped yet is gone too
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def test_user_exception_keeps_its_type_and_remote_traceback(cluster):
@@ -76,9 +97,14 @@ def test_exception_that_cannot_be_rebuilt_becomes_remote_error(cluster):
 
         raise Odd(1, 2)
 
-    with pytest.raises((fabric.RemoteError, Exception)) as ei:
-        weird.remote().result()
-    assert "Odd" in type(ei.value).__name__ or "Odd" in str(ei.value)
+    with pytest.raises(fabric.RemoteError) as ei:  # Odd(1) cannot be rebuilt: its __init__ needs b
+        weird.remote().result(timeout=30)
+    e = ei.value
+    assert e.type_name.endswith("weird.<locals>.Odd"), e.type_name
+    assert str(e) == f"{e.type_name}: 1"
+    assert "raise Odd(1, 2)" in e.remote_traceback and "in weird" in e.remote_traceback
+    assert isinstance(e.__cause__, fabric.RemoteTraceback) and e.__cause__.tb == e.remote_traceback
+    assert ok.remote(3).result(timeout=30) == 3
 
 
 def test_worker_crash_is_retried_then_succeeds(cluster, tmp_path):
@@ -148,28 +174,36 @@ def test_a_worker_names_the_call_it_runs_for_its_executor(cluster):
     assert len(before - set(glob.glob(pattern))) == 1 and len(glob.glob(pattern)) == 2  # the dead one's is gone
 
 
-def test_timeout_kills_and_replaces_the_worker(cluster):
-    f = sleepy.remote(30)
-    t0 = time.monotonic()
+def test_timeout_kills_and_replaces_the_worker(cluster, tmp_path):
+    mark = str(tmp_path / "pid")
+    f = sleepy.remote(60, mark)
     with pytest.raises(fabric.TaskTimeout, match="timeout of 0.5s"):
-        f.result(timeout=30)
-    assert time.monotonic() - t0 < 10
-    assert sleepy.remote(0).result(timeout=30) > 0
+        f.result(timeout=50)  # (a GetTimeout, not TaskTimeout, if the timeout were not enforced)
+    pid = _pid_in(mark)
+    assert wait_for(lambda: _gone(pid), timeout=30)  # its worker was killed
+    assert sleepy.remote(0).result(timeout=30) not in (pid, None)  # and replaced
     assert ok.remote(6).result() == 6
 
 
-def test_cancel_queued_and_running(cluster):
-    blockers = [nap.remote(1.0) for _ in range(2)]  # occupy both CPUs
-    queued = nap.remote(0.1)
+def test_cancel_queued_and_running(cluster, tmp_path):
+    marks = [str(tmp_path / f"b{i}") for i in range(2)]
+    blockers = [nap.remote(60, m) for m in marks]  # occupy both CPUs
+    for m in marks:
+        _pid_in(m)
+    queued = nap.remote(0.1, str(tmp_path / "queued"))
     assert queued.cancel()
-    with pytest.raises(fabric.Cancelled):
+    with pytest.raises(fabric.Cancelled, match="before it ran"):
         queued.result(timeout=30)
-    running = nap.remote(30)
-    time.sleep(1.5)  # blockers are done, so it is running now
-    assert running.cancel()
+    assert not os.path.exists(tmp_path / "queued")
+    pids = [_pid_in(m) for m in marks]
+    assert blockers[0].cancel()  # running (its mark says so, with its worker's pid)
+    with pytest.raises(fabric.Cancelled, match="while running; its worker was replaced"):
+        blockers[0].result(timeout=30)
+    assert wait_for(lambda: _gone(pids[0]), timeout=30)  # that worker was killed
+    assert blockers[1].cancel()
     with pytest.raises(fabric.Cancelled):
-        running.result(timeout=30)
-    assert fabric.get(blockers) == [1.0, 1.0]
+        blockers[1].result(timeout=30)
+    assert wait_for(lambda: _gone(pids[1]), timeout=30)
     done = ok.remote(7)
     assert done.result() == 7 and done.cancel() is False
 
@@ -194,14 +228,14 @@ def test_unpicklable_result_raises_at_result(cluster):
 
 
 def test_unsatisfiable_resources_fail_fast(cluster):
-    t0 = time.monotonic()
+    # "fast": each raises Unschedulable well before its result(timeout=30) would give up with a
+    # GetTimeout; no wall-clock bound (a loaded machine is slow, not wrong)
     with pytest.raises(fabric.Unschedulable, match="cpus=64"):
         ok.options(cpus=64).remote().result(timeout=30)
     with pytest.raises(fabric.Unschedulable, match="gpus=1"):
         ok.options(gpus=1).remote().result(timeout=30)
     with pytest.raises(fabric.Unschedulable, match="memory"):
         ok.options(memory="100TiB").remote().result(timeout=30)
-    assert time.monotonic() - t0 < 5
     assert ok.remote(10).result() == 10
 
 
@@ -252,3 +286,98 @@ def test_connecting_to_nothing_fails_clearly():
     r = run_script(f"import fabric; fabric.init(address='tcp://127.0.0.1:{free_port()}', connect_timeout=1)")
     assert r.returncode != 0
     assert "ConnectionFailed" in r.stderr and "no fabric broker answered" in r.stderr
+
+
+@fabric.fn
+def gate(block=None, mark=None):
+    """Short, unless ``block`` names a file: then it says it runs and waits for ``block`` + ".go"."""
+    if mark:
+        open(mark, "w").close()
+    if block:
+        open(block, "w").close()
+        while not os.path.exists(block + ".go"):
+            time.sleep(0.01)
+    return 1
+
+
+def _cancel_prefetched(tmp_path):
+    """A call prefetched by a busy worker (behind a known-short call), cancelled: its outcome is
+    Cancelled; the call ahead of it on that worker is not disturbed. Returns the file the
+    cancelled call would have made had it run."""
+    fabric.get([gate.remote() for _ in range(20)])  # known short: prefetch-eligible from now on
+    other = str(tmp_path / "other")
+    busy = nap.remote(60, other)  # the second worker: busy with an unknown-length call
+    _pid_in(other)
+    block, mark = str(tmp_path / "block"), str(tmp_path / "prefetched-ran")
+    head = gate.remote(block)
+    behind = gate.remote(None, mark)  # one burst: it reaches the worker behind `head`
+    assert wait_for(lambda: os.path.exists(block), timeout=60)
+    st = fabric.api._client().status()
+    # the racy path: `behind` is on the worker (prefetched), not in the broker's queue
+    assert sum(q["depth"] for q in st["queues"]) == 0 and st["calls_pending"] == 3, st
+    assert behind.cancel()
+    with pytest.raises(fabric.Cancelled, match="before it ran"):
+        behind.result(timeout=30)
+    open(block + ".go", "w").close()
+    assert head.result(timeout=30) == 1
+    assert busy.cancel()
+    assert gate.remote().result(timeout=30) == 1  # (the same worker, after the cancelled call)
+    return mark
+
+
+def test_cancel_a_prefetched_call_gives_cancelled(cluster, tmp_path):
+    _cancel_prefetched(tmp_path)
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the broker answers a prefetched call's CANCEL with "
+                                       "Cancelled but does not tell the worker, which still runs it")
+def test_a_cancelled_prefetched_call_never_runs(cluster, tmp_path):
+    assert not os.path.exists(_cancel_prefetched(tmp_path))
+
+
+def test_a_result_that_cannot_be_unpickled_on_the_driver(cluster, tmp_path):
+    """The worker pickles a value of a module only it can import: the driver gets a clear
+    SerializationError at result(), not a crash of its IO thread; the cluster goes on."""
+    mod = tmp_path / "only_on_worker"
+    mod.mkdir()
+    (mod / "workeronly_mod.py").write_text("class Thing:\n    pass\n")
+
+    @fabric.fn
+    def make(path):
+        import sys
+
+        sys.path.insert(0, path)
+        import workeronly_mod
+
+        return workeronly_mod.Thing()
+
+    with pytest.raises(fabric.SerializationError, match=r"result of make cannot be unpickled here: "
+                                                         r"ModuleNotFoundError.*workeronly_mod"):
+        make.remote(str(mod)).result(timeout=30)
+    assert ok.remote(12).result(timeout=30) == 12
+
+
+def test_a_future_inside_pickled_data_or_from_another_connection_is_refused(cluster):
+    from fabric import api
+    from fabric import protocol as P
+    from fabric.client import Client
+
+    quick = nap.remote(0.2)
+    # inside a call's arguments, a Future at any depth is a dependency, resolved to its value
+    assert ok.remote({"nested": [quick]}).result(timeout=30) == {"nested": [0.2]}
+    f = nap.remote(30)
+    with pytest.raises(fabric.SerializationError, match="not stored inside other pickled data"):
+        fabric.put([f])  # stored data is not a call: a Future cannot live inside it
+    other = Client(api._state.client.address)  # a second, real connection of this process
+    try:
+        assert ok.remote(1).result(timeout=30) == 1  # ok's code is made now
+        blob, h = ok._code
+        with pytest.raises(fabric.SerializationError, match="from another fabric connection"):
+            other.submit(P.TASK, blob, h, (f,), {})  # f is pending: the other broker link cannot resolve it
+        done = ok.remote(4)
+        assert done.result(timeout=30) == 4  # a done Future travels by value, whichever connection
+        assert other.submit(P.TASK, blob, h, (done,), {}).result(timeout=30) == 4
+    finally:
+        other.close()
+    assert f.cancel()
+    assert ok.remote(13).result(timeout=30) == 13

@@ -94,6 +94,54 @@ def test_concurrency_runs_calls_at_once(cluster):
     fabric.kill(p)
 
 
+@fabric.cls
+class BadEnter:
+    @fabric.enter
+    def load(self):
+        raise OSError("model file missing")
+
+    def ping(self):
+        return 1
+
+
+def test_enter_failure_reaches_every_call_and_the_cluster_goes_on(cluster):
+    b = BadEnter.remote()
+    with pytest.raises(OSError, match="model file missing") as ei:
+        b.ping.remote().result(timeout=30)
+    assert "in load" in str(ei.value.__cause__)  # the remote traceback names the enter method
+    with pytest.raises(OSError, match="model file missing"):
+        b.ping.remote().result(timeout=30)
+    c = Counter.remote()
+    assert c.inc.remote().result(timeout=30) == 1
+
+
+@fabric.cls
+class Gate:
+    def hold(self, block):
+        open(block, "w").close()
+        while not os.path.exists(block + ".go"):
+            time.sleep(0.01)
+        return "finished"
+
+    def ping(self):
+        return "pong"
+
+
+def test_cancelling_a_running_instance_call_lets_it_finish(cluster, tmp_path):
+    """Documented (Future.cancel): a running instance call is not interrupted (that would kill
+    the instance's state); cancel() returns True, and the call's result arrives. (A call
+    behind it is already pipelined to the instance's worker, so the broker treats it as
+    running too: not asserted here.)"""
+    g = Gate.remote()
+    block = str(tmp_path / "block")
+    running = g.hold.remote(block)
+    assert wait_for(lambda: os.path.exists(block), timeout=60)  # it runs now
+    assert running.cancel()
+    open(block + ".go", "w").close()
+    assert running.result(timeout=30) == "finished"
+    assert g.ping.remote().result(timeout=30) == "pong"  # the instance is alive
+
+
 def test_init_failure_reaches_every_call(cluster):
     b = BadInit.remote()
     with pytest.raises(RuntimeError, match="cannot start"):

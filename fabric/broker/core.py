@@ -341,7 +341,8 @@ class Broker(GangScheduling):
 
     def welcome(self, **extra) -> bytes:
         """WELCOME's JSON to drivers and control clients (``rejoin=True``: re-send what you wait for)."""
-        return P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(), "epoch": self.epoch, **extra})
+        return P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(), "epoch": self.epoch,
+                             "heartbeat": True, **extra})
 
     def rejoin(self, did, d=None):
         """A driver this broker does not know speaks: a broker restart, or a silence that
@@ -721,6 +722,9 @@ class Broker(GangScheduling):
             elif f and f[0].bytes and f[0].bytes != self.epoch.encode() or d.pop("resend", False):
                 self.rejoin(ident[1:], d)  # it knew another broker, or missed results of this one
             d["seen"] = time.monotonic()
+            # answered on its result socket: how the driver knows this broker is alive (once a
+            # second per driver, nothing on the call path; docs/protocol.md, HEARTBEAT)
+            self.send([b"r" + ident[1:], P.C[P.HEARTBEAT], self.epoch.encode()])
             return
         ex = self.executors.get(ident)
         if ex is None:
