@@ -442,3 +442,65 @@ def test_sweeps_on_a_started_cluster(tmp_path):
         assert r.stdout.count("ok ") == 5, r.stdout
     finally:
         subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, timeout=60)
+
+
+# ------------------------------------------------------------------ fabric.ml Trainers as trainables
+def test_xgboost_trainer_sweep_with_asha(tmp_path):
+    import pandas as pd
+
+    from fabric import ml
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 3))
+    df = pd.DataFrame(X, columns=["a", "b", "c"])
+    df["y"] = (X[:, 0] + 0.3 * X[:, 1] > 0).astype(float)
+    trainer = ml.XGBoostTrainer(params={"objective": "binary:logistic", "eval_metric": "logloss"}, label_column="y",
+                                num_boost_round=6, datasets={"train": ml.from_pandas(df)},
+                                scaling_config=ml.ScalingConfig(num_workers=1))
+    grid = tune.Tuner(trainer, param_space={"params": {"max_depth": tune.grid_search([1, 3]),
+                                                       "eta": tune.grid_search([0.01, 0.5])}},
+                      tune_config=_tc(metric="train-logloss", mode="min",
+                                      scheduler=tune.ASHAScheduler(max_t=6, grace_period=2, reduction_factor=2)),
+                      run_config=_rc(tmp_path, "xgb")).fit()
+    assert len(grid) == 4 and grid.num_errors == 0, grid.errors
+    df = grid.get_dataframe()
+    best = grid.get_best_result()
+    assert best.config["params"]["eta"] == 0.5 and best.metrics["training_iteration"] == 6
+    assert best.checkpoint is not None and os.path.exists(os.path.join(best.checkpoint.path, "model.ubj"))
+    assert (df[df.status == "STOPPED"].training_iteration < 6).all()
+
+
+def test_torch_trainer_sweep(tmp_path):
+    from fabric import ml
+
+    def loop(config):
+        import torch
+
+        w = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=config["lr"])
+        for _ in range(config["steps"]):
+            loss = (w - 3.0).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ml.report({"loss": float(loss.detach())})
+
+    trainer = ml.TorchTrainer(loop, train_loop_config={"steps": 3, "lr": 0.1},
+                              scaling_config=ml.ScalingConfig(num_workers=1))
+    grid = tune.Tuner(trainer, param_space={"train_loop_config": {"lr": tune.grid_search([0.01, 0.3])}},
+                      tune_config=_tc(metric="loss", mode="min"), run_config=_rc(tmp_path, "torch")).fit()
+    assert grid.num_errors == 0, grid.errors
+    df = grid.get_dataframe().set_index("config/train_loop_config/lr")
+    assert list(df.training_iteration) == [3, 3]
+    assert df.loc[0.3, "loss"] < df.loc[0.01, "loss"]
+    assert grid.get_best_result().config == {"train_loop_config": {"lr": 0.3}}
+
+
+def test_trainer_param_space_must_name_its_config():
+    from fabric import ml
+
+    trainer = ml.TorchTrainer(lambda config: None, scaling_config=ml.ScalingConfig(num_workers=1))
+    with pytest.raises(tune.SearchSpaceError, match="TorchTrainer's param_space holds one key, 'train_loop_config'"):
+        tune.Tuner(trainer, param_space={"lr": tune.uniform(0, 1)})
+    with pytest.raises(tune.SearchSpaceError, match="must be a non-empty dict"):
+        tune.Tuner(trainer, param_space={"train_loop_config": {}})

@@ -299,12 +299,14 @@ class Tuner:
         self.is_trainer = _is_trainer(trainable)
         self.param_space = S.validate(param_space)
         if self.is_trainer:
-            allowed = {"params", "train_loop_config"}
-            bad = sorted(set(self.param_space) - allowed)
-            if bad or len(self.param_space) != 1:
+            key = getattr(trainable, "_config_attr", None)
+            allowed = {key} if key else {"params", "train_loop_config"}
+            if set(self.param_space) != allowed:
+                want = " or ".join(repr(k) for k in sorted(allowed))
                 raise S.SearchSpaceError(
-                    f"a Trainer's param_space holds one key, 'params' (XGBoostTrainer) or 'train_loop_config' "
-                    f"(the others), whose dict is merged into the trainer's; got keys {sorted(self.param_space)}")
+                    f"{type(trainable).__name__}'s param_space holds one key, {want}, whose dict is merged into the "
+                    f"trainer's (XGBoostTrainer: 'params', the others: 'train_loop_config'); got keys "
+                    f"{sorted(self.param_space)}")
             inner = next(iter(self.param_space.values()))
             if not isinstance(inner, dict) or not inner:
                 raise S.SearchSpaceError(f"param_space[{next(iter(self.param_space))!r}] must be a non-empty dict of "
@@ -561,6 +563,7 @@ class _Sweep:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.clock = time.monotonic
         self.stats = {"reports": 0, "trials_started": 0, "driver_s": 0.0}
+        self.aborting = False
         restored = tuner._restored
         if restored:
             self.name, self.root = rc.name, rc.storage_path
@@ -828,6 +831,7 @@ class _Sweep:
             while ev is not None:
                 err = self._handle(ev)
                 if err is not None:
+                    self.aborting = True
                     self._stop_all("aborted")
                     self._drain_active()
                     return err
@@ -907,7 +911,7 @@ class _Sweep:
         run.seen += 1
         self.stats["reports"] += 1
         trial = run.trial
-        if run.stopping and run.ignore_after_stop:
+        if (run.stopping and run.ignore_after_stop) or self.aborting:
             return None
         if "training_iteration" not in item:  # trainers: stamp here
             item["training_iteration"] = trial.iterations + 1
