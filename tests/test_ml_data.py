@@ -234,6 +234,22 @@ def test_materialized_blocks_are_freed():
     assert wait_for(lambda: not (_own_block_files() & made))   # unlinked in the background
 
 
+def test_unchanged_columns_are_shared_not_copied():
+    base = ml.from_numpy({f"c{i}": np.arange(1000, dtype=np.float32) + i for i in range(5)},
+                         override_num_blocks=2).map_batches(lambda t: t, batch_format="pyarrow").materialize()
+    plus = base.map_batches(lambda df: df.assign(s=df.sum(axis=1)), batch_format="pandas").materialize()
+    refs = [b[0][0].result() for b in plus._blocks]
+    assert all(r.base is not None for r in refs)
+    full = sum(b[0][0].result().nbytes for b in base._blocks)
+    assert sum(r.nbytes for r in refs) < full / 3      # only the new column was written
+    del base
+    gc.collect()
+    df = plus.to_pandas()                                # the shared columns are still there
+    assert list(df.columns) == ["c0", "c1", "c2", "c3", "c4", "s"]
+    assert df["s"].tolist() == [5 * i + 10 for i in range(1000)]
+    assert plus.select_columns(["s", "c4"]).materialize().take(1) == [{"s": 10.0, "c4": 4.0}]
+
+
 @fabric.fn
 def _count_remote(ds):
     return ds.count(), ds.map_batches(lambda b: {"x": b["id"] + 1}, batch_format="numpy").to_arrow()["x"][0].as_py()

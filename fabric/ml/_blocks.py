@@ -37,18 +37,24 @@ def block_dir() -> str:
 
 
 class BlockRef:
-    """A block on the cluster: its file, its row count, its schema (serialised), its size."""
+    """A block on the cluster: its file, its row count, its schema (serialised), its size.
 
-    __slots__ = ("path", "num_rows", "nbytes", "schema_buf", "host")
+    ``base``: columns the block shares with the block it was computed from, as
+    ``(base BlockRef, [(column, base column), ...])``; its own file holds only the other
+    columns (``order`` is the full column order). A step that adds one column to twenty writes
+    one column; the base block is kept alive by the Dataset that owns the new one."""
 
-    def __init__(self, path, num_rows, nbytes, schema_buf, host=_HOST):
+    __slots__ = ("path", "num_rows", "nbytes", "schema_buf", "host", "base", "order")
+
+    def __init__(self, path, num_rows, nbytes, schema_buf, host=_HOST, base=None, order=None):
         self.path, self.num_rows, self.nbytes, self.schema_buf, self.host = path, num_rows, nbytes, schema_buf, host
+        self.base, self.order = base, order
 
     def __reduce__(self):
-        return BlockRef, (self.path, self.num_rows, self.nbytes, self.schema_buf, self.host)
+        return BlockRef, (self.path, self.num_rows, self.nbytes, self.schema_buf, self.host, self.base, self.order)
 
     def __repr__(self):
-        return f"<BlockRef {self.num_rows} rows {self.nbytes} B>"
+        return f"<BlockRef {self.num_rows} rows {self.nbytes} B{' +base' if self.base else ''}>"
 
     def schema(self):
         import pyarrow as pa
@@ -56,8 +62,32 @@ class BlockRef:
         return pa.ipc.read_schema(pa.py_buffer(self.schema_buf))
 
 
-def write(table, owner: int) -> BlockRef:
-    """Write ``table`` as an IPC file owned by process ``owner``; returns its reference."""
+def _bufs(arr):
+    return tuple(None if b is None else (b.address, b.size) for b in arr.buffers())
+
+
+def _shared_columns(table, base):
+    """Columns of ``table`` that are the very buffers of columns of ``base`` (a zero-copy
+    pass-through of the step's input): ``{column: base column}``."""
+    bref, bt = base
+    if bref is None or bt.num_rows != table.num_rows or len(set(table.column_names)) != table.num_columns:
+        return {}
+    index = {}
+    for name, col in zip(bt.column_names, bt.columns):
+        if col.num_chunks == 1:
+            c = col.chunk(0)
+            index[(str(c.type), c.offset, len(c), _bufs(c))] = name
+    out = {}
+    for name, col in zip(table.column_names, table.columns):
+        if col.num_chunks == 1:
+            c = col.chunk(0)
+            hit = index.get((str(c.type), c.offset, len(c), _bufs(c)))
+            if hit is not None:
+                out[name] = hit
+    return out
+
+
+def _write_file(table, owner):
     import pyarrow as pa
 
     path = os.path.join(block_dir(), f"{owner}-{secrets.token_hex(8)}.arrow")
@@ -67,22 +97,49 @@ def write(table, owner: int) -> BlockRef:
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
         nbytes = sink.tell()
-    return BlockRef(path, table.num_rows, nbytes, table.schema.serialize().to_pybytes())
+    return path, nbytes
 
 
-def read(ref: BlockRef):
-    """The table behind ``ref``, mapped from its file (zero copy)."""
+def write(table, owner: int, base=None) -> BlockRef:
+    """Write ``table`` as an IPC file owned by process ``owner``; returns its reference.
+    ``base``: ``(BlockRef, table)`` of the step's input, whose unchanged columns are shared."""
+    schema_buf = table.schema.serialize().to_pybytes()
+    shared = _shared_columns(table, base) if base is not None else {}
+    if not shared:
+        path, nbytes = _write_file(table, owner)
+        return BlockRef(path, table.num_rows, nbytes, schema_buf)
+    own = [n for n in table.column_names if n not in shared]
+    path, nbytes = _write_file(table.select(own), owner) if own else (None, 0)
+    return BlockRef(path, table.num_rows, nbytes, schema_buf, base=(base[0], list(shared.items())),
+                    order=list(table.column_names))
+
+
+def _read_file(path, host):
     import pyarrow as pa
 
     try:
-        src = pa.memory_map(ref.path, "r")
+        src = pa.memory_map(path, "r")
     except FileNotFoundError:
-        if ref.host != _HOST:
-            raise RuntimeError(f"this block lives in shared memory on host {ref.host!r}, not on {_HOST!r}: "
+        if host != _HOST:
+            raise RuntimeError(f"this block lives in shared memory on host {host!r}, not on {_HOST!r}: "
                                f"fabric.ml blocks are read on the host that wrote them (docs/data.md)") from None
-        raise RuntimeError(f"block file {ref.path} is gone: the Dataset that owned it was garbage collected "
+        raise RuntimeError(f"block file {path} is gone: the Dataset that owned it was garbage collected "
                            f"or its process exited; keep a reference to the Dataset while using it") from None
     return pa.ipc.open_file(src).read_all()
+
+
+def read(ref: BlockRef):
+    """The table behind ``ref``, mapped from its file(s) (zero copy)."""
+    import pyarrow as pa
+
+    if ref.base is None:
+        return _read_file(ref.path, ref.host)
+    bref, pairs = ref.base
+    bt = read(bref)
+    own = _read_file(ref.path, ref.host) if ref.path else None
+    shared = dict(pairs)
+    cols = [bt[shared[n]] if n in shared else own[n] for n in ref.order]
+    return pa.Table.from_arrays(cols, schema=ref.schema())
 
 
 def free(ref) -> None:

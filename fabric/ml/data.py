@@ -369,10 +369,10 @@ class _Stage:
         return _Stage, (self.ops, self.cpus, self.gpus, self.actor, self.concurrency)
 
 
-def _finish(t, term, owner):
+def _finish(t, term, owner, base=None):
     kind = term[0]
     if kind == "write":
-        return _blocks.write(t, owner)
+        return _blocks.write(t, owner, base)
     if kind == "count":
         return t.num_rows
     if kind == "table":
@@ -411,8 +411,27 @@ def _run_ops(t, ops, inst):
     return t
 
 
+def _base_of(parts, t0, term):
+    """``(BlockRef, table)`` of a step's input when its output may share the input's columns:
+    a ``("write", "share")`` step over one whole block file."""
+    if len(term) < 2 or term[1] != "share" or len(parts) != 1:
+        return None
+    src, lo, hi = parts[0]
+    if isinstance(src, _FUTURES):
+        src = src.result()
+    if not isinstance(src, BlockRef) or lo or (hi is not None and hi < src.num_rows):
+        return None
+    return src, t0
+
+
+def _run_block(parts, ops, term, owner, inst):
+    t0 = _load(parts)
+    t = _run_ops(t0, ops, inst)
+    return _finish(t, term, owner, _base_of(parts, t0, term) if term[0] == "write" else None)
+
+
 def _block_task(parts, ops, term, owner):
-    return _finish(_run_ops(_load(parts), ops, None), term, owner)
+    return _run_block(parts, ops, term, owner, None)
 
 
 class _BatchActor:
@@ -422,7 +441,7 @@ class _BatchActor:
         self.inst = klass(*args, **kwargs)
 
     def run(self, parts, ops, term, owner):
-        return _finish(_run_ops(_load(parts), ops, self.inst), term, owner)
+        return _run_block(parts, ops, term, owner, self.inst)
 
 
 _task_fns: dict = {}
@@ -710,6 +729,8 @@ class Dataset:
             for i, parts in enumerate(self._blocks):
                 for k, s in enumerate(stages):
                     t = (term(i) if callable(term) else term) if k == len(stages) - 1 else ("write",)
+                    if k == 0 and t[0] == "write":
+                        t = ("write", "share")   # the first stage's input blocks outlive its output
                     if s.actor is not None:
                         pool = pools.get(k) or pools.setdefault(k, _Pool(s))
                         fut = pool.submit(parts, s.ops, t, owner)
@@ -744,7 +765,8 @@ class Dataset:
         if self._known():
             return self
         futs = [f for _, f in self._execute(("write",), progress="materialize")]
-        return Dataset([[(f, 0, None)] for f in futs], (), (_Owner(futs),))
+        # the new blocks may share columns with the input blocks: keep those alive too
+        return Dataset([[(f, 0, None)] for f in futs], (), (_Owner(futs),) + self._keep)
 
     def _aggregate(self, fn):
         """``fn(table)`` for every block, run on the cluster; returns the list of (small) results."""
@@ -1135,7 +1157,7 @@ def _execute_here(blocks, stages, term, owner):
     """``Dataset._execute`` in this process: the same steps, one block after another."""
     insts = {}
     for i, parts in enumerate(blocks):
-        t = _load(parts)
+        t = t0 = _load(parts)
         for k, s in enumerate(stages):
             inst = None
             if s.actor is not None:
@@ -1144,7 +1166,9 @@ def _execute_here(blocks, stages, term, owner):
                     insts[k] = klass(*args, **kwargs)
                 inst = insts[k]
             t = _run_ops(t, s.ops, inst)
-        yield i, _Done(_finish(t, term(i) if callable(term) else term, owner))
+        tm = term(i) if callable(term) else term
+        base = _base_of(parts, t0, ("write", "share")) if tm[0] == "write" else None
+        yield i, _Done(_finish(t, tm, owner, base))
 
 
 def _min_none(a, b):
