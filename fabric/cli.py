@@ -121,7 +121,9 @@ def main():
 @click.option("--journal/--no-journal", default=True, show_default=True,
               help="record accepted calls so a broker that dies is restarted without losing any "
                    "(see docs/guarantees.md)")
-def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, journal):
+@click.option("--serve", "serve_port", type=click.IntRange(1, 65535), is_flag=False, flag_value=8000, default=None,
+              help="also run the HTTP serving gateway on 127.0.0.1:PORT (default 8000; docs/serving.md)")
+def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, journal, serve_port):
     """Start a broker and a local executor; prints the address drivers use."""
     from .cluster import LocalCluster
     from .executor.gpus import parse_gpu_list
@@ -161,6 +163,9 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     cluster.start(executor=not no_executor and not autoscale)
     if autoscale:
         cluster.start_autoscaler(lo, hi, idle=idle, cpus_per_executor=cpus or 1)
+    if serve_port:  # the gateway stops with the broker (fabric.serve watches its pid)
+        cluster.procs.append(cluster._spawn("fabric.serve", ["--address", address, "--port", str(serve_port),
+                                                             "--broker-pid", str(cluster.procs[0].pid)]))
     with config.private_open(config.state_file(), "w") as f:
         json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
                    "log_dir": cluster.log_dir, "keys": keys}, f)
@@ -192,6 +197,8 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     else:
         click.echo("  keys:               none (FABRIC_KEYS=none): every user of this host can run code here")
     click.echo(f"  logs:               {cluster.log_dir}")
+    if serve_port:
+        click.echo(f"  serving gateway:    http://127.0.0.1:{serve_port} (docs/serving.md)")
     if detach:
         return
     click.echo("press Ctrl-C to stop")
@@ -272,8 +279,9 @@ def status(address, as_json):
         from .autoscale import last_decisions
 
         decisions = last_decisions(rec["log_dir"], 5)
+    gateways = _serve_gateways(address)
     if as_json:
-        click.echo(json.dumps({**st, "autoscaler": decisions}, indent=2))
+        click.echo(json.dumps({**st, "autoscaler": decisions, "serve": gateways}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -322,9 +330,61 @@ def status(address, as_json):
             action = f"{dec.get('action', '')} {dec.get('count', '') or ''}".strip()
             d.add_row(when, str(dec.get("kind", "")), action, str(dec.get("reason", "")))
         con.print(d)
+    for gw in gateways:
+        g = Table(title=f"serve gateway {gw['url']} (pid {gw['pid']})")
+        for col in ("deployment", "route", "status", "replicas (running/target)", "ongoing", "queued", "deaths"):
+            g.add_column(col)
+        for d in gw.get("deployments", []):
+            g.add_row(d["name"], d["route_prefix"] or f"/v2/models/{d['name']}", d["status"],
+                      f"{len(d['running_replicas'])}/{d['target_replicas']}", str(d["ongoing_requests"]),
+                      str(d["queued_requests"]), str(d["replica_deaths"]))
+        con.print(g)
     s = st["stats"]
     con.print(f"calls submitted {s['submitted']}  completed {s['completed']}  retried {s['retried']}  "
               f"refused messages {s['refused']}")
+
+
+def _serve_gateways(address):
+    """The serve gateways of this cluster, from the records they keep in the data folder
+    (read as JSON: the core does not import fabric.serve); the admin token is left out."""
+    import glob
+
+    out = []
+    for p in sorted(glob.glob(os.path.join(config.data_dir(), "serve", "gateway-*.json"))):
+        try:
+            with open(p) as f:
+                rec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if rec.get("broker") == address and pid_alive(rec.get("pid", 0)):
+            out.append({k: v for k, v in rec.items() if k != "admin_token"})
+    return out
+
+
+@main.command()
+@_keys_option
+@click.option("--address", help="broker address (default: FABRIC_ADDRESS or the cluster `fabric start` recorded)")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="interface to listen on; beyond loopback only with FABRIC_SERVE_TOKEN or --token-file")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token-file", type=click.Path(exists=True, dir_okay=False),
+              help="file holding the bearer token clients must send (else FABRIC_SERVE_TOKEN)")
+@click.option("--debug", is_flag=True, help="500 answers carry the user's traceback")
+def serve(address, host, port, token_file, debug):
+    """Run the HTTP serving gateway (fabric.serve) for a cluster, in the foreground; see docs/serving.md."""
+    import subprocess
+
+    address = _address(address)
+    args = [sys.executable, "-m", "fabric.serve", "--address", address, "--host", host, "--port", str(port)]
+    if token_file:
+        args += ["--token-file", token_file]
+    if debug:
+        args.append("--debug")
+    try:
+        rc = subprocess.call(args)
+    except KeyboardInterrupt:
+        rc = 0
+    sys.exit(rc)
 
 
 @main.command()

@@ -363,6 +363,7 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--token-file", default=None)
     ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--broker-pid", type=int, default=0)
     ap.add_argument("--debug", action="store_true")
     a = ap.parse_args(argv)
     os.umask(0o077)
@@ -390,16 +391,18 @@ def main(argv=None):
     except ImportError:
         pass
     config = uvicorn.Config(gw, host=a.host, port=a.port, log_level="warning", access_log=False,
-                            lifespan="on", server_header=False, date_header=False, **kw)
+                            lifespan="on", server_header=False, proxy_headers=False, date_header=False, **kw)
     server = gw.server = uvicorn.Server(config)
-    if a.parent_pid:
-        def watch():
+    watched = [p for p in (a.parent_pid, a.broker_pid) if p]
+    if watched:
+        def watch():  # the driver that started it, or the cluster's broker, is gone: stop too
             while not server.should_exit:
-                try:
-                    os.kill(a.parent_pid, 0)
-                except ProcessLookupError:
-                    server.should_exit = True
-                    return
+                for pid in watched:
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        server.should_exit = True
+                        return
                 time.sleep(0.5)
 
         threading.Thread(target=watch, daemon=True).start()

@@ -87,11 +87,23 @@ class OnnxModel:
         self.batchable = all(len(a.shape) > 0 and not isinstance(a.shape[0], int) for a in self.sess.get_inputs()) \
             and all(len(a.shape) > 0 and not isinstance(a.shape[0], int) for a in self.sess.get_outputs())
 
-    def __call__(self, item):
-        return self.infer_batch([item])[0]
+    def __call__(self, inputs: dict) -> dict:
+        """From a Python handle: ``{input: array}`` -> ``{output: array}``."""
+        return self._run(inputs)
 
     def _run(self, feeds):
         return dict(zip(self.outputs, self.sess.run(None, feeds)))
+
+    def infer_stacked(self, batch) -> tuple:
+        """The gateway stacked the batch: one run, ``(200, {output: array})`` or ``(500, message)``."""
+        feeds, sizes = batch
+        try:
+            out = self._run(feeds)
+        except Exception as e:  # noqa: BLE001
+            return (500, f"{type(e).__name__}: {e}")
+        if any(len(v) != sum(sizes) for v in out.values()):
+            return (500, "the model's outputs do not have one row per input row; serve it without batching")
+        return (200, out)
 
     def infer_batch(self, items: list) -> list:
         """``(200, {output: array})`` or ``(500, message)`` per request, in order."""
