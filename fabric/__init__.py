@@ -17,8 +17,17 @@ from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GangFa
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # apps sit on top of the core: loaded on first use, so `import fabric` stays light
+    if name in ("App", "lookup"):
+        from . import apps
+
+        return getattr(apps, name)
+    raise AttributeError(f"module 'fabric' has no attribute {name!r}")
+
 __all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "wait", "put", "kill",
            "cluster_status", "Future", "RemoteFunction", "RemoteClass", "InstanceHandle", "FabricError",
            "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
            "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError",
-           "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded"]
+           "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded", "App", "lookup"]

@@ -561,6 +561,176 @@ def _port_taken(host, port):
 
 
 
+
+def _connect_for_apps(address):
+    """Deploy and friends act as a driver of the cluster: its address, and a clear error if none answers."""
+    import fabric
+
+    try:
+        addr = _address(address)
+    except click.ClickException:
+        if address:
+            raise
+        addr = None  # no cluster recorded: the embedded one, as `python app.py` would use
+    try:
+        fabric.init(address=addr, connect_timeout=10)
+    except FabricError as e:
+        raise click.ClickException(f"cannot deploy: no fabric cluster answers at {addr}: {e}") from None
+    return addr
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", help="the app's name (default: the name its fabric.App was given)")
+@click.option("--address", help="broker address (default: FABRIC_ADDRESS or the cluster `fabric start` recorded)")
+def deploy(file, name, address):
+    """Deploy the fabric.App in FILE as a new version (unchanged code keeps its version)."""
+    from .apps import AppError, deploy as _deploy
+
+    _connect_for_apps(address)
+    try:
+        r = _deploy(file, name=name)
+    except AppError as e:
+        raise click.ClickException(str(e)) from None
+    what = f"version {r['version']}" + ("" if r["changed"] else " (unchanged)")
+    click.echo(f"deployed app {r['app']} {what} in {r['seconds']:.1f}s")
+    for n, url in r["endpoints"].items():
+        click.echo(f"  {n}: {url}")
+    click.echo(f"  call it from any client of the cluster: fabric.lookup({r['app']!r}, NAME).remote(...)")
+
+
+def _registry():
+    from . import storage
+    from .apps import Registry
+
+    return Registry(storage.default())
+
+
+@main.command("apps")
+@click.option("--json", "as_json", is_flag=True, help="print the apps as JSON")
+def apps_cmd(as_json):
+    """List deployed apps: name, version, deployed at, functions, classes, endpoints."""
+    reg = _registry()
+    rows = []
+    for n in reg.names():
+        cur = reg.current(n)
+        man = reg.manifest(n, cur["version"])
+        rows.append({"name": n, "version": cur["version"], "stopped": cur.get("stopped", False),
+                     "deployed_at": man["deployed_at"], "functions": sorted(man["functions"]),
+                     "classes": sorted(man["classes"]), "endpoints": man["deployments"]})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no apps deployed; `fabric deploy FILE` deploys one")
+        return
+    for r in rows:  # one block per app: readable piped or in a narrow terminal, nothing truncated
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["deployed_at"]))
+        click.echo(f"{r['name']}  version {r['version']}{'  (stopped)' if r['stopped'] else ''}  deployed {when}")
+        click.echo(f"  functions: {', '.join(r['functions']) or '-'}")
+        click.echo(f"  classes:   {', '.join(r['classes']) or '-'}")
+        click.echo(f"  endpoints: {', '.join(f'{k} {v}' for k, v in r['endpoints'].items()) or '-'}")
+
+
+@main.group()
+def app():
+    """One app's versions: history, rollback, stop."""
+
+
+@app.command("history")
+@click.argument("name")
+def app_history(name):
+    """Every version of app NAME, newest last."""
+    from .apps import AppError
+
+    reg = _registry()
+    cur = reg.current(name)
+    if cur is None:
+        raise click.ClickException(f"no app named {name!r} was ever deployed (apps: {', '.join(reg.names()) or 'none'})")
+    for v in reg.versions(name):
+        try:
+            m = reg.manifest(name, v)
+        except AppError:
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["deployed_at"]))
+        mark = " <- current" + (" (stopped)" if cur.get("stopped") else "") if v == cur["version"] else ""
+        extra = f" (rollback to {m['rollback_of']})" if m.get("rollback_of") else ""
+        click.echo(f"{v:>4}  {when}  code {m['bundle'][:12]}{extra}{mark}")
+
+
+@app.command("rollback")
+@click.argument("name")
+@click.argument("version", type=int, required=False)
+@click.option("--address", help="broker address")
+def app_rollback(name, version, address):
+    """Make VERSION (default: the one before) current again, as a new version."""
+    from .apps import AppError, rollback
+
+    reg = _registry()
+    man = None
+    try:
+        if reg.current(name) is not None and version is not None:
+            man = reg.manifest(name, version)  # a version that never existed fails before connecting
+        elif reg.current(name) is None:
+            raise AppError(f"no app named {name!r} was ever deployed (apps: {', '.join(reg.names()) or 'none'})")
+        if man is None or man.get("deployments"):
+            _connect_for_apps(address)
+        v = rollback(name, version)
+    except AppError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"app {name}: version {v} is version {reg.manifest(name, v)['rollback_of']} again")
+
+
+@app.command("stop")
+@click.argument("name")
+@click.option("--address", help="broker address")
+def app_stop(name, address):
+    """Stop app NAME: lookups fail and its endpoints go; its versions are kept."""
+    from .apps import AppError, stop as _stop
+
+    reg = _registry()
+    cur = reg.current(name)
+    if cur is None:
+        raise click.ClickException(f"no app named {name!r} is deployed (apps: {', '.join(reg.names()) or 'none'})")
+    try:
+        if reg.manifest(name, cur["version"]).get("deployments"):
+            _connect_for_apps(address)
+        v = _stop(name)
+    except AppError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"stopped app {name} (version {v}); `fabric app rollback {name} {v}` brings it back")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
+def logs(name, follow):
+    """The output of app NAME's functions and classes, from the executors' logs."""
+    reg = _registry()
+    cur = reg.current(name)
+    if cur is None:
+        raise click.ClickException(f"no app named {name!r} is deployed (apps: {', '.join(reg.names()) or 'none'})")
+    man = reg.manifest(name, cur["version"])
+    labels = tuple(f"({n} pid=" for n in [*man["functions"], *man["classes"], *man["deployments"]])
+    root = os.path.join(config.data_dir(), "logs")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".log"))
+    pos: dict = {}
+    while True:
+        for path in files:
+            try:
+                with open(path, errors="replace") as fh:
+                    fh.seek(pos.get(path, 0))
+                    for line in fh:
+                        if line.startswith(labels):
+                            click.echo(line.rstrip("\n"))
+                    pos[path] = fh.tell()
+            except OSError:
+                continue
+        if not follow:
+            return
+        time.sleep(0.5)
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".log"))
+
 @main.group()
 def cache():
     """Cached flow stages (@fabric.fn(cache=True)) in the store."""

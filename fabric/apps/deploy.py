@@ -1,0 +1,180 @@
+"""``fabric deploy FILE``: load the app file, bundle its code, check it imports on the cluster,
+then register a new version (or keep the current one when nothing changed) and bring its serve
+deployments in line. A deploy that fails at any step before the switch leaves the old version
+serving and says why."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+import fabric
+from fabric import storage
+
+from . import bundle
+from .app import App
+from .registry import AppError, Registry
+
+
+def load_apps(path: str) -> tuple[object, list[App]]:
+    """Import the app file (not as __main__) and return its module and the Apps it defines."""
+    if not os.path.isfile(path):
+        raise AppError(f"{path}: no such file")
+    real = os.path.realpath(path)
+    modname = "fabric_app_" + hashlib.blake2b(real.encode(), digest_size=6).hexdigest() + "_" + \
+        "".join(c if c.isalnum() else "_" for c in os.path.splitext(os.path.basename(path))[0])
+    try:
+        mod = bundle.load_module(real, modname)
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raised: nothing was deployed
+        raise AppError(f"importing {path} failed, so nothing was deployed: {type(e).__name__}: {e}") from e
+    apps = [v for v in vars(mod).values() if isinstance(v, App)]
+    if not apps:
+        raise AppError(f"{path} defines no fabric.App: add `app = fabric.App(\"myapp\")` at module level and "
+                       f"decorate its functions with @app.fn (classes with @app.cls)")
+    seen: dict[str, App] = {}
+    for a in apps:
+        if a.name in seen and seen[a.name] is not a:
+            raise AppError(f"{path} defines two apps named {a.name!r}: give each App its own name")
+        seen[a.name] = a
+    return mod, list(seen.values())
+
+
+def _options(obj) -> dict:
+    return {k: v for k, v in sorted(obj._options.items()) if k != "memory_bytes"}
+
+
+def manifest_of(app: App, entry: str, bundle_hash: str, source: str) -> dict:
+    return {"app": app.name, "entry": entry, "bundle": bundle_hash, "source": source,
+            "functions": {n: _options(f) for n, f in sorted(app.functions.items())},
+            "classes": {n: _options(c) for n, c in sorted(app.classes.items())},
+            "deployments": {n: d["route_prefix"] for n, d in sorted(app.deployments.items())}}
+
+
+@fabric.fn(retries=0, timeout=300)
+def _check_on_cluster(data: bytes, entry: str) -> str:
+    """Unpack the bundle on an executor and import it in a fresh interpreter there: the app's
+    dependencies must be installed where it runs. Returns '' or the error's last lines."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fabric-app-check-") as d:
+        bundle.unpack(data, d)
+        code = ("import sys; from fabric.apps import bundle; "
+                f"bundle.load_module({os.path.join(d, entry)!r}, 'fabric_app_check')")
+        env = dict(os.environ, FABRIC_APP_CHECK="1")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+        return "" if r.returncode == 0 else "\n".join(r.stderr.strip().splitlines()[-6:])
+
+
+def deploy(path: str, *, name: str | None = None, check: bool = True, log=print) -> dict:
+    """Deploy the App in ``path``; returns ``{"app", "version", "changed", "endpoints", "seconds"}``."""
+    t0 = time.monotonic()
+    mod, apps = load_apps(path)
+    if name is not None:
+        from .app import check_name
+
+        check_name(name)
+        if len(apps) > 1:
+            match = [a for a in apps if a.name == name]
+            if not match:
+                raise AppError(f"{path} defines apps {', '.join(a.name for a in apps)}; --name {name} is none of them")
+            apps = match
+        else:
+            apps[0].name = name
+    if len(apps) > 1:
+        raise AppError(f"{path} defines {len(apps)} apps ({', '.join(a.name for a in apps)}): "
+                       f"choose one with --name")
+    app = apps[0]
+    entry = os.path.basename(path)
+    data, h = bundle.make(os.path.realpath(path))
+    reg = Registry(storage.default())
+    man = manifest_of(app, entry, h, os.path.realpath(path))
+    from .registry import digest
+
+    cur = reg.current(app.name)
+    if cur is not None and not cur.get("stopped"):
+        old = reg.manifest(app.name, cur["version"])
+        if old.get("digest") == digest(man):
+            _apply_deployments(app, log)  # routes back in line (a restarted gateway), same version
+            return {"app": app.name, "version": cur["version"], "changed": False,
+                    "endpoints": _endpoints(app), "seconds": time.monotonic() - t0}
+    if check:
+        why = _check_on_cluster.remote(data, entry).result()
+        if why:
+            raise AppError(f"{entry} does not import on the cluster, so nothing was deployed "
+                           f"(the old version keeps serving):\n{why}")
+    # deployments first: a deployment whose replicas cannot start (a failing @enter) leaves
+    # the registry, and so the version lookups resolve, as it was
+    _apply_deployments(app, log)
+    reg.put_bundle(h, data)
+    v = reg.add_version(man)
+    return {"app": app.name, "version": v, "changed": True, "endpoints": _endpoints(app),
+            "seconds": time.monotonic() - t0}
+
+
+def _endpoints(app: App) -> dict:
+    if not app.deployments:
+        return {}
+    from fabric import serve
+
+    url = (serve.status().get("url") or "").rstrip("/")
+    return {n: url + d["route_prefix"] for n, d in app.deployments.items()}
+
+
+def _apply_deployments(app: App, log) -> None:
+    if not app.deployments:
+        return
+    from fabric import serve
+
+    for n, d in app.deployments.items():
+        try:
+            serve.run(d["application"], name=f"{app.name}.{n}", route_prefix=d["route_prefix"])
+        except Exception as e:  # noqa: BLE001 - a replica that cannot start: say which, keep the old
+            raise AppError(f"deployment {n!r} of app {app.name!r} did not start, so the app was not switched to "
+                           f"the new version: {e}") from e
+
+
+def stop(name: str) -> int:
+    reg = Registry(storage.default())
+    cur = reg.current(name)
+    if cur is None:
+        raise AppError(f"no app named {name!r} is deployed (apps: {', '.join(reg.names()) or 'none'})")
+    man = reg.manifest(name, cur["version"])
+    if man.get("deployments"):
+        from fabric import serve
+
+        for n in man["deployments"]:
+            try:
+                serve.delete(f"{name}.{n}")
+            except Exception:  # noqa: BLE001 - the gateway already forgot it
+                pass
+    reg.set_current(name, cur["version"], stopped=True)
+    return cur["version"]
+
+
+def rollback(name: str, version: int | None = None, log=print) -> int:
+    """A new version equal to ``version`` (default: the one before the current). Returns its number."""
+    reg = Registry(storage.default())
+    cur = reg.current(name)
+    if cur is None:
+        raise AppError(f"no app named {name!r} was ever deployed (apps: {', '.join(reg.names()) or 'none'})")
+    versions = reg.versions(name)
+    if version is None:
+        older = [v for v in versions if v < cur["version"]]
+        if not older:
+            raise AppError(f"app {name!r} has only version {cur['version']}: nothing to roll back to")
+        version = older[-1]
+    target = reg.manifest(name, int(version))  # AppError naming the versions if it never existed
+    if target.get("deployments"):
+        app = _app_from_manifest(reg, target)
+        _apply_deployments(app, log)
+    man = {k: target[k] for k in ("app", "entry", "bundle", "source", "functions", "classes", "deployments")}
+    man["rollback_of"] = int(version)
+    return reg.add_version(man)
+
+
+def _app_from_manifest(reg: Registry, man: dict) -> App:
+    from .lookup import load_version
+
+    return load_version(reg, man)
