@@ -277,10 +277,26 @@ def _run_member(trainer: "DataParallelTrainer", p: dict):
                 loop()
         except StopTraining:
             stopped = True
+        except BaseException as e:
+            if g.world_size > 1 and _maybe_peer_failure(e):
+                # a collective failing (gloo "connection closed", xgboost's socket error) is most often a peer
+                # that died: give the cluster time to see that death, which then stops this gang as a whole
+                # (a restartable failure) before this exception could pass for the loop's own error
+                time.sleep(PEER_GRACE)
+            raise
         finally:
             trainer._teardown_worker()
     reporter.finish()
     return {"rank": g.rank, "stopped": stopped, "iterations": sess.iteration}
+
+
+PEER_GRACE = float(os.environ.get("FABRIC_ML_PEER_GRACE", 3.0))
+
+
+def _maybe_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` may come from a collective whose peer died (then a member waits before raising)."""
+    mod = type(e).__module__.split(".")[0]
+    return isinstance(e, (RuntimeError, OSError, TimeoutError)) or mod in ("torch", "xgboost", "tensorflow")
 
 
 def _takes_config(fn) -> bool:
@@ -657,13 +673,14 @@ class _Run:
                     f"{sc.gang_options()} per worker cannot run on this cluster: {e}") from None
             if isinstance(e, fabric.Cancelled):
                 raise e
+        died = [(r, e) for r, e in errors if isinstance(e, fabric.FabricError) and " died" in str(e)]
         user = [(r, e) for r, e in errors if not isinstance(e, fabric.FabricError)]
-        if user:
+        if user and not died:
             rank, e = user[0]
             raise TrainingFailedError(
                 f"{type(t).__name__}: the training loop raised on rank {rank} of {len(futs)}: "
                 f"{type(e).__name__}: {e}", rank=rank) from e
-        rank, e = errors[0]
+        rank, e = (died or errors)[0]
         m = re.search(r"rank (\d+) of \d+ died", str(e))
         if m:
             rank = int(m.group(1))
