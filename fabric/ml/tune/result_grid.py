@@ -147,35 +147,11 @@ def _to_result(t: Trial):
 
         ckpt = Checkpoint.from_directory(t.checkpoint)
     metrics = {k: v for k, v in t.last_result.items() if not k.startswith("_")}
-    return Result(metrics=metrics, checkpoint=ckpt, error=t.error, path=t.path,
-                  metrics_dataframe=_LazyFrame(t.history), best_checkpoints=[(ckpt, metrics)] if ckpt else [],
-                  config=t.config)
+    try:
+        import pandas as pd
 
-
-class _LazyFrame:
-    """Stands for a trial's metrics DataFrame until first used (most sweeps never look)."""
-
-    def __init__(self, history):
-        self._history = history
-        self._df = None
-
-    def _frame(self):
-        if self._df is None:
-            import pandas as pd
-
-            self._df = pd.DataFrame(self._history)
-        return self._df
-
-    def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._frame(), name)
-
-    def __getitem__(self, k):
-        return self._frame()[k]
-
-    def __len__(self):
-        return len(self._history)
-
-    def __repr__(self):
-        return repr(self._frame())
+        frame = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in t.history])
+    except ImportError:  # pandas is fabric[ml]'s; without it the reports stay a list of dicts
+        frame = list(t.history)
+    return Result(metrics=metrics, checkpoint=ckpt, error=t.error, path=t.path, metrics_dataframe=frame,
+                  best_checkpoints=[(ckpt, metrics)] if ckpt else [], config=t.config)

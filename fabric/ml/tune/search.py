@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from typing import Any, Callable
+from typing import Callable
 
 
 class SearchSpaceError(ValueError):

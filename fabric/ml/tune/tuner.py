@@ -23,21 +23,20 @@ import json
 import math
 import os
 import queue
-import random
 import threading
 import time
 import traceback
 import uuid
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import fabric
 
 from . import search as S
 from .progress import ProgressView
 from .result_grid import ResultGrid
-from .schedulers import CONTINUE, FINISH, STOP, Exploit, FIFOScheduler, MetricNotReported, TrialScheduler
+from .schedulers import FINISH, STOP, Exploit, FIFOScheduler, MetricNotReported, TrialScheduler
 from .searchers import FINISHED, BasicVariantGenerator, Searcher
 from .trial import ERROR, FINAL, PENDING, RUNNING, STOPPED, TERMINATED, Trial, TrialError
 
@@ -71,8 +70,6 @@ class TuneConfig:
     progress: bool | None = None
     seed: int | None = None
     reuse_actors: bool | None = None  # accepted for Ray compatibility: fabric's workers are always reused
-    trial_name_creator: Callable | None = None
-    trial_dirname_creator: Callable | None = None
 
     def __post_init__(self):
         if self.mode not in (None, "min", "max"):
@@ -391,8 +388,9 @@ class _Writer:
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.errors: list = []
-        if self.local:
-            os.makedirs(self.root + "/trials", mode=0o700, exist_ok=True)
+        if self.local:  # owner-only, every folder made here (makedirs gives its mode to the last one only)
+            for d in (self.root, self.root + "/trials"):
+                os.makedirs(d, mode=0o700, exist_ok=True)
         self.thread = threading.Thread(target=self._loop, name="fabric-tune-writer", daemon=True)
         self.thread.start()
 
@@ -646,8 +644,6 @@ class _Sweep:
     # -------------------------------------------------------------- trials
     def _new_trial(self, index: int, config: dict) -> Trial:
         tid = f"{self.prefix}_{index:05d}"
-        if self.tc.trial_name_creator is not None:
-            tid = f"{tid}"
         t = Trial(tid, config, path=self.C.join(self.path, tid))
         t.index = index
         self.trials.append(t)
@@ -683,6 +679,13 @@ class _Sweep:
 
     def _trainer_thread(self, run: _Run, ckpt):
         trainer, trial = self.t.trainable, run.trial
+        if ckpt and hasattr(trainer, "resume_from_checkpoint"):  # a restore, or PBT's exploit
+            import copy
+
+            from fabric.ml.checkpoint import Checkpoint
+
+            trainer = copy.copy(trainer)
+            trainer.resume_from_checkpoint = Checkpoint.from_directory(ckpt, self.so or None)
         key = run.key
         overrides = next(iter(trial.config.values()))
 
