@@ -18,7 +18,7 @@ import pytest
 import fabric
 from fabric import ml
 from fabric.ml import _blocks
-from conftest import wait_for
+from conftest import run_script, wait_for
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
@@ -248,6 +248,32 @@ def test_unchanged_columns_are_shared_not_copied():
     assert list(df.columns) == ["c0", "c1", "c2", "c3", "c4", "s"]
     assert df["s"].tolist() == [5 * i + 10 for i in range(1000)]
     assert plus.select_columns(["s", "c4"]).materialize().take(1) == [{"s": 10.0, "c4": 4.0}]
+
+
+STORE_MODE = """
+import gc, os, time
+import fabric
+from fabric import ml, storage
+fabric.init(num_cpus=2)
+ds = ml.range(300, override_num_blocks=3).map_batches(lambda b: {"id": b["id"], "x": b["id"] * 2},
+                                                     batch_format="numpy").materialize()
+keys = storage.default().ls("ml-blocks")
+shm = [n for n in os.listdir("/dev/shm/fabric-ml-%d" % os.getuid()) if n.startswith("%d-" % os.getpid())]
+assert ds.map_batches(lambda df: df.assign(y=df["x"] + 1)).to_pandas()["y"].tolist() == [2 * i + 1 for i in range(300)]
+del ds
+gc.collect()
+deadline = time.monotonic() + 10
+while storage.default().ls("ml-blocks") and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(len(keys), len(shm), len(storage.default().ls("ml-blocks")))
+"""
+
+
+def test_blocks_in_the_store_for_clusters_across_hosts(tmp_path):
+    out = run_script(STORE_MODE, env={"FABRIC_ML_BLOCKS": "store", "FABRIC_STORE": f"file://{tmp_path}/store"},
+                     timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["3", "0", "0"]   # 3 blocks in the store, none in shared memory, all freed
 
 
 @fabric.fn

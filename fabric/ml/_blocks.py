@@ -9,8 +9,10 @@ operation owns the files: they are unlinked when its Datasets are garbage collec
 exit, or by the next process that finds their owner dead.
 
 ``FABRIC_ML_BLOCK_DIR`` moves the folder (default ``/dev/shm/fabric-ml-<uid>``, or the temp
-folder where there is no ``/dev/shm``). Workers and the reader must share a host (the
-embedded cluster, one ``fabric start`` host); docs/data.md says what spans hosts.
+folder where there is no ``/dev/shm``). Such blocks are read on the host that wrote them (the
+embedded cluster, one ``fabric start`` host). For a cluster that spans hosts, set
+``FABRIC_ML_BLOCKS=store`` in every process (drivers and executors): blocks are then objects
+in the cluster's store (``fabric.storage.default()``, under ``ml-blocks/``), read by any host.
 """
 from __future__ import annotations
 
@@ -31,9 +33,31 @@ def block_dir() -> str:
     if not d:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
         d = os.path.join(base, f"fabric-ml-{os.getuid()}")
-    if not os.path.isdir(d):
-        os.makedirs(d, mode=0o700, exist_ok=True)
+    if d in _checked:
+        return d
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.stat(d)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"fabric.ml block folder {d} must be owned by this user and private (mode 700): "
+                              f"it is owned by uid {st.st_uid} with mode {oct(st.st_mode & 0o777)}")
+    _checked.add(d)
     return d
+
+
+_checked: set = set()
+_STORE = "store:"
+
+
+def _store_mode() -> bool:
+    mode = os.environ.get("FABRIC_ML_BLOCKS", "shm")
+    if mode not in ("shm", "store"):
+        raise ValueError(f"FABRIC_ML_BLOCKS must be 'shm' or 'store', got {mode!r}")
+    return mode == "store"
+
+
+def _store():
+    from fabric import storage
+    return storage.default()
 
 
 class BlockRef:
@@ -90,6 +114,14 @@ def _shared_columns(table, base):
 def _write_file(table, owner):
     import pyarrow as pa
 
+    if _store_mode():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        buf = sink.getvalue()
+        key = f"ml-blocks/{_HOST}-{owner}/{secrets.token_hex(8)}.arrow"
+        _store().put_bytes(key, buf)
+        return _STORE + key, buf.size
     path = os.path.join(block_dir(), f"{owner}-{secrets.token_hex(8)}.arrow")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(fd)
@@ -117,6 +149,8 @@ def write(table, owner: int, base=None) -> BlockRef:
 def _read_file(path, host):
     import pyarrow as pa
 
+    if path.startswith(_STORE):
+        return pa.ipc.open_file(pa.py_buffer(_store().get_bytes(path[len(_STORE):]))).read_all()
     try:
         src = pa.memory_map(path, "r")
     except FileNotFoundError:
@@ -165,16 +199,12 @@ def _reap():
     while True:
         path = _doomed.get()
         try:
-            os.unlink(path)
-        except OSError:
+            if path.startswith(_STORE):
+                _store().delete(path[len(_STORE):], missing_ok=True)
+            else:
+                os.unlink(path)
+        except Exception:  # noqa: BLE001 - best effort; the sweep and the exit hook catch the rest
             pass
-
-
-def free_now(ref) -> None:
-    try:
-        os.unlink(ref.path)
-    except (OSError, AttributeError, TypeError):
-        pass
 
 
 def owner_tag() -> int:
@@ -222,6 +252,14 @@ def _sweep() -> None:
 
 def _remove_own(pid: int) -> None:
     if os.getpid() != pid:
+        return
+    if _store_mode():
+        try:
+            store = _store()
+            for key in store.ls(f"ml-blocks/{_HOST}-{pid}"):
+                store.delete(key, missing_ok=True)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
         return
     d = block_dir()
     try:
