@@ -212,6 +212,10 @@ def test_parquet_and_csv_round_trip(tmp_path):
     pd.testing.assert_frame_equal(back.to_pandas(), df)
     assert ml.read_parquet(str(out / "*.parquet"), columns=["y"]).columns() == ["y"]
     assert ml.read_parquet([str(out / files[0]), str(out / files[1])]).count() == 20
+    big = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"i": np.arange(100)}), big, row_group_size=10)   # 10 row groups
+    split = ml.read_parquet(str(big), override_num_blocks=4)
+    assert split.num_blocks() == 4 and split.to_arrow()["i"].to_pylist() == list(range(100))
     csv = tmp_path / "d.csv"
     df.to_csv(csv, index=False)
     assert ml.read_csv(str(csv)).to_pandas()["y"].tolist() == df["y"].tolist()

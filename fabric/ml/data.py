@@ -111,6 +111,9 @@ class _Read:
                 pf = pq.ParquetFile(f)
                 if columns is not None:
                     _check_columns("read_parquet(columns=...)", columns, pf.schema_arrow.names)
+                groups = self.options.get("row_groups")
+                if groups is not None:
+                    return pf.read_row_groups(groups, columns=columns)
                 return pf.read(columns=columns)
         import pyarrow.csv as pcsv
         with self.fs.open(self.path, "rb") as f:
@@ -1250,12 +1253,31 @@ def _expand(paths, storage_options, filesystem, exts, where):
 
 
 def read_parquet(paths, *, columns: list | None = None, storage_options: dict | None = None,
-                 filesystem=None, **_ignored) -> Dataset:
+                 filesystem=None, override_num_blocks: int | None = None, **_ignored) -> Dataset:
     """A Dataset of Parquet files (a file, a folder, a glob or a list; any fsspec URL). Each
-    file is read on the cluster, in the first call of its block."""
+    file is read on the cluster, in the first call of its block. With ``override_num_blocks``
+    above the number of files, files are split into blocks of whole row groups (their footers
+    are read here to count them)."""
+    _check_blocks(override_num_blocks)
     files = _expand(paths, storage_options, filesystem, (".parquet", ".parq", ".pq"), "read_parquet")
-    opts = {"columns": list(columns) if columns is not None else None}
-    return Dataset([[(_Read("parquet", fs, p, opts), 0, None)] for fs, p in files])
+    cols = list(columns) if columns is not None else None
+    if not override_num_blocks or override_num_blocks <= len(files):
+        opts = {"columns": cols}
+        return Dataset([[(_Read("parquet", fs, p, opts), 0, None)] for fs, p in files])
+    import pyarrow.parquet as pq
+    groups = []
+    for fs, p in files:
+        with fs.open(p, "rb") as f:
+            groups.append(pq.ParquetFile(f).metadata.num_row_groups)
+    total = sum(groups)
+    blocks = []
+    for (fs, p), g in zip(files, groups):
+        k = max(1, min(g, round(override_num_blocks * g / max(total, 1))))   # this file's share of blocks
+        bounds = [round(j * g / k) for j in builtins.range(k + 1)]
+        for a, b in zip(bounds, bounds[1:]):
+            blocks.append([(_Read("parquet", fs, p, {"columns": cols, "row_groups": list(builtins.range(a, b))}),
+                            0, None)])
+    return Dataset(blocks)
 
 
 def read_csv(paths, *, columns: list | None = None, storage_options: dict | None = None, filesystem=None,
