@@ -162,3 +162,17 @@ def test_beyond_loopback_needs_bearer_token_and_never_logs_it(gw, tmp_path):
     assert token.encode() not in out
     assert all(token not in open(os.path.join(d, f), errors="replace").read()
                for d, _, fs in os.walk(os.environ["FABRIC_HOME"]) for f in fs if f.endswith((".log", ".out")))
+
+
+def test_fabric_status_shows_deployments_and_gateway(gw):
+    import json as _json
+
+    out = subprocess.run([sys.executable, "-m", "fabric.cli", "status", "--json", "--address", fabric.init()["address"]],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    gws = _json.loads(out.stdout)["serve"]
+    mine = [g for g in gws if g["port"] == gw["port"]]
+    assert mine and mine[0]["url"] == gw["url"] and "admin_token" not in mine[0]
+    deps = {d["name"]: d for d in mine[0]["deployments"]}
+    assert {"elastic", "idem", "once"} <= set(deps)
+    assert deps["idem"]["target_replicas"] == 2 and "ongoing_requests" in deps["idem"]
