@@ -46,6 +46,9 @@ class LocalCluster:
         self.autoscaler: subprocess.Popen | None = None
 
     def start(self, executor: bool = True) -> "LocalCluster":
+        from . import security
+
+        security.keys_dir(self.address)  # this user's default keys for tcp://, made once, before its processes
         args = ["--address", self.address, "--log-file", os.path.join(self.log_dir, "broker.log")]
         if self.journal:
             args += ["--journal", self.journal, "--restart"]

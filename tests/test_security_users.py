@@ -34,7 +34,7 @@ import json, os, sys, time, fabric
 out = {"uid": os.getuid()}
 t0 = time.monotonic()
 try:
-    fabric.init(address=os.environ["ADDR"], connect_timeout=15)
+    fabric.init(address=os.environ["ADDR"], connect_timeout=float(os.environ.get("CONNECT_TIMEOUT", 15)))
 except fabric.FabricError as e:
     out.update(refused=type(e).__name__, message=str(e), seconds=time.monotonic() - t0)
     print("PROBE " + json.dumps(out), flush=True)
@@ -260,3 +260,37 @@ def test_no_key_material_or_token_in_logs_ps_status_journal_or_messages(owned, o
         for s in secrets:
             assert s not in text, f"a secret key is in {where}"
         assert TOKEN not in text, f"the store token is in {where}"
+
+
+EMBEDDED_OWNER = r"""
+import os, sys, fabric
+info = fabric.init(num_cpus=1)
+print("ADDRESS " + info["address"], flush=True)
+sys.stdin.readline()                       # until the test says so
+@fabric.fn
+def one():
+    return 1
+print("STILL", one.remote().result(timeout=60), flush=True)
+fabric.shutdown()
+"""
+
+
+def test_an_embedded_clusters_socket_is_out_of_other_users_reach(other, tmp_path):
+    """No TCP, no keys: the embedded cluster's ipc:// socket is in a 0700 folder of the owner's."""
+    p = subprocess.Popen([sys.executable, "-c", EMBEDDED_OWNER], env=owner_env(str(tmp_path)), cwd=REPO,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("ADDRESS ipc://"), line + p.stderr.read()
+        address = line.split()[1]
+        assert stat.S_IMODE(os.stat(os.path.dirname(address[len("ipc://"):])).st_mode) == 0o700
+        mark = os.path.join(str(tmp_path), "intruder")
+        rc, out = probe(other, address, mark, CONNECT_TIMEOUT="3")
+        assert rc == 3 and out["refused"] == "ConnectionFailed" and "no fabric broker answered" in out["message"], out
+        assert not os.path.exists(mark)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "STILL 1", p.stderr.read()
+    finally:
+        p.stdin.close()
+        p.wait(60)
