@@ -248,7 +248,7 @@ def test_local_gpu_pool_scales_from_zero_with_fake_devices(tmp_path):
         cluster.stop()
 
 
-def test_fabric_start_autoscale_starts_min_and_stops_clean(tmp_path):
+def test_fabric_start_autoscale_starts_min_and_stops_clean(tmp_path, monkeypatch):
     from conftest import free_port
 
     env = dict(_child_env(), FABRIC_HOME=str(tmp_path))
@@ -257,6 +257,7 @@ def test_fabric_start_autoscale_starts_min_and_stops_clean(tmp_path):
     assert bad.returncode != 0 and "MIN:MAX" in bad.stderr
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
+    monkeypatch.setenv("FABRIC_KEYS", str(tmp_path / "keys"))  # that data folder's keys, for _status here
     r = subprocess.run(fab + ["start", "--port", str(port), "--autoscale", "1:2", "--idle", "1", "--detach"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
