@@ -21,7 +21,7 @@ def _groups(items):
     out = {}
     for kv in items:
         if "=" not in kv:
-            raise SystemExit(f"--asg looks like KIND=GROUP_NAME (e.g. cpu=fabric-cpu), got {kv!r}")
+            raise SystemExit(f"--asg and --deployment look like KIND=NAME (e.g. cpu=fabric-cpu), got {kv!r}")
         k, v = kv.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -30,7 +30,7 @@ def _groups(items):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fabric.autoscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--broker", help="the broker's address, e.g. tcp://127.0.0.1:5555")
-    ap.add_argument("--provider", choices=["local", "aws"], default="local")
+    ap.add_argument("--provider", choices=["local", "aws", "kubernetes"], default="local")
     ap.add_argument("--min", type=int, default=0, help="min cpu executors (default 0: scale to zero)")
     ap.add_argument("--max", type=int, default=4, help="max cpu executors")
     ap.add_argument("--cpus-per-executor", type=float, default=1.0,
@@ -48,6 +48,9 @@ def main(argv=None) -> int:
                          "(default: 60 local, 600 aws)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between polls of the broker")
     ap.add_argument("--asg", action="append", default=[], help="aws: KIND=GROUP_NAME, repeatable")
+    ap.add_argument("--deployment", action="append", default=[],
+                    help="kubernetes: KIND=DEPLOYMENT_NAME, repeatable (see deploy/k8s)")
+    ap.add_argument("--namespace", default="fabric", help="kubernetes: the Deployments' namespace")
     ap.add_argument("--region")
     ap.add_argument("--endpoint-url", help="aws: API endpoint (e.g. a moto server)")
     ap.add_argument("--log-dir", help="folder for the decision log, this loop's log and local executors' logs")
@@ -80,6 +83,15 @@ def main(argv=None) -> int:
                                  gpu_devices=parse_gpu_list(a.gpu_devices), gpus_per_executor=a.gpus_per_executor,
                                  gpu_cpus=gpu_cpus, log_dir=a.log_dir)
         join_timeout = a.join_timeout if a.join_timeout is not None else 60.0
+    elif a.provider == "kubernetes":
+        from .kubernetes import KubernetesProvider
+
+        deployments = _groups(a.deployment)
+        if not deployments:
+            ap.error("--provider kubernetes needs --deployment cpu=NAME (and --deployment gpu=NAME for a gpu pool)")
+        provider = KubernetesProvider(deployments, namespace=a.namespace,
+                                      max_replicas={p.kind: p.max for p in pools})
+        join_timeout = a.join_timeout if a.join_timeout is not None else 300.0
     else:
         groups = _groups(a.asg)
         if not groups:
