@@ -226,6 +226,7 @@ class Client:
         self.epoch = b""                               # the broker's; a new one means it restarted
         self.puts = weakref.WeakValueDictionary()      # put() objects alive here: re-sent on restart
         self.rejoins = 0
+        self.batches_sent = 0  # BATCH messages sent (tests check bursts are batched)
         self.extra_outcomes = 0  # outcomes for ids that had one already: must stay 0 (loadtests/soak.py)
         self.broker_timeout = _env_seconds("FABRIC_BROKER_TIMEOUT", BROKER_TIMEOUT)
         self.broker_proc, self.supervised = broker_proc, supervised
@@ -393,6 +394,7 @@ class Client:
             P.send(self.d, q[0])
         elif q:
             P.send(self.d, [P.C[P.BATCH], *[p for m in q for p in m]])
+            self.batches_sent += 1
 
     def _send_d(self, parts):
         """Any other message on the submit socket: after the buffered submits, in order."""

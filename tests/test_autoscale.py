@@ -190,11 +190,8 @@ def test_local_provider_scales_from_zero_to_two_and_back(tmp_path):
             time.sleep(0.5)
             return os.getppid()  # the executor daemon that started this worker
 
-        t0 = time.monotonic()
         parents = fabric.get([work.remote(i) for i in range(20)], timeout=45)
-        ran_in = time.monotonic() - t0
-        assert len(set(parents)) == 2, parents
-        assert ran_in < 20, ran_in
+        assert len(set(parents)) == 2, parents  # it scaled out: two executors ran them (no timing asserted)
         # after the idle window (2 s), back to zero executors
         assert wait_for(lambda: _status(cluster.address)["executors"] == [], timeout=15, every=0.2)
         log_file = decision_log_path(str(tmp_path))
@@ -270,10 +267,13 @@ def test_fabric_start_autoscale_starts_min_and_stops_clean(tmp_path, monkeypatch
         rec = json.load(open(os.path.join(str(tmp_path), "cluster.json")))
         assert [d["code"] for d in last_decisions(rec["log_dir"])] == ["below_min"]
     finally:
-        t0 = time.monotonic()
         stop = subprocess.run(fab + ["stop"], env=env, capture_output=True, text=True, timeout=60)
     assert stop.returncode == 0, stop.stderr
-    assert time.monotonic() - t0 < 9  # the autoscaler noticed its broker was gone, not killed at the deadline
+    # the autoscaler noticed its broker was gone and stopped itself (its log says so), rather
+    # than being killed at `fabric stop`'s deadline: an event, not a wall-clock bound
+    log = os.path.join(rec["log_dir"], "autoscaler.log")
+    assert wait_for(lambda: "has not answered" in open(log).read() and "stopping" in open(log).read(),
+                    timeout=30), open(log).read()[-2000:]
     import psutil
 
     def ours():  # broker, autoscaler and the executors it started: all name the address

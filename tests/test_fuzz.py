@@ -49,6 +49,7 @@ from fabric import protocol as P
 from fabric.client import request
 from fabric.cluster import LocalCluster
 from fabric.errors import ProtocolError
+from conftest import wait_for
 
 FUZZ_SECONDS = 30.0        # the fuzzing phase stops sending after this long, whatever is left
 MAX_EXAMPLES = 400
@@ -808,15 +809,30 @@ def test_call_to_a_vanished_worker_is_requeued_not_charged(fresh_cluster):
     ctx = zmq.Context()
     try:
         x = os.urandom(8)
-        _send_as(ctx, fresh_cluster.address, b"e" + x, [P.C[P.EXEC_HELLO], b'{"cpus":8}'], expect_reply=True)
-        w, _ = _send_as(ctx, fresh_cluster.address, b"w" + x + b"\x00\x00\x00\x01",
-                        [P.C[P.READY], b'{"kind":"pool","pid":1,"credit":1}'])
-        time.sleep(0.5)
+        wid = b"w" + x + b"\x00\x00\x00\x01"
+        ex, _ = _send_as(ctx, fresh_cluster.address, b"e" + x, [P.C[P.EXEC_HELLO], b'{"cpus":8}'], expect_reply=True)
+        w, _ = _send_as(ctx, fresh_cluster.address, wid, [P.C[P.READY], b'{"kind":"pool","pid":1,"credit":1}'])
+
+        def fake_registered():
+            st = request(fresh_cluster.address, P.STATUS, timeout=5.0)
+            return any(e["id"] == x.hex() and e["workers"] == 1 for e in st["executors"])
+
+        assert wait_for(fake_registered, timeout=30)  # (an event, not a sleep)
         w.close(linger=0)  # the pool worker is gone before its executor could say WORKER_DIED
+        # the broker's ZeroMQ thread drops the closed connection asynchronously, with no event
+        # to see from here: this wait makes the CALL below meet a gone peer (EHOSTUNREACH); the
+        # KILL_WORKER check after it proves it did, so a too-short wait fails, never passes silently
         time.sleep(0.5)
         busy = [nap.remote(1.0), nap.remote(1.0)]  # both real workers busy: the next call goes to the idle one
         assert square.remote(7).result(timeout=RESULT_TIMEOUT) == 49  # square has retries=0
         assert [b.result(timeout=RESULT_TIMEOUT) for b in busy] == [1.0, 1.0]
+        # the racy path was hit: the CALL went to the vanished worker, could not be delivered,
+        # so the broker requeued it and had that worker's executor (ours, fake) kill it
+        killed = False
+        while not killed and ex.poll(10000):
+            m = ex.recv_multipart()
+            killed = m[0] == P.C[P.KILL_WORKER] and m[1] == wid
+        assert killed, "the call never met the vanished worker: the regression was not exercised"
     finally:
         ctx.destroy(linger=0)
 
@@ -827,6 +843,7 @@ def test_bye_does_not_rerun_another_drivers_call(one_worker_cluster, tmp_path):
     h = mark._blob()[1]
     ctx = zmq.Context()
     try:
+        hits = 0
         for attempt in range(5):  # the other call must reach the broker while ours may still be prefetched behind
             for _ in range(5):  # mark's mean run time: ~0.06 s, short enough for prefetching, 0.24 s window
                 mark.remote(str(tmp_path / "warm"), 0.06).result(timeout=RESULT_TIMEOUT)
@@ -836,11 +853,17 @@ def test_bye_does_not_rerun_another_drivers_call(one_worker_cluster, tmp_path):
             ours = mark.remote(str(path), 0.3)  # the only worker runs it...
             other.send_multipart([P.C[P.SUBMIT] + P.pack_call(did + bytes(7) + b"\x01", h, P.TASK, P.NO_ID, 1.0, 0.0,
                                                               0, 0, 0.0, 0), b"not a pickle"])  # ...prefetched
-            time.sleep(0.1)  # (a BYE handled in the same turn as that SUBMIT finds the call still queued)
+            # (a BYE handled in the same turn as that SUBMIT finds the call still queued): wait
+            # until it is on the worker, behind ours: nothing queued, both calls held
+            def prefetched():
+                st = request(one_worker_cluster.address, P.STATUS, timeout=5.0)
+                return st["calls_pending"] == 2 and sum(q["depth"] for q in st["queues"]) == 0
+            hits += wait_for(prefetched, timeout=0.25, every=0.01)
             other.send_multipart([P.C[P.BYE]])  # and that driver leaves while our call runs
             assert ours.result(timeout=RESULT_TIMEOUT) == 0.3
             runs = path.read_text().split()
             assert len(runs) == 1, f"attempt {attempt}: our call ran {len(runs)} times (pids {runs})"
+        assert hits, "the other driver's call was never seen prefetched behind ours: the racy path was not hit"
     finally:
         ctx.destroy(linger=0)
 

@@ -109,12 +109,12 @@ def test_a_future_argument_is_resolved_for_every_member(cluster):
 
 
 def test_a_gang_larger_than_the_cluster_is_refused_at_once(cluster):
-    t0 = time.monotonic()
+    # "at once": Unschedulable, not a GetTimeout after the bound (no wall-clock check: a loaded
+    # machine is slow, not wrong)
     futs = fabric.gang(3, cpus=1).run(rendezvous, "too big")
     for f in futs:
         with pytest.raises(fabric.Unschedulable, match=r"gang of 3 members .* can never start: .* at most 2"):
             f.result(timeout=30)
-    assert time.monotonic() - t0 < 5
     with pytest.raises(fabric.Unschedulable, match="never start"):
         fabric.gang(1, cpus=1, memory="100TiB").run(rendezvous, "x")[0].result(timeout=30)
     with pytest.raises(ValueError, match="whole number"):
@@ -166,12 +166,10 @@ def crash_or_sleep(marker, crash_rank, once):
 
 def test_a_member_crash_fails_the_whole_gang_and_stops_the_others(cluster, tmp_path):
     marker = str(tmp_path / "crash")
-    t0 = time.monotonic()
     futs = fabric.gang(2, cpus=1).run(crash_or_sleep, marker, 1, False)
-    for f in futs:
+    for f in futs:  # (rank 0 sleeps 60 s: GangFailed within the 30 s bound means it was stopped)
         with pytest.raises(fabric.GangFailed, match=r"rank 1 of 2 died \(exit code 3\)"):
             f.result(timeout=30)
-    assert time.monotonic() - t0 < 20                               # rank 0 did not sleep its 60 s
     pid0 = int(open(f"{marker}.0").read().split()[0])
     assert wait_for(lambda: not psutil.pid_exists(pid0), timeout=10)   # and its process was killed
     assert issubclass(fabric.GangFailed, fabric.WorkerCrashed)
@@ -195,13 +193,11 @@ def raise_on_rank_one():
 
 
 def test_a_member_that_raises_fails_the_gang_without_a_rerun(cluster):
-    t0 = time.monotonic()
     f0, f1 = fabric.gang(2, cpus=1, retries=3).run(raise_on_rank_one)
     with pytest.raises(KeyError, match="rank one gave up"):
         f1.result(timeout=30)
     with pytest.raises(fabric.GangFailed, match="rank 1 of 2 raised an exception"):
-        f0.result(timeout=30)
-    assert time.monotonic() - t0 < 20
+        f0.result(timeout=30)  # rank 0 sleeps 60 s: within the bound means it was stopped
     assert square.remote(6).result(timeout=30) == 36
 
 
@@ -230,7 +226,32 @@ def test_gang_context_outside_a_gang_says_so(cluster):
     assert "inside a member of a gang" in plain.remote().result(timeout=30)
 
 
-def test_resources_are_whole_after_gangs(cluster):
+def sleep_long():
+    time.sleep(60)
+
+
+def test_a_member_that_times_out_gets_task_timeout_and_the_others_gang_failed(cluster):
+    futs = fabric.gang(2, cpus=1, timeout=1.0, retries=0).run(sleep_long)
+    outcomes = {}
+    for rank, f in enumerate(futs):
+        with pytest.raises((fabric.TaskTimeout, fabric.GangFailed)) as ei:
+            f.result(timeout=50)  # (a GetTimeout would mean the timeout was not enforced)
+        outcomes[rank] = ei.value
+    timed_out = [r for r, e in outcomes.items() if isinstance(e, fabric.TaskTimeout)]
+    assert len(timed_out) == 1, outcomes  # the one the broker found first; the other was stopped
+    other = 1 - timed_out[0]
+    assert isinstance(outcomes[other], fabric.GangFailed), outcomes
+    assert f"rank {timed_out[0]} of 2 ran longer than its timeout" in str(outcomes[other])
+    assert square.remote(5).result(timeout=30) == 25
+
+
+def test_resources_are_whole_after_gangs(cluster, tmp_path):
+    # gangs of each ending first, so that this holds when the test runs alone too
+    assert fabric.get(fabric.gang(2, cpus=1).run(rendezvous, "ok"), timeout=60)
+    for f in fabric.gang(2, cpus=1).run(crash_or_sleep, str(tmp_path / "c"), 1, False):
+        with pytest.raises(fabric.GangFailed):
+            f.result(timeout=30)
+
     def whole():
         ex = fabric.cluster_status()["executors"][0]
         return ex["free_cpus"] == ex["cpus"] and not fabric.cluster_status()["gangs"]

@@ -124,3 +124,14 @@ def test_the_broker_refuses_calls_beyond_its_cap_with_a_clear_error():
     assert "AFTER 1" in r.stdout, r.stderr
     ok, refused = map(int, r.stdout.split("COUNTS ")[1].split()[:2])
     assert ok + refused == 40 and refused >= 25 and ok >= 10, (ok, refused)
+
+
+
+# Not tested here: the host guard (executor daemon guard_memory: a host under
+# FABRIC_MEMORY_RESERVE of free memory has its largest worker stopped, its call failing with
+# MemoryLimitExceeded, with no memory= limit set). Exhausting this shared machine's memory for
+# real would endanger every process on it; triggering the guard by its threshold does not work
+# either: a reserve that makes the host count as low at once stops every fresh pool worker
+# within 0.25 s, before it can take a call (tried: the call waits for ever), and a reserve
+# between "now" and "now minus the call's allocation" needs the host's free memory stable to
+# tens of MiB, which a machine shared by other jobs is not. docs/guarantees.md says so.

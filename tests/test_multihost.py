@@ -46,16 +46,17 @@ _keys_cli = None
 
 
 def keys_supported():
-    """Whether this fabric has CurveZMQ keys (`fabric keys`, fabric/security.py)."""
+    """The multi-host clusters always run with CurveZMQ keys (`fabric keys`): a broken keys
+    command fails these tests here, instead of running them in plaintext and skipping the
+    key checks (which would hide the breakage)."""
     global _keys_cli
     if _keys_cli is None:
-        try:
-            import fabric.security  # noqa: F401
-        except ImportError:
-            _keys_cli = False
-        else:
-            r = subprocess.run(FABRIC + ["keys", "--help"], capture_output=True, text=True, timeout=60)
-            _keys_cli = r.returncode == 0
+        import fabric.security  # noqa: F401 - an ImportError is a failure too
+
+        r = subprocess.run(FABRIC + ["keys", "--help"], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            pytest.fail(f"`fabric keys --help` failed (rc {r.returncode}): {r.stderr.strip()[-2000:]}")
+        _keys_cli = True
     return _keys_cli
 
 
@@ -707,8 +708,12 @@ def test_host_cut_off_is_detected_and_its_call_retried_elsewhere(fault_cluster):
         lost_lines = [ln for ln in open(c.broker_log) if "lost: no heartbeat" in ln]
         assert len(lost_lines) == 1, c.logs()
         detected_after = _log_time(lost_lines[0]) - cut_at
-        # heartbeats every 1 s, a 3 s timeout checked on the broker's 0.5 s tick: about 2 to 4.5 s
-        assert 1.5 <= detected_after <= 8.0, (detected_after, lost_lines)
+        # heartbeats every 1 s, a 3 s timeout checked on the broker's 0.5 s tick: about 2 to 4.5 s.
+        # The lower bound is causal (not before the timeout could pass) and cannot flake on a slow
+        # machine; the upper one is generous (only a detection that never came near the timeout
+        # fails), the figure itself belongs to benchmarks
+        assert detected_after >= 1.5, (detected_after, lost_lines)
+        assert detected_after <= 60, (detected_after, lost_lines)
 
         # the link back: host c's executor is told it is unknown, says hello again, and rejoins
         c.net["c"].link(True)
@@ -729,12 +734,13 @@ def test_host_cut_off_is_detected_and_its_call_retried_elsewhere(fault_cluster):
     assert o[f"long-{1 - cut_call}"].get("ok", [None, {}])[1].get("letter") == "b", o
     starts = sorted(n for n in os.listdir(marks) if n.startswith("start-"))
     assert sum(1 for n in starts if n.startswith(f"start-{cut_call}-b-")) == 1, starts  # retried once
-    # a bounded time: host b's own call, then the retried one
-    assert o[f"long-{cut_call}"]["at"] - res["t0"] < 2 * seconds + 10, o
+    # a bounded time: host b's own call, then the retried one (generous: a loaded 2-core
+    # machine is slow, not wrong; a retry that waited for something else would take far longer)
+    assert o[f"long-{cut_call}"]["at"] - res["t0"] < 2 * seconds + 60, o
     # the instance lived on the lost host: both its calls fail, soon after the detection
     for name in ("inst-running", "inst-queued"):
         assert o[name].get("error") == "ActorDied", o
-        assert o[name]["at"] - cut_at < 15, o
+        assert o[name]["at"] - cut_at < 60, o  # generous: caused by the detection, not a timeout
     assert res["after"] == "ActorDied"
     assert res["duplicates"] in ([], None), res["duplicates"]  # no second outcome for any call
 

@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 import fabric
-from conftest import run_script
+from conftest import run_script, wait_for
 
 
 @fabric.fn
@@ -74,18 +74,29 @@ def test_a_line_printed_across_flushes_arrives_whole(cluster, capsys):
 
 
 def test_chatty_function_is_rate_limited_not_stalled(cluster, capsys):
-    t0 = time.monotonic()
+    # "not stalled": it returns within the result() bound (a GetTimeout otherwise); no
+    # wall-clock assertion (a loaded machine is slow, not wrong)
     assert chatty.remote(200_000).result(timeout=60) == 200_000
-    assert time.monotonic() - t0 < 30
     out = capsys.readouterr().out
     assert "bytes of output dropped" in out
 
 
+@fabric.fn
+def say(token):
+    print(token)
+    return token
+
+
 def test_worker_output_goes_to_the_executor_log(cluster):
-    chatty.remote(1).result()
+    token = f"only-this-test-{os.urandom(6).hex()}"  # no earlier test's line can match it
+    assert say.remote(token).result(timeout=30) == token
     log_dir = cluster["log_dir"]
-    text = "".join(open(os.path.join(log_dir, f)).read() for f in os.listdir(log_dir) if f.startswith("executor"))
-    assert "line 0" in text
+
+    def logged():
+        return token in "".join(open(os.path.join(log_dir, f)).read() for f in os.listdir(log_dir)
+                                if f.startswith("executor"))
+
+    assert wait_for(logged, timeout=30)
 
 
 GPU_SCRIPT = r"""

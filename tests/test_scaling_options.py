@@ -15,7 +15,9 @@ from conftest import wait_for
 
 
 @fabric.fn(max_containers=1)
-def one_at_a_time(i):
+def one_at_a_time(i, gate=None):
+    while gate and not os.path.exists(gate):  # held until the test opens the gate
+        time.sleep(0.01)
     t0 = time.time()
     time.sleep(0.3)
     return t0, time.time()
@@ -44,18 +46,23 @@ def _fn(name):
     return None
 
 
-def test_max_containers_caps_concurrency_without_blocking_other_calls(cluster):
-    capped = [one_at_a_time.remote(i) for i in range(4)]
+def test_max_containers_caps_concurrency_without_blocking_other_calls(cluster, tmp_path):
+    gate = str(tmp_path / "gate")
+    capped = [one_at_a_time.remote(i, gate) for i in range(4)]
     other = quick.remote(7)
     assert other.result(timeout=30) == 7
-    # it did not wait behind the capped calls queued before it (they take 4 x 0.3 s, one by one)
-    assert sum(not f.done() for f in capped) >= 2
+    # it did not wait behind the capped calls queued before it: they cannot finish before the
+    # gate opens (an event, not a timing)
+    assert not any(f.done() for f in capped)
     st = _fn("one_at_a_time")
     assert st["max_containers"] == 1 and st["kind"] == "fn"
-    assert st["running"] == 1 and st["waiting"] >= 1
+    assert st["running"] == 1 and st["waiting"] == 3
+    open(gate, "w").close()
     spans = sorted(f.result(timeout=30) for f in capped)
     for (_, end), (start, _) in zip(spans, spans[1:]):
-        assert start >= end - 0.02  # never two at once, on a cluster with room for two
+        # never two at once, on a cluster with room for two. Causal, so slowness cannot break
+        # it: each starts after the previous ended (0.02 s: clock reads in two processes)
+        assert start >= end - 0.02
     assert _fn("one_at_a_time")["running"] == 0
 
 
@@ -64,9 +71,9 @@ def test_max_containers_of_a_class_caps_live_instances(cluster):
     assert a.ping.remote().result(timeout=30) == "pong"
     b = Single.remote()
     waiting = b.ping.remote()
-    time.sleep(1.0)
+    # the broker holds the second instance back (an event, not a sleep), so its call waits
+    assert wait_for(lambda: (_fn("Single") or {}).get("waiting") == 1, timeout=30), _fn("Single")
     assert not waiting.done()  # a second instance waits for the first to end
-    assert _fn("Single")["waiting"] == 1
     fabric.kill(a)
     assert waiting.result(timeout=30) == "pong"
     fabric.kill(b)

@@ -238,10 +238,8 @@ def test_missing_object_is_a_clear_error(env):
     ref = fabric.put(a)
     key = objects.key_of(a)
     env.store.delete(key)
-    t0 = time.monotonic()
-    with pytest.raises(KeyNotFound, match=key) as info:
+    with pytest.raises(KeyNotFound, match=key) as info:  # (not a GetTimeout: it fails, it does not hang)
         digest.remote(ref).result(timeout=60)
-    assert time.monotonic() - t0 < 60
     assert "FABRIC_STORE" in str(info.value)
 
 

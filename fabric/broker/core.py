@@ -395,6 +395,8 @@ class Broker(GangScheduling):
                     return self.submit(cid, did, head, h, f, ask=False)
                 if now - d.get("asked", 0.0) > 0.5:
                     d["asked"] = now
+                    log.info("driver %s sent a call needing %s this broker does not hold: asking it to rejoin",
+                             did.hex(), f"{len(e.deps)} unknown argument(s)" if e.deps else "code")
                     if len(asked) > 10_000:
                         asked.clear()
                     for x in e.deps:
