@@ -75,18 +75,6 @@ def _local() -> bool:
 
 
 # ---------------------------------------------------------------------- sources
-class _Put:
-    """A table the driver put on the cluster (``fabric.put``); in a worker ``fut`` is the table."""
-
-    __slots__ = ("fut", "num_rows", "schema_buf")
-
-    def __init__(self, fut, num_rows, schema_buf):
-        self.fut, self.num_rows, self.schema_buf = fut, num_rows, schema_buf
-
-    def __reduce__(self):
-        return _Put, (self.fut, self.num_rows, self.schema_buf)
-
-
 class _Read:
     """A read that runs on the cluster, in the call of the block it feeds."""
 
@@ -157,7 +145,7 @@ def _src_rows(src):
     """Row count of a source known without running anything on the cluster (None: a read)."""
     if isinstance(src, _FUTURES):
         src = src.result()
-    if isinstance(src, (BlockRef, _Put)):
+    if isinstance(src, BlockRef):
         return src.num_rows
     return None
 
@@ -176,8 +164,6 @@ def _load_src(src):
         src = src.result()
     if isinstance(src, BlockRef):
         return _blocks.read(src)
-    if isinstance(src, _Put):
-        src = src.fut.result() if isinstance(src.fut, fabric.Future) else src.fut
     if isinstance(src, _Read):
         return src.run()
     if isinstance(src, pa.Table):
@@ -591,8 +577,9 @@ class Dataset:
 
     # --- pickling: done Futures travel as their (tiny) references; the copy owns nothing
     def __getstate__(self):
-        blocks = [[(s.result() if isinstance(s, _FUTURES) and s.done() and s.exception() is None else s, lo, hi)
-                   for s, lo, hi in b] for b in self._blocks]
+        # every block reference by value (waiting for pending ones), so a Dataset pickles anywhere:
+        # into calls, into fabric.put, into a checkpoint or a tune experiment's state
+        blocks = [[(s.result() if isinstance(s, _FUTURES) else s, lo, hi) for s, lo, hi in b] for b in self._blocks]
         return {"blocks": blocks, "stages": self._stages}
 
     def __setstate__(self, state):
@@ -1133,9 +1120,6 @@ class Dataset:
         ds = self if limit is None else self.limit(limit)
         return ds.to_arrow().to_pandas()
 
-    def to_numpy_refs(self):
-        raise NotImplementedError("fabric.ml Datasets have no refs to numpy; use iter_batches(batch_format='numpy')")
-
     def take(self, n: int = 20) -> list:
         """The first ``n`` rows as dicts."""
         return self.limit(n).to_arrow().to_pylist()
@@ -1317,11 +1301,27 @@ def from_arrow(tables, *, override_num_blocks: int | None = None) -> Dataset:
         for x in pieces:
             if not isinstance(x, pa.Table):
                 raise TypeError(f"from_arrow expects pyarrow Tables, got {type(x).__name__}")
-    blocks = []
-    for p in pieces:
-        p = p.combine_chunks() if p.num_rows else p
-        blocks.append([(_Put(fabric.put(p), p.num_rows, p.schema.serialize().to_pybytes()), 0, None)])
-    return Dataset(blocks)
+    futs = _ingest([p.combine_chunks() if p.num_rows else p for p in pieces])
+    return Dataset([[(f, 0, None)] for f in futs], (), (_Owner(futs),))
+
+
+def _ingest(tables):
+    """Blocks of tables in this process. Written here when this host holds the cluster's
+    workers (or blocks go to the store, or this is a gang member), else by one call per block
+    on the cluster (the table travels as its argument)."""
+    owner = _blocks.owner_tag()
+    if _local() or _blocks._store_mode() or _workers_here():
+        return [_Done(_blocks.write(t, owner)) for t in tables]
+    f = fabric.fn(_blocks.write, name="ml.ingest")
+    return [f.remote(t, owner) for t in tables]
+
+
+def _workers_here() -> bool:
+    try:
+        hosts = {e.get("host") for e in fabric.cluster_status().get("executors", [])}
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(hosts) and hosts <= {_blocks._HOST}
 
 
 def from_pandas(dfs, *, override_num_blocks: int | None = None) -> Dataset:
