@@ -31,7 +31,8 @@ SAMPLE_ROWS = 1024
 
 
 def export_onnx(checkpoint, *, sample=None, fold_preprocessor: bool = True, opset: int | None = None,
-                rtol: float = 1e-5, atol: float = 1e-6, path: str | None = None, cpus: float = 1):
+                rtol: float = 1e-5, atol: float = 1e-6, path: str | None = None, cpus: float = 1,
+                feature_columns: list[str] | None = None, label_column: str | None = None):
     """Export ``checkpoint`` (a Checkpoint, directory or URL) to ONNX; returns the new Checkpoint.
 
     ``sample``: rows to check parity on, and to type the raw inputs when a preprocessor is
@@ -41,7 +42,9 @@ def export_onnx(checkpoint, *, sample=None, fold_preprocessor: bool = True, opse
     ``path``: where the new checkpoint goes (default: ``exports/`` in the cluster's store).
     Fails with ``ParityError`` when onnxruntime and the native model differ beyond
     ``|a - b| <= atol + rtol * |b|``; ``UnsupportedModel`` names a layer or op with no ONNX form;
-    ``UnknownCheckpoint`` when the checkpoint's framework is not one of FRAMEWORKS."""
+    ``UnknownCheckpoint`` when the checkpoint's framework is not one of FRAMEWORKS.
+    ``feature_columns``/``label_column`` override (or supply) the checkpoint's metadata: a
+    hand-written loop's checkpoint may not say which columns its model takes."""
     from ..checkpoint import Checkpoint
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.from_directory(checkpoint)
@@ -51,15 +54,16 @@ def export_onnx(checkpoint, *, sample=None, fold_preprocessor: bool = True, opse
         base = os.path.basename(ckpt.path.rstrip("/")) or "model"
         path = storage.default().url(f"exports/{base}-onnx-{uuid.uuid4().hex[:8]}")
     task = fabric.fn(cpus=cpus, retries=0)(_export)
-    return task.remote(ckpt, sample, fold_preprocessor, opset, rtol, atol, path).result()
+    overrides = {k: v for k, v in (("feature_columns", feature_columns), ("label_column", label_column)) if v}
+    return task.remote(ckpt, sample, fold_preprocessor, opset, rtol, atol, path, overrides).result()
 
 
-def _export(ckpt, sample, fold_preprocessor, opset, rtol, atol, dest):
+def _export(ckpt, sample, fold_preprocessor, opset, rtol, atol, dest, overrides=None):
     """On the cluster: convert, fold, check parity, write the new checkpoint to ``dest``."""
     from ..checkpoint import Checkpoint, upload_dir
 
     with ckpt.as_directory() as src:
-        meta = read_meta(src)
+        meta = {**read_meta(src), **(overrides or {})}
         framework = meta.get("framework")
         if framework not in FRAMEWORKS:
             files = sorted(os.listdir(src))[:10]
