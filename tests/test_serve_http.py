@@ -311,6 +311,26 @@ def test_onnx_checkpoint_checked(tmp_path):
         serve.onnx(str(tmp_path), name="x")
 
 
+@serve.deployment(cpus=0.1)
+class BrokenInit:
+    def __init__(self):
+        raise RuntimeError("cannot load the model")
+
+    def __call__(self, body):
+        return body
+
+
+def test_replica_init_failure_is_reported_and_gateway_keeps_serving(gw):
+    with pytest.raises(RuntimeError, match="did not start: replica failed to start: RuntimeError: cannot load the model"):
+        serve.run(BrokenInit.bind(), name="broken", route_prefix="/broken", timeout=60)
+    st = serve.status()["deployments"]["broken"]
+    assert st["status"] == "UNHEALTHY" and "cannot load the model" in st["last_error"]
+    r = gw["c"].post("/broken", json={})
+    assert r.status_code == 503 and "cannot load the model" in r.json()["error"]
+    serve.delete("broken")
+    serving_afterwards(gw["c"])
+
+
 def test_status_and_delete(gw):
     c = gw["c"]
     st = serve.status()

@@ -103,6 +103,9 @@ class Runtime:
     def submit(self, payload):
         """An asyncio Future of ``(status, body)``, or None when the queue is full (503)."""
         fut = self.loop.create_future()
+        if self.failures and not self.dispatcher.slots:  # its replicas fail to start: say why now
+            fut.set_result((503, err(f"{self.name} has no running replica: {self.last_error}")))
+            return fut
         r = Req(payload, fut, time.perf_counter())
         if not self.dispatcher.submit(r, time.monotonic()):
             return None
@@ -216,10 +219,12 @@ class Runtime:
         self._gauge()
         self.pump()
 
-    def _stop_replica(self, rid):
+    def _stop_replica(self, rid, graceful=False):
+        """Stop a replica now (it is idle), or, ``graceful``, once its calls are done: dropping
+        the gateway's handle, its only owner, lets fabric stop it after them."""
         rep = self.replicas.pop(rid, None)
         self.dispatcher.remove_replica(rid)
-        if rep is not None:
+        if rep is not None and not graceful:
             try:
                 fabric.kill(rep.handle)
             except Exception:  # noqa: BLE001 - already gone
@@ -275,8 +280,8 @@ class Runtime:
 
     def close(self):
         self.closed = True
-        for rid in list(self.replicas):
-            self._stop_replica(rid)
+        for rid in list(self.replicas):  # requests in flight finish; the replicas stop after them
+            self._stop_replica(rid, graceful=True)
         while self.dispatcher.queue:
             self._answer(self.dispatcher.queue.popleft()[1], (503, err(f"deployment {self.name} was deleted")))
         self.metrics.forget(self.name)

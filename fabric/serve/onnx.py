@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 _ORT_TYPES = {"tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
               "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
               "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
@@ -107,6 +105,8 @@ class OnnxModel:
 
     def infer_batch(self, items: list) -> list:
         """``(200, {output: array})`` or ``(500, message)`` per request, in order."""
+        import numpy as np
+
         if len(items) > 1 and self.batchable:
             try:
                 sizes = [len(it[self.inputs[0]]) for it in items]
