@@ -4,7 +4,8 @@ The workload of ``bench_data`` in ../shared/bench/ray_ml.py: 10M rows x 20 float
 100 blocks, materialized first; then the timed pass ``map_batches(work, batch_format="pandas",
 batch_size=rows_per_block).count()`` where ``work`` adds the row sum as a column. fabric's side
 runs here, then ``ray_ml.py data`` runs in the peers' venv; the rows/s ratio is printed (target:
-at least 3x Ray), with the driver's RSS before, at its peak during, and after the pass (it must
+at least 3x Ray; Ray's call, like fabric's first row, gives the function writable copies, and
+a second row shows ``zero_copy_batch=True``), with the driver's RSS before, at its peak during, and after the pass (it must
 stay flat: blocks never pass through the driver).
 
     .venv/bin/python loadtests/bench_ml_data.py                # full size, with Ray
@@ -74,14 +75,15 @@ def run_fabric(rows, blocks, cpus, repeat):
     ds = ds.materialize()
     ds.map_batches(work, batch_format="pandas", batch_size=per).limit(1).count()  # warm the workers' code
     out = []
-    for kind in ("count", "materialize"):
+    for kind in ("count", "count.zero_copy_batch", "materialize"):
         times = []
         rss0 = rss_mib()
         with PeakRSS() as peak:
             for _ in range(repeat):
                 t = time.perf_counter()
-                pipe = ds.map_batches(work, batch_format="pandas", batch_size=per)
-                if kind == "count":
+                pipe = ds.map_batches(work, batch_format="pandas", batch_size=per,
+                                      zero_copy_batch=kind.endswith("zero_copy_batch"))
+                if kind.startswith("count"):
                     n = pipe.count()
                 else:
                     m = pipe.materialize()

@@ -91,6 +91,22 @@ def test_map_batches_formats(fmt):
     assert t["y"].to_pylist() == [3 * i for i in range(100)]
 
 
+def test_batches_are_writable_copies_unless_zero_copy():
+    def edit(df):
+        df.loc[0, "id"] = -1          # in place, as users do
+        return df
+
+    ds = ml.range(10, override_num_blocks=2).materialize()
+    assert ds.map_batches(edit).to_arrow()["id"].to_pylist()[:6] == [-1, 1, 2, 3, 4, -1]
+    assert ds.map_batches(lambda b: (b["id"].__iadd__(1), b)[1], batch_format="numpy").take(1) == [{"id": 1}]
+    assert ds.take(1) == [{"id": 0}]                    # the input blocks did not change
+    with pytest.raises(ValueError, match="read-only"):
+        ds.map_batches(edit, zero_copy_batch=True).count()
+    shared = ds.map_batches(lambda df: df.assign(s=df["id"] * 2), zero_copy_batch=True).materialize()
+    assert all(b[0][0].result().base is not None for b in shared._blocks)
+    assert shared.to_arrow()["s"].to_pylist() == [2 * i for i in range(10)]
+
+
 def test_batch_size_splits_blocks():
     def sizes(b):
         return {"n": np.full(len(b["id"]), len(b["id"]))}
@@ -255,7 +271,8 @@ def test_materialized_blocks_are_freed():
 def test_unchanged_columns_are_shared_not_copied():
     base = ml.from_numpy({f"c{i}": np.arange(1000, dtype=np.float32) + i for i in range(5)},
                          override_num_blocks=2).map_batches(lambda t: t, batch_format="pyarrow").materialize()
-    plus = base.map_batches(lambda df: df.assign(s=df.sum(axis=1)), batch_format="pandas").materialize()
+    plus = base.map_batches(lambda df: df.assign(s=df.sum(axis=1)), batch_format="pandas",
+                            zero_copy_batch=True).materialize()
     refs = [b[0][0].result() for b in plus._blocks]
     assert all(r.base is not None for r in refs)
     assert sum(r.nbytes for r in refs) < 5 * 1000 * 4 / 3      # only the new column was written

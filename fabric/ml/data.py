@@ -214,13 +214,21 @@ def _to_numpy(t):
     return out
 
 
-def to_batch(t, fmt):
-    """An Arrow table as a batch of ``fmt``: a pandas DataFrame, a dict of numpy arrays, or itself."""
+def to_batch(t, fmt, zero_copy: bool = True):
+    """An Arrow table as a batch of ``fmt``: a pandas DataFrame, a dict of numpy arrays, or itself.
+
+    ``zero_copy``: numpy arrays and DataFrame columns are read-only views of the block (mapped
+    shared memory); else writable copies, as ``map_batches`` gives by default (Ray's
+    ``zero_copy_batch=False``)."""
     if fmt == "pyarrow":
         return t
     if fmt == "numpy":
-        return _to_numpy(t)
-    return t.to_pandas(split_blocks=True)
+        b = _to_numpy(t)
+        if not zero_copy:
+            import numpy as np
+            b = {k: v if v.flags.writeable else np.array(v) for k, v in b.items()}
+        return b
+    return t.to_pandas(split_blocks=True) if zero_copy else t.to_pandas()
 
 
 def from_batch(out, where="map_batches"):
@@ -288,9 +296,10 @@ class _Op:
 
 
 class _MapBatches(_Op):
-    def __init__(self, fn, fmt, batch_size, fn_args, fn_kwargs, is_class, name):
+    def __init__(self, fn, fmt, batch_size, fn_args, fn_kwargs, is_class, name, zero_copy=False):
         self.fn, self.fmt, self.batch_size = fn, fmt, batch_size
         self.fn_args, self.fn_kwargs, self.is_class, self.name = fn_args, fn_kwargs, is_class, name
+        self.zero_copy = zero_copy
 
     def apply(self, t, inst):
         f = inst if self.is_class else self.fn
@@ -299,8 +308,9 @@ class _MapBatches(_Op):
         bs = self.batch_size
         where = f"map_batches({self.name})"
         if bs is None or bs >= t.num_rows:
-            return from_batch(f(to_batch(t, self.fmt), *self.fn_args, **self.fn_kwargs), where)
-        outs = [from_batch(f(to_batch(t.slice(o, bs), self.fmt), *self.fn_args, **self.fn_kwargs), where)
+            return from_batch(f(to_batch(t, self.fmt, self.zero_copy), *self.fn_args, **self.fn_kwargs), where)
+        outs = [from_batch(f(to_batch(t.slice(o, bs), self.fmt, self.zero_copy), *self.fn_args, **self.fn_kwargs),
+                           where)
                 for o in builtins.range(0, t.num_rows, bs)]
         return _pa().concat_tables(outs, promote_options="default")
 
@@ -623,7 +633,9 @@ class Dataset:
 
         ``fn`` may be a class: it runs in ``concurrency`` warm instances (its ``__init__`` once in
         each, with ``fn_constructor_kwargs``) and its ``__call__(batch)`` per batch. ``fn`` returns
-        a pandas DataFrame, a dict of numpy arrays, or a pyarrow Table."""
+        a pandas DataFrame, a dict of numpy arrays, or a pyarrow Table. Batches are writable
+        copies; ``zero_copy_batch=True`` gives read-only views of the block instead (no copy,
+        and unchanged columns are then shared with the output block, not written again)."""
         import inspect
         _check_format(batch_format)
         if not callable(fn):
@@ -646,13 +658,13 @@ class Dataset:
             if not any("__call__" in vars(k) for k in fn.__mro__[:-1]):
                 raise TypeError(f"map_batches: the class {fn.__name__} must define __call__(self, batch)")
             conc = concurrency or max(1, min(len(self._blocks), int(_cluster_cpus() // max(cpus, 1e-9)) or 1))
-            op = _MapBatches(None, batch_format, batch_size, fn_args, fn_kwargs, True, name)
+            op = _MapBatches(None, batch_format, batch_size, fn_args, fn_kwargs, True, name, zero_copy_batch)
             actor = (fn, tuple(fn_constructor_args or ()), dict(fn_constructor_kwargs or {}))
             return self._add_class(op, actor, float(cpus), float(gpus), conc)
         if fn_constructor_kwargs or fn_constructor_args:
             raise TypeError("fn_constructor_args/fn_constructor_kwargs are for a class given to map_batches; "
                             f"{name} is a function (pass its arguments with fn_kwargs)")
-        return self._add(_MapBatches(fn, batch_format, batch_size, fn_args, fn_kwargs, False, name),
+        return self._add(_MapBatches(fn, batch_format, batch_size, fn_args, fn_kwargs, False, name, zero_copy_batch),
                          float(cpus), float(gpus), concurrency)
 
     def map(self, fn, *, cpus: float = 1, gpus: float = 0) -> "Dataset":
