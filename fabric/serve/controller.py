@@ -3,7 +3,6 @@ the calls that carry requests to them. Runs on the gateway's event loop; fabric 
 back on fabric's IO thread and are handed to the loop once per call, not per request."""
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
