@@ -171,14 +171,16 @@ def ray_side(a):
     def objective(config):
         tune.report({"loss": (config["x"] - 2) ** 2})
 
-    t = time.perf_counter()
-    tune.Tuner(objective, param_space={"x": tune.uniform(-10, 10)},
-               tune_config=tune.TuneConfig(metric="loss", mode="min", num_samples=n_opt,
-                                           search_alg=OptunaSearch(seed=0)),
-               run_config=tune.RunConfig(storage_path=os.path.join(a.tmp, "ray"), verbose=0)).fit()
-    emit(peer="ray-tune", workload="tune_optuna", trials=n_opt, wall_s=time.perf_counter() - t)
+    if not a.skip_optuna:
+        t = time.perf_counter()
+        tune.Tuner(objective, param_space={"x": tune.uniform(-10, 10)},
+                   tune_config=tune.TuneConfig(metric="loss", mode="min", num_samples=n_opt,
+                                               search_alg=OptunaSearch(seed=0)),
+                   run_config=tune.RunConfig(storage_path=os.path.join(a.tmp, "ray"), verbose=0)).fit()
+        emit(peer="ray-tune", workload="tune_optuna", trials=n_opt, wall_s=time.perf_counter() - t)
 
     if not a.skip_xgb:
+        import ray.train
         import xgboost as xgb
         from ray.train import ScalingConfig
         from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
@@ -194,12 +196,18 @@ def ray_side(a):
             xgb.train({**XGB_PARAMS, **config, "nthread": 1}, dtrain, num_boost_round=rounds,
                       evals=[(dtrain, "train")], callbacks=[RayTrainReportCallback()])
 
-        trainer = XGBoostTrainer(train_fn, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                                 datasets={"train": ds})
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        def driver(config):  # Ray Train V2 (Ray's default): each trial's driver function runs one Train run
+            XGBoostTrainer(train_fn, train_loop_config=config, datasets={"train": ds},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(storage_path=os.path.join(a.tmp, "ray-train"),
+                                                          callbacks=[TuneReportCallback()])).fit()
+
         t = time.perf_counter()
-        tune.Tuner(trainer, param_space={"train_loop_config": {"max_depth": tune.randint(3, 9),
-                                                               "eta": tune.loguniform(0.01, 0.3)}},
-                   tune_config=tune.TuneConfig(num_samples=a.xgb_trials,
+        tune.Tuner(tune.with_resources(driver, {"cpu": 0}),
+                   param_space={"max_depth": tune.randint(3, 9), "eta": tune.loguniform(0.01, 0.3)},
+                   tune_config=tune.TuneConfig(num_samples=a.xgb_trials, max_concurrent_trials=a.cpus,
                                                scheduler=ASHAScheduler(metric="train-logloss", mode="min",
                                                                        max_t=rounds, grace_period=max(1, rounds // 5))),
                    run_config=tune.RunConfig(storage_path=os.path.join(a.tmp, "ray"), verbose=0)).fit()
@@ -228,6 +236,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the figures")
     ap.add_argument("--skip-ray", action="store_true")
     ap.add_argument("--skip-xgb", action="store_true")
+    ap.add_argument("--skip-optuna", action="store_true", help="Ray's side: without the Optuna row")
     ap.add_argument("--xgb-rows", type=int, default=200_000)
     ap.add_argument("--xgb-rounds", type=int, default=50)
     ap.add_argument("--xgb-trials", type=int, default=16)

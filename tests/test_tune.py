@@ -22,6 +22,8 @@ FABRIC = [sys.executable, "-m", "fabric.cli"]
 
 @pytest.fixture(scope="module", autouse=True)
 def _cluster(cluster):
+    # the sweeps read the cluster's size (max_concurrent_trials): let its executor register first
+    assert wait_for(lambda: fabric.cluster_status()["executors"], timeout=60)
     yield cluster
 
 
@@ -54,34 +56,6 @@ def test_fifo_grid_and_random_sweep(tmp_path):
     assert len(best.metrics_dataframe) == 10
     # the experiment's state is in the store: one record per trial
     assert sorted(os.listdir(tmp_path / "sweep" / "trials")) == sorted(f"{t}.json" for t in df["trial_id"])
-
-
-class _StopAllButX0(SC.TrialScheduler):
-    """Stops every trial but x == 0 at its first report."""
-
-    needs_metric = False
-
-    def on_trial_result(self, trial_id, result):
-        return SC.STOP if result["x"] != 0 else SC.CONTINUE
-
-
-def hang_unless_zero(config):
-    tune.report({"x": config["x"]})
-    if config["x"] != 0:
-        time.sleep(3600)  # never reports again: only cancelling its call ends it
-    tune.report({"x": 0})
-
-
-def test_a_stopped_trial_that_never_reports_again_is_cancelled(tmp_path):
-    grid = tune.Tuner(hang_unless_zero, param_space={"x": tune.grid_search([1, 2, 0, 3])},
-                      tune_config=_tc(scheduler=_StopAllButX0(), stop_grace_s=0.2),
-                      run_config=_rc(tmp_path)).fit()
-    df = grid.get_dataframe().set_index("config/x")
-    assert df.loc[0, "status"] == "TERMINATED" and df.loc[0, "training_iteration"] == 2
-    for x in (1, 2, 3):
-        assert df.loc[x, "status"] == "STOPPED" and df.loc[x, "training_iteration"] == 1
-    # the cancelled calls' CPUs are free again
-    assert wait_for(lambda: sum(e["free_cpus"] for e in fabric.cluster_status()["executors"]) == 2, timeout=30)
 
 
 def test_asha_stops_bad_trials_early(tmp_path):
@@ -240,18 +214,6 @@ def test_a_raising_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert df.error.iloc[2] == "ValueError: bad trial 2"
 
 
-def test_time_budget_stops_the_sweep(tmp_path):
-    def forever(config):
-        tune.report({"i": 0})
-        time.sleep(3600)
-
-    grid = tune.Tuner(forever, param_space={"x": tune.uniform(0, 1)},
-                      tune_config=_tc(num_samples=50, time_budget_s=1.0, stop_grace_s=0.1),
-                      run_config=_rc(tmp_path)).fit()
-    df = grid.get_dataframe()
-    assert len(df) < 50 and set(df.status) == {"STOPPED"}
-
-
 # ------------------------------------------------------------------ bad input
 def test_scheduler_needing_a_metric_the_trials_never_report(tmp_path):
     with pytest.raises(tune.MetricNotReported, match="ASHAScheduler needs the metric 'val_loss', but trial .* "
@@ -297,6 +259,15 @@ def test_bad_tuner_input():
         tune.TuneConfig(scheduler="asha")
     with pytest.raises(ValueError, match="unknown resource 'tpus'"):
         tune.with_resources(quad, {"tpus": 1})
+
+
+def test_trials_the_cluster_can_never_run_and_restoring_nothing(tmp_path):
+    with pytest.raises(tune.TuneError, match="no trial can ever run: each needs 1 x cpus=64"):
+        tune.Tuner(tune.with_resources(quad, {"cpus": 64}), param_space={"x": 1}, tune_config=_tc(),
+                   run_config=_rc(tmp_path)).fit()
+    with pytest.raises(FileNotFoundError, match="holds no tune experiment"):
+        tune.Tuner.restore(str(tmp_path / "nothing-here"), quad)
+    assert fabric.fn(lambda: 6).remote().result() == 6
 
 
 def test_get_best_result_unknown_metric_after_a_sweep(tmp_path):
@@ -504,3 +475,45 @@ def test_trainer_param_space_must_name_its_config():
         tune.Tuner(trainer, param_space={"lr": tune.uniform(0, 1)})
     with pytest.raises(tune.SearchSpaceError, match="must be a non-empty dict"):
         tune.Tuner(trainer, param_space={"train_loop_config": {}})
+
+
+# ------------------------------------------------------------------ stopping by cancelling (last: the cancelled
+# calls' workers are replaced, which takes a while on a loaded machine)
+class _StopAllButX0(SC.TrialScheduler):
+    """Stops every trial but x == 0 at its first report."""
+
+    needs_metric = False
+
+    def on_trial_result(self, trial_id, result):
+        return SC.STOP if result["x"] != 0 else SC.CONTINUE
+
+
+def hang_unless_zero(config):
+    tune.report({"x": config["x"]})
+    if config["x"] != 0:
+        time.sleep(3600)  # never reports again: only cancelling its call ends it
+    tune.report({"x": 0})
+
+
+def test_a_stopped_trial_that_never_reports_again_is_cancelled(tmp_path):
+    grid = tune.Tuner(hang_unless_zero, param_space={"x": tune.grid_search([1, 2, 0, 3])},
+                      tune_config=_tc(scheduler=_StopAllButX0(), stop_grace_s=0.2),
+                      run_config=_rc(tmp_path)).fit()
+    df = grid.get_dataframe().set_index("config/x")
+    assert df.loc[0, "status"] == "TERMINATED" and df.loc[0, "training_iteration"] == 2
+    for x in (1, 2, 3):
+        assert df.loc[x, "status"] == "STOPPED" and df.loc[x, "training_iteration"] == 1
+    # the cancelled calls' CPUs are free again
+    assert wait_for(lambda: sum(e["free_cpus"] for e in fabric.cluster_status()["executors"]) == 2, timeout=30)
+
+
+def test_time_budget_stops_the_sweep(tmp_path):
+    def forever(config):
+        tune.report({"i": 0})
+        time.sleep(3600)
+
+    grid = tune.Tuner(forever, param_space={"x": tune.uniform(0, 1)},
+                      tune_config=_tc(num_samples=50, time_budget_s=1.0, stop_grace_s=0.1),
+                      run_config=_rc(tmp_path)).fit()
+    df = grid.get_dataframe()
+    assert len(df) < 50 and set(df.status) == {"STOPPED"}

@@ -41,6 +41,7 @@ from .searchers import FINISHED, BasicVariantGenerator, Searcher
 from .trial import ERROR, FINAL, PENDING, RUNNING, STOPPED, TERMINATED, Trial, TrialError
 
 STATE_FILE = "tuner.pkl"
+EXECUTOR_WAIT_S = 10.0    # how long a sweep waits for a new cluster's first executor to register
 LOST_REPORT_WAIT_S = 30.0  # a finished trial whose last reports have not come by then is closed without them
 
 
@@ -447,12 +448,16 @@ def _json_default(o):
 
 def _possible_concurrency(res: dict, gang: int = 1) -> tuple[int | None, str]:
     """How many trials needing ``res`` (per member, ``gang`` members) the cluster can ever run at once."""
-    try:
-        st = fabric.cluster_status()
-    except Exception:  # noqa: BLE001 - no status: let the broker queue
-        return None, ""
-    exs = st.get("executors", [])
-    if not exs:
+    deadline = time.monotonic() + EXECUTOR_WAIT_S
+    while True:  # a cluster just started may not have its executors registered yet
+        try:
+            exs = fabric.cluster_status().get("executors", [])
+        except Exception:  # noqa: BLE001 - no status: let the broker queue
+            return None, ""
+        if exs or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if not exs:  # e.g. an autoscaled cluster at zero: the broker queues, the autoscaler adds executors
         return None, "no executors yet"
     cpus, gpus = float(res.get("cpus", 1)), float(res.get("gpus", 0))
     slots = 0
