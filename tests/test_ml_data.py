@@ -338,6 +338,13 @@ def test_shards_in_a_gang_that_holds_every_cpu():
     assert sorted(out[0][2] + out[1][2]) == [2 * i for i in range(60)]
 
 
+def test_progress_bar_is_quiet_off_a_terminal(capfd):
+    from fabric.ml import data
+    assert data._Bar("materialize", 100).p is None          # stderr is not a TTY under pytest
+    ml.range(100, override_num_blocks=10).map_batches(lambda t: t, batch_format="pyarrow").materialize()
+    assert "materialize" not in capfd.readouterr().err
+
+
 # --- bad input: clear errors, and the cluster keeps serving -----------------------------------
 def test_errors_are_clear_and_cluster_keeps_serving(tmp_path):
     ds = ml.from_pandas(pd.DataFrame({"a": [1, 2], "b": [3, 4]}))
