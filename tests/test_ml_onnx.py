@@ -19,7 +19,8 @@ from fabric.ml.checkpoint import Checkpoint, save_preprocessor
 from fabric.ml.export import ParityError, UnknownCheckpoint, UnsupportedModel
 from fabric.ml.predictors.onnx import InvalidInput, OnnxPredictor
 
-pytestmark = pytest.mark.usefixtures("cluster")
+# frameworks import slowly (tens of seconds per process on a loaded 2-core machine)
+pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(600)]
 
 ort = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 HAVE_TF = importlib.util.find_spec("tensorflow") is not None

@@ -14,7 +14,8 @@ from fabric.ml import preprocessing as P
 if importlib.util.find_spec("tensorflow") is None:
     pytest.skip("the [tf] extra (tensorflow) is not installed", allow_module_level=True)
 
-pytestmark = pytest.mark.usefixtures("cluster")
+# frameworks import slowly (tens of seconds per process on a loaded 2-core machine)
+pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(600)]
 
 
 def frame(n=256, seed=0):
