@@ -347,3 +347,72 @@ def test_status_and_delete(gw):
     with pytest.raises(RuntimeError, match="already served"):
         serve.run(Echo.bind("t3"), name="other", route_prefix="/echo")
     serving_afterwards(c)
+
+
+@serve.deployment(cpus=0.1, num_replicas=2)
+class Versioned:
+    def __init__(self, tag, fail_enter=False):
+        self.tag, self.fail_enter = tag, fail_enter
+
+    @fabric.enter
+    def load(self):
+        if self.fail_enter:
+            raise RuntimeError(f"the model of {self.tag} is corrupt")
+
+    def __call__(self, body=None):
+        return {"tag": self.tag, "pid": os.getpid()}
+
+
+def _pid_gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:  # a zombie not yet reaped counts as stopped
+        return f.read().split(") ", 1)[1][0] == "Z"
+
+
+def test_rolling_redeploy_under_load_drops_nothing_and_a_failing_enter_keeps_the_old_version(gw):
+    import threading
+
+    serve.run(Versioned.bind("v1"), name="roll", route_prefix="/roll")
+    url = gw["url"]
+    old_pids = set()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for _ in range(20):
+            old_pids.add(c.post("/roll", json={}).json()["pid"])
+    seen, failed, stop = [], [], threading.Event()
+
+    def load():
+        with httpx.Client(base_url=url, timeout=60) as c:
+            while not stop.is_set():
+                r = c.post("/roll", json={})
+                if r.status_code != 200:
+                    failed.append((r.status_code, r.text))
+                else:
+                    seen.append(r.json()["tag"])
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(seen) > 20, timeout=60)
+    serve.run(Versioned.bind("v2"), name="roll", route_prefix="/roll")  # returns once v2 serves
+    switched = len(seen)
+    wait_for(lambda: len(seen) > switched + 30, timeout=60)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert failed == []
+    # requests sent after serve.run returned are all v2's (each thread has at most one in flight)
+    assert "v1" not in seen[switched + len(threads):] and seen[-1] == "v2"
+    assert wait_for(lambda: all(_pid_gone(p) for p in old_pids), timeout=60)  # v1's replicas stopped
+
+    with pytest.raises(RuntimeError, match="did not start, so the old version keeps serving: replica failed to "
+                                           "start: RuntimeError: the model of v3 is corrupt"):
+        serve.run(Versioned.bind("v3", fail_enter=True), name="roll", route_prefix="/roll", timeout=60)
+    r = gw["c"].post("/roll", json={})
+    assert r.status_code == 200 and r.json()["tag"] == "v2"
+    st = serve.status()["deployments"]["roll"]
+    assert st["status"] == "RUNNING" and len(st["running_replicas"]) == 2
+    serve.delete("roll")
+    serving_afterwards(gw["c"])

@@ -113,8 +113,9 @@ def run(app, *, name: str = "default", route_prefix: str | None = "/", host: str
                                   port or int(os.environ.get("FABRIC_SERVE_PORT", DEFAULT_PORT)),
                                   info["embedded"], info.get("log_dir"))
     path = state.save_spec(spec)
-    try:
-        st = gw.call("POST", "/-/deploy", json={"spec_file": path})
+    try:  # a redeploy of ``name`` rolls: the gateway answers once the new version serves (or could not)
+        st = gw.call("POST", "/-/deploy", json={"spec_file": path, "wait": wait, "timeout": timeout},
+                     timeout=timeout + 30)
     finally:
         if os.path.exists(path):
             os.unlink(path)

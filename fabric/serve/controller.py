@@ -96,6 +96,7 @@ class Runtime:
         self.deaths = 0
         self.hold_until = 0.0
         self.closed = False
+        self.successor = None
         self.m_latency, self.m_queue, self.m_compute, self.m_in_flight, self.m_batch = metrics.for_deployment(self.name)
 
     # ------------------------------------------------------------------ requests
@@ -172,14 +173,20 @@ class Runtime:
         self._forget(rid)
         retry = []
         for r in reqs:
-            if self.options["idempotent"] and not r.retried:
+            if self.options["idempotent"] and not r.retried and not (self.closed and self.successor is None):
                 r.retried = True
                 retry.append(r)
             else:
                 self._answer(r, (503, err(f"the replica serving {self.name} died during the request "
                                           f"(not retried: the deployment is not idempotent)")))
         if retry:
-            self.dispatcher.requeue_front(retry, time.monotonic())
+            target = self.successor if self.closed and self.successor is not None else self
+            if target is not self:
+                for _ in retry:
+                    self.m_in_flight.dec()
+                    target.m_in_flight.inc()
+            target.dispatcher.requeue_front(retry, time.monotonic())
+            target.pump()
         self.reconcile()
 
     def _forget(self, rid):
@@ -277,13 +284,33 @@ class Runtime:
         except fabric.WorkerCrashed as e:
             self._died(rid, [], e)
 
-    def close(self):
+    def close(self, successor: "Runtime | None" = None, forget: bool = True):
+        """Stop taking requests. The replicas finish the calls they hold and then stop; queued
+        requests go to ``successor`` (the new version of a rolling redeploy), else answer 503.
+        ``forget=False``: a new version that never served; the serving one keeps the metrics."""
         self.closed = True
+        self.successor = successor
         for rid in list(self.replicas):  # requests in flight finish; the replicas stop after them
             self._stop_replica(rid, graceful=True)
+        now = time.monotonic()
         while self.dispatcher.queue:
-            self._answer(self.dispatcher.queue.popleft()[1], (503, err(f"deployment {self.name} was deleted")))
-        self.metrics.forget(self.name)
+            r = self.dispatcher.queue.popleft()[1]
+            if successor is not None and not successor.closed:
+                self.m_in_flight.dec()
+                successor.m_in_flight.inc()
+                successor.dispatcher.queue.append((now, r))
+            else:
+                self._answer(r, (503, err(f"deployment {self.name} was deleted")))
+        if successor is not None:
+            successor._gauge()  # the same deployment name: its gauges are the successor's now
+            successor.pump()
+        elif forget:
+            self.metrics.forget(self.name)
+
+    def started(self) -> bool:
+        """All the replicas it wants are running (or it wants none: scaled to zero)."""
+        running = sum(1 for r in self.replicas.values() if r.state == RUNNING)
+        return running >= self.target
 
     # ------------------------------------------------------------------ state
     def ready(self) -> bool:

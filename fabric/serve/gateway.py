@@ -55,6 +55,7 @@ class Gateway:
         self.deployments: dict[str, Runtime] = {}
         self.routes: dict[str, Runtime] = {}
         self.models: dict[str, Runtime] = {}
+        self.pending: dict[str, Runtime] = {}   # new versions starting beside the serving ones
         self.loop = None
         self.server = None
         self.started = time.time()
@@ -118,7 +119,7 @@ class Gateway:
         self.publish()
 
     async def on_shutdown(self):
-        for rt in list(self.deployments.values()):
+        for rt in [*self.deployments.values(), *self.pending.values()]:
             rt.close()
         state.remove(self.port)
 
@@ -289,24 +290,80 @@ class Gateway:
         except Exception as e:  # noqa: BLE001
             return _error(400, f"{type(e).__name__}: {e}")
         old = self.deployments.get(name)
+        if old is None:  # a new deployment: its routes answer at once (503 with the reason until it runs)
+            self._switch(None, rt)
+            self.publish()
+            return _json(rt.status())
+        # a redeploy rolls: the new version's replicas start beside the old ones, and only once
+        # they all run do new requests go to them; the old version finishes what it holds and stops
+        prev = self.pending.pop(name, None)
+        if prev is not None:  # a newer redeploy supersedes one still starting
+            prev.close(forget=False)
+        self.pending[name] = rt
+        timeout = float(req.get("timeout", 120.0))
+        task = self.loop.create_task(self._roll(old, rt, timeout))
+        if not req.get("wait", True):
+            return _json({**rt.status(), "status": "UPDATING"})
+        ok, why = await asyncio.shield(task)  # the roll goes on even if the caller hangs up
+        if not ok:
+            return _error(409, why)
+        return _json(rt.status())
+
+    def _switch(self, old, rt):
+        name, prefix = rt.name, rt.route_prefix
         self.deployments[name] = rt
         self.routes = {k: v for k, v in self.routes.items() if v.name != name}
         self.models = {k: v for k, v in self.models.items() if v.name != name}
         if prefix is not None:
             self.routes[prefix] = rt
-        if spec["kind"] == "oip":
+        if rt.kind == "oip":
             self.models[name] = rt
         rt.reconcile()
         if old is not None:
-            old.close()
-        self.publish()
-        return _json(rt.status())
+            old.close(successor=rt)
+
+    def _abandon(self, old, rt):
+        rt.close(forget=False)
+        old._gauge()
+
+    async def _roll(self, old, rt, timeout: float):
+        """Start ``rt``'s replicas, then switch ``old``'s routes to it. (ok, why not)."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.pending.get(rt.name) is not rt or rt.closed:
+                    return False, f"deployment {rt.name!r}: a newer deploy replaced this one while it started"
+                rt.reconcile()
+                if rt.started():
+                    break
+                if rt.failures:
+                    self._abandon(old, rt)
+                    return False, (f"the new version of {rt.name!r} did not start, so the old version keeps "
+                                   f"serving: {rt.last_error}")
+                if time.monotonic() > deadline:
+                    self._abandon(old, rt)
+                    return False, (f"the new version of {rt.name!r} did not start within {timeout:g}s, so the "
+                                   f"old version keeps serving; {rt.last_error or 'its replicas are still starting'}")
+                await asyncio.sleep(0.02)
+            cur = self.deployments.get(rt.name)
+            if cur is None:  # deleted while the new version started
+                rt.close()
+                return False, f"deployment {rt.name!r} was deleted while its new version started"
+            self._switch(cur, rt)
+            self.publish()
+            return True, ""
+        finally:
+            if self.pending.get(rt.name) is rt:
+                del self.pending[rt.name]
 
     async def admin_delete(self, request: Request):
         if not self._admin_ok(request):
             return _error(403, "control routes need the gateway's admin token")
         name = (await request.json()).get("name")
         rt = self.deployments.pop(name, None)
+        starting = self.pending.pop(name, None)
+        if starting is not None:
+            starting.close()
         if rt is None:
             return _error(404, f"no deployment named {name!r}")
         self.routes = {k: v for k, v in self.routes.items() if v is not rt}

@@ -56,6 +56,13 @@ class Replica:
 
     def __init__(self, target, args, kwargs, is_class: bool, debug: bool = False):
         self.obj = target(*args, **kwargs) if is_class else None
+        if self.obj is not None:  # the user's @fabric.enter methods, as a @fabric.cls instance runs them
+            for name in dir(type(self.obj)):
+                attr = getattr(type(self.obj), name, None)
+                if callable(attr) and getattr(attr, "__fabric_enter__", False):
+                    r = getattr(self.obj, name)()
+                    if inspect.isawaitable(r):
+                        asyncio.run(r)
         self.fn = target
         self.debug = debug
         self._loop = None
