@@ -1,6 +1,6 @@
-"""fabric quickstart: runs on an embedded local cluster, no set-up.
+"""fabric pi: the core in one screen, on an embedded local cluster, no set-up.
 
-    python functions/quickstart.py
+    python functions/pi.py
 
 Estimates pi with 64 parallel Monte-Carlo samples (fan-out, progress bar), chains calls whose
 arguments are other calls' Futures (resolved on the cluster), and keeps a stateful counter
