@@ -19,7 +19,7 @@ from ._deps import MissingDependency
 _NAMES = {
     # data
     "Dataset": "data", "read_parquet": "data", "read_csv": "data", "from_pandas": "data",
-    "from_numpy": "data", "from_arrow": "data", "from_items": "data", "range": "data",
+    "from_numpy": "data", "from_arrow": "data", "from_items": "data", "range": "data", "DataContext": "data",
     # configs and results
     "ScalingConfig": "config", "RunConfig": "config", "CheckpointConfig": "config",
     "FailureConfig": "config", "Result": "result", "Checkpoint": "checkpoint",

@@ -1,0 +1,79 @@
+"""The import layering holds: read from the source, so a new import that breaks it fails here.
+
+- the broker routes on headers and never unpickles: it imports neither serde nor pickle;
+- the core (everything but ml, serve, apps and the command line) never imports fabric.ml,
+  fabric.serve or fabric.apps;
+- fabric.ml, fabric.serve and fabric.apps sit on the public core API and fabric.storage: they do
+  not import the broker, the executor or the wire format.
+"""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fabric")
+UPPER = ("fabric.ml", "fabric.serve", "fabric.apps")
+# the front doors may reach the upper layers (lazily): the CLI's commands, fabric.App/lookup
+FRONT = {"fabric.cli", "fabric"}
+
+
+def _modules():
+    for d, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(d, f)
+                rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
+                yield rel[:-9] if rel.endswith(".__init__") else rel, path
+
+
+def _imports(name, path):
+    """Every module ``name`` imports, absolute, wherever the import statement is (lazy ones too)."""
+    tree = ast.parse(open(path).read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, node.lineno
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            yield mod, node.lineno
+            for a in node.names:  # `from . import serde` imports the module fabric.serde
+                yield f"{mod}.{a.name}", node.lineno
+
+
+def _violations(where, forbidden):
+    out = []
+    for name, path in _modules():
+        if not where(name):
+            continue
+        for mod, line in _imports(name, path):
+            if any(mod == f or mod.startswith(f + ".") for f in forbidden):
+                out.append(f"{name} (line {line}) imports {mod}")
+    return out
+
+
+def test_the_broker_never_unpickles():
+    assert _violations(lambda n: n.startswith("fabric.broker"), ["fabric.serde", "pickle", "cloudpickle"]) == []
+
+
+def test_the_core_never_imports_the_upper_layers():
+    core = lambda n: not n.startswith(UPPER) and n not in FRONT  # noqa: E731
+    assert _violations(core, list(UPPER)) == []
+
+
+@pytest.mark.parametrize("layer", UPPER)
+def test_upper_layers_use_only_the_public_core(layer):
+    internals = ["fabric.broker", "fabric.executor", "fabric.protocol", "fabric.client"]
+    assert _violations(lambda n: n.startswith(layer), internals) == []
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """The check itself can fail: a lazy import inside a function is found."""
+    p = tmp_path / "m.py"
+    p.write_text("def f():\n    from ..broker import core\n")
+    assert ("fabric.broker.core", 2) in set(_imports("fabric.ml.m", str(p)))
