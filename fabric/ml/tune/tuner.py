@@ -327,7 +327,9 @@ class Tuner:
         or ``restart_errored`` (from scratch)."""
         state, trials = _load_state(path, storage_options)
         tc, rc = state["tune_config"], state["run_config"]
-        rc.storage_path, rc.name = state["root"], state["name"]
+        # where it is now (it may have been moved or copied since), not where it was written
+        root, _, name = path.rstrip("/").rpartition("/")
+        rc.storage_path, rc.name = root or ".", name
         if storage_options is not None:
             rc.storage_options = storage_options
         t = cls(trainable, param_space=param_space or state["param_space"], tune_config=tc, run_config=rc,
