@@ -264,8 +264,13 @@ class XGBoostTrainer(DataParallelTrainer):
         self._comm = collective.CommunicatorContext(dmlc_communicator="rabit", dmlc_tracker_uri=host,
                                                     dmlc_tracker_port=port, dmlc_task_id=str(ctx.rank),
                                                     dmlc_timeout=600)
-        with xgb.config_context(verbosity=0):  # not "Task 1 got rank 1" on every driver's terminal
+        import contextlib
+        import io
+
+        # xgboost prints "Task 1 got rank 1" through Python's print, whatever its verbosity: not to the driver
+        with contextlib.redirect_stdout(io.StringIO()):
             self._comm.__enter__()
+        del xgb
 
     def _teardown_worker(self) -> None:
         comm, self._comm = self._comm, None
