@@ -76,7 +76,9 @@ resource "aws_autoscaling_group" "executor" {
   vpc_zone_identifier = local.subnet_ids
 
   # the autoscaler chooses which instance goes: the group never scales a busy one in
-  protect_from_scale_in     = true
+  protect_from_scale_in = true
+  # teardown must not wait for protected instances to scale in: destroy terminates them
+  force_delete              = true
   health_check_type         = "EC2"
   wait_for_capacity_timeout = "0"
 

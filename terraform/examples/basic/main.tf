@@ -52,3 +52,13 @@ output "next_steps" {
   description = "Commands to run on your laptop."
   value       = module.fabric.next_steps
 }
+
+output "broker_instance_id" {
+  description = "The broker's instance, for Session Manager port forwarding."
+  value       = module.fabric.broker_instance_id
+}
+
+output "store_url" {
+  description = "FABRIC_STORE for drivers."
+  value       = module.fabric.store_url
+}
