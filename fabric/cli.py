@@ -166,6 +166,9 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     if serve_port:  # the gateway stops with the broker (fabric.serve watches its pid)
         cluster.procs.append(cluster._spawn("fabric.serve", ["--address", address, "--port", str(serve_port),
                                                              "--broker-pid", str(cluster.procs[0].pid)]))
+        # and the apps reconciler: it brings the deployed apps' deployments back after a restart
+        cluster.procs.append(cluster._spawn("fabric.apps.reconciler", ["--address", address,
+                                                                       "--broker-pid", str(cluster.procs[0].pid)]))
     with config.private_open(config.state_file(), "w") as f:
         json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
                    "log_dir": cluster.log_dir, "keys": keys}, f)
@@ -699,6 +702,18 @@ def app_stop(name, address):
     except AppError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"stopped app {name} (version {v}); `fabric app rollback {name} {v}` brings it back")
+
+
+@app.command("reconcile")
+@click.option("--address", help="broker address")
+def app_reconcile(address):
+    """Deploy again the running apps' deployments the serve gateway lacks (what the reconciler
+    of `fabric start --serve` does every few seconds)."""
+    from .apps.reconciler import reconcile_once
+
+    _connect_for_apps(address)
+    done = reconcile_once(_registry(), log=lambda m: click.echo(m, err=True))
+    click.echo(f"deployed again: {', '.join(done)}" if done else "every running app's deployments are served")
 
 
 @main.command()

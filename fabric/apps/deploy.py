@@ -96,7 +96,8 @@ def deploy(path: str, *, name: str | None = None, check: bool = True, log=print)
     if cur is not None and not cur.get("stopped"):
         old = reg.manifest(app.name, cur["version"])
         if old.get("digest") == digest(man):
-            _apply_deployments(app, log)  # routes back in line (a restarted gateway), same version
+            # routes back in line (a restarted gateway), same version; running ones are left alone
+            _apply_deployments(app, log, only=missing_deployments(app.name, app.deployments))
             return {"app": app.name, "version": cur["version"], "changed": False,
                     "endpoints": _endpoints(app), "seconds": time.monotonic() - t0}
     if check:
@@ -109,6 +110,8 @@ def deploy(path: str, *, name: str | None = None, check: bool = True, log=print)
     _apply_deployments(app, log)
     reg.put_bundle(h, data)
     v = reg.add_version(man)
+    if cur is not None:
+        _drop_removed(app.name, reg.manifest(app.name, cur["version"]), app.deployments)
     return {"app": app.name, "version": v, "changed": True, "endpoints": _endpoints(app),
             "seconds": time.monotonic() - t0}
 
@@ -122,17 +125,55 @@ def _endpoints(app: App) -> dict:
     return {n: url + d["route_prefix"] for n, d in app.deployments.items()}
 
 
-def _apply_deployments(app: App, log) -> None:
+def _apply_deployments(app: App, log, only=None) -> None:
+    """serve.run each deployment as ``{app}.{name}``: a running one rolls to the new version (its
+    replicas start first; a failure leaves the old one serving). If one fails, the ones this call
+    created are deleted again, so a failed deploy leaves the gateway as it was."""
     if not app.deployments:
         return
     from fabric import serve
 
+    have = set(serve.status().get("deployments", {}))
+    created = []
     for n, d in app.deployments.items():
+        if only is not None and n not in only:
+            continue
+        full = f"{app.name}.{n}"
         try:
-            serve.run(d["application"], name=f"{app.name}.{n}", route_prefix=d["route_prefix"])
+            serve.run(d["application"], name=full, route_prefix=d["route_prefix"])
+            if full not in have:
+                created.append(full)
         except Exception as e:  # noqa: BLE001 - a replica that cannot start: say which, keep the old
+            for c in created + ([full] if full not in have else []):
+                _delete_quietly(c)
             raise AppError(f"deployment {n!r} of app {app.name!r} did not start, so the app was not switched to "
                            f"the new version: {e}") from e
+
+
+def missing_deployments(name: str, deps) -> list[str]:
+    """Those of ``deps`` that the cluster's gateway does not serve (all of them if none runs)."""
+    if not deps:
+        return []
+    from fabric import serve
+
+    have = serve.status().get("deployments", {})
+    return [n for n in deps if f"{name}.{n}" not in have]
+
+
+def _delete_quietly(full: str) -> None:
+    from fabric import serve
+
+    try:
+        serve.delete(full)
+    except Exception:  # noqa: BLE001 - the gateway already forgot it
+        pass
+
+
+def _drop_removed(name: str, old_man: dict | None, new_deps) -> None:
+    """Deployments of the previous version that the new one no longer has."""
+    for n in (old_man or {}).get("deployments", {}):
+        if n not in new_deps:
+            _delete_quietly(f"{name}.{n}")
 
 
 def stop(name: str) -> int:
@@ -141,15 +182,9 @@ def stop(name: str) -> int:
     if cur is None:
         raise AppError(f"no app named {name!r} is deployed (apps: {', '.join(reg.names()) or 'none'})")
     man = reg.manifest(name, cur["version"])
-    if man.get("deployments"):
-        from fabric import serve
-
-        for n in man["deployments"]:
-            try:
-                serve.delete(f"{name}.{n}")
-            except Exception:  # noqa: BLE001 - the gateway already forgot it
-                pass
-    reg.set_current(name, cur["version"], stopped=True)
+    reg.set_current(name, cur["version"], stopped=True)  # first: the reconciler must not bring them back
+    for n in man.get("deployments") or {}:
+        _delete_quietly(f"{name}.{n}")
     return cur["version"]
 
 
@@ -171,7 +206,9 @@ def rollback(name: str, version: int | None = None, log=print) -> int:
         _apply_deployments(app, log)
     man = {k: target[k] for k in ("app", "entry", "bundle", "source", "functions", "classes", "deployments")}
     man["rollback_of"] = int(version)
-    return reg.add_version(man)
+    v = reg.add_version(man)
+    _drop_removed(name, reg.manifest(name, cur["version"]), target.get("deployments") or {})
+    return v
 
 
 def _app_from_manifest(reg: Registry, man: dict) -> App:

@@ -61,6 +61,8 @@ def _start_gateway(address: str, host: str, port: int, embedded: bool, log_dir: 
     args = [sys.executable, "-m", "fabric.serve", "--host", host, "--port", str(port)]
     if embedded:
         args += ["--parent-pid", str(os.getpid())]
+    else:  # started on demand for a `fabric start` cluster: it stops with that cluster's broker
+        args += _broker_watch(address)
     log_dir = log_dir or config.new_log_dir("serve")
     out = config.private_open(os.path.join(log_dir, f"gateway-{port}.log"), "ab")
     proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -76,6 +78,19 @@ def _start_gateway(address: str, host: str, port: int, embedded: bool, log_dir: 
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"the serve gateway did not start within 60s; see {log_dir}/gateway-{port}.log")
+
+
+def _broker_watch(address: str) -> list[str]:
+    import json
+
+    from .. import config
+
+    try:
+        with open(config.state_file()) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return ["--broker-pid", str(rec["broker_pid"])] if rec.get("address") == address and rec.get("broker_pid") else []
 
 
 def _gateway(required=True) -> _Gateway | None:
