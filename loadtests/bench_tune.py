@@ -205,9 +205,11 @@ def ray_side(a):
                                                           callbacks=[TuneReportCallback()])).fit()
 
         t = time.perf_counter()
-        tune.Tuner(tune.with_resources(driver, {"cpu": 0}),
+        tune.Tuner(tune.with_resources(driver, {"cpu": 0.01}),  # the driver function itself needs ~no CPU
                    param_space={"max_depth": tune.randint(3, 9), "eta": tune.loguniform(0.01, 0.3)},
-                   tune_config=tune.TuneConfig(num_samples=a.xgb_trials, max_concurrent_trials=a.cpus,
+                   # one CPU left for Ray Data's ingest and Train's controller: with a trial per CPU the
+                   # worker groups wait for resources and time out (seen on 2 CPUs)
+                   tune_config=tune.TuneConfig(num_samples=a.xgb_trials, max_concurrent_trials=max(1, a.cpus - 1),
                                                scheduler=ASHAScheduler(metric="train-logloss", mode="min",
                                                                        max_t=rounds, grace_period=max(1, rounds // 5))),
                    run_config=tune.RunConfig(storage_path=os.path.join(a.tmp, "ray"), verbose=0)).fit()
