@@ -210,6 +210,9 @@ def test_torch_two_workers_ddp_shards_and_checkpoints(cluster, tmp_path):
     assert [os.path.basename(c.path) for c, _ in result.best_checkpoints] == [
         "checkpoint_000000", "checkpoint_000001", "checkpoint_000002"]
     assert result.checkpoint.get_metadata()["framework"] == "torch"
+    for d in (tmp_path / "runs", tmp_path / "runs" / "torch", result.checkpoint.path):
+        assert os.stat(d).st_mode & 0o077 == 0, d  # owner-only
+    assert os.stat(tmp_path / "runs" / "torch" / "fabric_run.json").st_mode & 0o077 == 0
     pred = ml.TorchPredictor.from_checkpoint(result.checkpoint).predict(df)
     assert ((pred["predictions"] > 0) == df["y"]).mean() > 0.85
 

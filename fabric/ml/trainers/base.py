@@ -107,7 +107,7 @@ def _write_record(run_dir: str, opts, record: dict) -> None:
     root = root.rstrip("/")
     data = json.dumps(record, default=str).encode()
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        ck.private_makedirs(root)
         tmp = os.path.join(root, f".{RECORD}.{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -594,7 +594,12 @@ class _Run:
                            "storage_path": self.storage_path, "name": self.name, "config": t._config(),
                            "preprocessor": pre, "trial_name": self.name, "trial_id": run_id}
                 futs = gang.run(_run_member, shipped, payload)
-                self._watch(futs, hub, key, live)
+                try:
+                    self._watch(futs, hub, key, live)
+                except BaseException:  # Ctrl-C, a failing on_report...: the members must not run on
+                    if not all(f.done() for f in futs):
+                        futs[0].cancel()  # cancelling one member cancels the gang
+                    raise
                 died = self._outcome(futs)
                 if died is None:
                     return
