@@ -880,13 +880,16 @@ class _Sweep:
     def _handle(self, ev):
         kind = ev[0]
         if kind == "r":
-            for key, item in ev[1]:
+            first = None
+            for key, item in ev[1]:  # all of them, even after an error: each counts towards its run's end
                 run = self.runs.get(key)
                 if run is not None:
                     err = self._on_report(run, item)
-                    if err is not None:
-                        return err
+                    if err is not None and first is None:
+                        first = err
+                        self.aborting = True
                     self._maybe_finish(run)
+            return first
         elif kind == "d":
             run = self.runs.get(ev[1])
             if run is not None and not run.done:
