@@ -171,12 +171,16 @@ def test_instance_with_a_failed_argument_never_starts(cluster):
     def bad():
         raise KeyError("no config")
 
+    before = fabric.cluster_status()["instances"]  # (earlier tests' instances may still be ending)
     c = Counter.remote(bad.remote())
     with pytest.raises(KeyError, match="no config"):
         c.ready().result(timeout=30)
     with pytest.raises(KeyError, match="no config"):
         c.inc.remote().result(timeout=30)
-    assert wait_for(lambda: fabric.cluster_status()["instances"] == 0, timeout=15)
+    # it never started: no instance more than before (a count local to this test, not "0",
+    # which held only when run alone or last; the bound is generous, only a leak reaches it)
+    assert fabric.cluster_status()["instances"] <= before
+    assert wait_for(lambda: fabric.cluster_status()["instances"] <= before, timeout=60)
 
 
 def test_kill_fails_pending_calls_and_frees_resources(cluster):
