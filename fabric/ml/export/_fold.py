@@ -176,7 +176,7 @@ def frame_to_matrix(df, columns) -> np.ndarray:
     for c in columns:
         v = df[c].to_numpy()
         if v.dtype == object and len(v) and isinstance(v[0], (list, tuple, np.ndarray)):
-            parts.append(np.stack([np.asarray(r, dtype=np.float64) for r in v]))
+            parts.append(np.stack(v).astype(np.float64, copy=False))  # one copy, not one per row
         else:
             parts.append(np.asarray(v, dtype=np.float64).reshape(len(v), -1))
     return np.concatenate(parts, axis=1).astype(np.float32)
