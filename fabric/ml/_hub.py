@@ -54,17 +54,30 @@ class _HubActor:
                 self.cond.notify_all()
             return key in self.stopped
 
-    def poll(self, timeout: float) -> list:
+    def poll(self, timeout: float, prefix: str = "") -> list:
+        """Items whose key starts with ``prefix`` (all: ""), in order; others stay for their pollers."""
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self.cond:
             kicks = self.kicks
-            while not self.items and self.kicks == kicks:
+            while True:
+                if prefix:
+                    out = [it for it in self.items if it[0].startswith(prefix)]
+                    if out:
+                        self.items = [it for it in self.items if not it[0].startswith(prefix)]
+                        return out
+                elif self.items:
+                    out, self.items = self.items, []
+                    return out
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self.kicks != kicks:
                     return []
                 self.cond.wait(left)
-            out, self.items = self.items, []
-            return out
+
+    def forget(self, prefix: str) -> None:
+        """Drop what is kept for keys under ``prefix`` (a run that ended): stop flags, items."""
+        with self.cond:
+            self.stopped = {k for k in self.stopped if not k.startswith(prefix)}
+            self.items = [it for it in self.items if not it[0].startswith(prefix)]
 
     def kick(self) -> None:
         """Make the polls waiting now return at once (with what there is)."""
@@ -76,6 +89,9 @@ class _HubActor:
         with self.cond:
             self.stopped.add(key)
             self.cond.notify_all()
+
+    def ping(self) -> bool:
+        return True
 
     def is_stopped(self, key: str) -> bool:
         with self.cond:
@@ -189,11 +205,30 @@ class Sink:
 
 
 class Hub:
-    """The driver's end: starts the instance; ``poll`` what workers pushed, ``stop`` a key."""
+    """The driver's end: starts the instance; ``poll`` what workers pushed, ``stop`` a key.
+    ``Hub.shared()`` is one hub per driver process and cluster connection, for runs that poll by
+    key prefix (the trainers): a fit() then starts no instance of its own."""
+
+    _shared: "Hub | None" = None
+    _shared_lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> "Hub":
+        with cls._shared_lock:
+            hub = cls._shared
+            if hub is not None and hub._pid == os.getpid():
+                try:  # still there? (a fabric.shutdown()/init() or a killed instance makes a new one)
+                    hub._handle.ping.remote().result(10)
+                    return hub
+                except Exception:  # noqa: BLE001
+                    pass
+            hub = cls._shared = cls()
+            return hub
 
     def __init__(self):
         self._handle = _Remote.remote()
         self._closed = False
+        self._pid = os.getpid()
 
     def sink(self) -> Sink:
         return Sink(self._handle)
@@ -201,13 +236,18 @@ class Hub:
     def ready(self, timeout: float | None = None) -> None:
         self._handle.ready().result(timeout)
 
-    def poll(self, timeout: float = 1.0) -> list[tuple[str, dict]]:
-        """What arrived since the last poll, in order; waits up to ``timeout`` s for something."""
-        return self._handle.poll.remote(timeout).result()
+    def poll(self, timeout: float = 1.0, prefix: str = "") -> list[tuple[str, dict]]:
+        """What arrived since the last poll, in order; waits up to ``timeout`` s for something.
+        ``prefix``: only keys that start with it (several runs may share one hub)."""
+        return self._handle.poll.remote(timeout, prefix).result()
 
-    def poll_async(self, timeout: float = 30.0):
+    def poll_async(self, timeout: float = 30.0, prefix: str = ""):
         """``poll`` as a Future, to wait on together with other Futures (``fabric.wait``)."""
-        return self._handle.poll.remote(timeout)
+        return self._handle.poll.remote(timeout, prefix)
+
+    def forget(self, prefix: str) -> None:
+        """Drop the hub's state for keys under ``prefix`` (a finished run)."""
+        self._handle.forget.remote(prefix)
 
     def kick(self) -> None:
         """End the polls waiting now (e.g. a ``poll_async`` no longer needed)."""

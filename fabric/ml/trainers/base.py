@@ -473,6 +473,7 @@ class _Run:
         self.next_index = 0
         self.latest: str | None = None
         self.record: dict = {}
+        self.stopped = False   # on_report asked to stop: later reports are dropped
 
     # -------------------------------------------------------------- storage
     def _save(self, status: str):
@@ -580,7 +581,7 @@ class _Run:
             _by_value(loop)
         from .._hub import Hub
 
-        hub = Hub()
+        hub = Hub.shared()
         sink = hub.sink()
         run_id = uuid.uuid4().hex[:12]
         gang = fabric.gang(sc.num_workers, name=f"{type(t).__name__}:{self.name}", **sc.gang_options())
@@ -617,28 +618,33 @@ class _Run:
                 log.warning("%s: worker rank %s died; restarting %s", self.name, rank, where)
                 attempt += 1
         finally:
-            hub.close()
+            hub.forget(run_id + "/")
 
     def _watch(self, futs, hub, key, live):
         """Handle rank 0's reports until every member is done."""
         pending = list(futs)
-        poll = hub.poll_async(30.0)
+        prefix = key.rpartition("/")[0] + "/"  # this run's keys only: the hub is shared
+        poll = hub.poll_async(30.0, prefix)
         while pending:
             fabric.wait([poll] + pending, num_returns=1)
             if poll.done():
                 items = poll.result()
-                poll = hub.poll_async(30.0)
+                poll = hub.poll_async(30.0, prefix)
                 self._handle(items, hub, key, live)
             pending = [f for f in pending if not f.done()]
         if not poll.done():
             hub.kick()
         self._handle(poll.result(), hub, key, live)  # what came with the end (members flushed first)
-        self._handle(hub.poll(0), hub, key, live)
+        self._handle(hub.poll(0, prefix), hub, key, live)
 
     def _handle(self, items, hub, key, live):
         for k, item in items:
             if k != key:
                 continue  # a late push of an earlier attempt
+            if self.stopped:  # reports made before the members saw the stop: not part of the run
+                if item.get("checkpoint"):
+                    ck.remove(item["checkpoint"], self.opts)
+                continue
             m = dict(item["metrics"])
             m.setdefault("training_iteration", len(self.history) + 1)
             m.setdefault("timestamp", item["timestamp"])
@@ -658,6 +664,7 @@ class _Run:
                 ckpt = Checkpoint(path, self.opts)
             live.update(m)
             if self.on_report is not None and self.on_report(m, ckpt):
+                self.stopped = True
                 hub.stop(key)
 
     def _outcome(self, futs):
