@@ -386,7 +386,11 @@ def test_rolling_redeploy_under_load_drops_nothing_and_a_failing_enter_keeps_the
     def load():
         with httpx.Client(base_url=url, timeout=60) as c:
             while not stop.is_set():
-                r = c.post("/roll", json={})
+                try:
+                    r = c.post("/roll", json={})
+                except httpx.HTTPError as e:
+                    failed.append(repr(e))
+                    continue
                 if r.status_code != 200:
                     failed.append((r.status_code, r.text))
                 else:
@@ -416,3 +420,37 @@ def test_rolling_redeploy_under_load_drops_nothing_and_a_failing_enter_keeps_the
     assert st["status"] == "RUNNING" and len(st["running_replicas"]) == 2
     serve.delete("roll")
     serving_afterwards(gw["c"])
+
+
+@serve.deployment(cpus=0.1, max_ongoing_requests=1, max_queued_requests=4)
+class HeldGate:
+    def __init__(self, tag):
+        self.tag = tag
+
+    def __call__(self, body):
+        import time
+
+        while body.get("file") and not os.path.exists(body["file"]):   # blocks until the test lets it go
+            time.sleep(0.01)
+        return self.tag
+
+
+def test_a_redeploy_hands_queued_requests_to_the_new_version_and_lets_the_old_finish_its_own(gw, tmp_path):
+    serve.run(HeldGate.bind("v1"), name="held", route_prefix="/held")
+    release = str(tmp_path / "go")
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=gw["url"], timeout=60) as c:
+            running = asyncio.ensure_future(c.post("/held", json={"file": release}))
+            await asyncio.sleep(0.3)   # v1's only replica holds it
+            queued = asyncio.ensure_future(c.post("/held", json={}))
+            assert await asyncio.to_thread(wait_for, lambda: serve.status()["deployments"]["held"]
+                                           ["queued_requests"] == 1, 30)
+            await asyncio.to_thread(serve.run, HeldGate.bind("v2"), name="held", route_prefix="/held")
+            q = await queued   # it was waiting for v1: v2 answers it, while v1 still holds the other
+            assert (q.status_code, q.json()) == (200, "v2") and not running.done()
+            open(release, "w").close()
+            r = await running
+            assert (r.status_code, r.json()) == (200, "v1")   # the old version finished what it held
+    asyncio.run(scenario())
+    serve.delete("held")

@@ -102,6 +102,12 @@ class Runtime:
     # ------------------------------------------------------------------ requests
     def submit(self, payload):
         """An asyncio Future of ``(status, body)``, or None when the queue is full (503)."""
+        if self.closed:  # a request routed here just before a redeploy switched: the new version takes it
+            if self.successor is not None:
+                return self.successor.submit(payload)
+            fut = self.loop.create_future()
+            fut.set_result((503, err(f"deployment {self.name} was deleted")))
+            return fut
         fut = self.loop.create_future()
         if self.failures and not self.dispatcher.slots:  # its replicas fail to start: say why now
             fut.set_result((503, err(f"{self.name} has no running replica: {self.last_error}")))
