@@ -690,7 +690,9 @@ def test_hostile_messages_leave_the_broker_serving(fuzz_cluster):
     print(f"broker rss: {rss0 >> 20} MiB before, peak {rss_peak >> 20} MiB, {rss1 >> 20} MiB after; "
           f"stats {st_['stats']} (refused before: {refused0})")
     assert rss1 - rss0 < RSS_BOUND, f"broker RSS grew by {(rss1 - rss0) >> 20} MiB"
-    assert rss_peak - rss0 < RSS_BOUND, f"broker RSS peaked {(rss_peak - rss0) >> 20} MiB above its start"
+    # the peak bound is looser: on a loaded machine messages queue up while the broker waits for
+    # CPU, and pymalloc keeps some arenas; what must not happen is growth without bound (above)
+    assert rss_peak - rss0 < 2 * RSS_BOUND, f"broker RSS peaked {(rss_peak - rss0) >> 20} MiB above its start"
 
 
 # ------------------------------------------------------------------------ what the fuzz found, one reproducer each
