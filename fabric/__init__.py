@@ -11,7 +11,8 @@
 See README.md and docs/ for the whole API.
 """
 from .api import (Future, Gang, GangContext, InstanceHandle, RemoteClass, RemoteFunction, cls, cluster_status, enter,
-                  fn, gang, gang_context, get, init, is_initialized, kill, put, shutdown, wait)
+                  fn, gang, gang_context, get, init, is_initialized, kill, put, shutdown, wait,
+                  nodes, cluster_resources, available_resources, cancel)
 from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GangFailed, GetTimeout,
                      MemoryLimitExceeded, ProtocolError, RemoteError, RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
 
@@ -30,4 +31,5 @@ __all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "w
            "cluster_status", "Future", "RemoteFunction", "RemoteClass", "InstanceHandle", "FabricError",
            "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
            "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError",
-           "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded", "App", "lookup"]
+           "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded", "App", "lookup",
+           "nodes", "cluster_resources", "available_resources", "cancel"]

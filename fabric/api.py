@@ -27,6 +27,7 @@ from .resources import parse_memory
 
 __all__ = ["init", "shutdown", "fn", "cls", "enter", "get", "wait", "put", "kill", "is_initialized",
            "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status", "gang", "Gang",
+           "nodes", "cluster_resources", "available_resources", "cancel",
            "gang_context", "GangContext"]
 
 _lock = threading.RLock()
@@ -160,6 +161,38 @@ def _client() -> Client:
 def cluster_status() -> dict:
     """The broker's view: executors, workers, queues (what ``fabric status`` shows)."""
     return _client().status()
+
+
+def nodes() -> list[dict]:
+    """The cluster's executors (Ray's ``ray.nodes()``): one dict per executor with its
+    ``node_id``, ``host``, ``alive``, ``labels``, ``resources`` (its total ``CPU``, ``GPU``,
+    ``memory`` in bytes) and ``available`` (what no call holds right now), from the broker's STATUS."""
+    out = []
+    for e in _client().status().get("executors", []):
+        out.append({"node_id": e["id"], "host": e["host"], "alive": True, "labels": e.get("labels", {}),
+                    "resources": {"CPU": e["cpus"], "GPU": len(e["gpus"]), "memory": e["memory"]},
+                    "available": {"CPU": e["free_cpus"], "GPU": round(sum(e.get("gpu_free", {}).values()), 6),
+                                  "memory": e["free_memory"]},
+                    "workers": e["workers"], "busy": e["busy"], "instances": e["instances"]})
+    return out
+
+
+def _sum_resources(key):
+    tot = {"CPU": 0.0, "GPU": 0.0, "memory": 0}
+    for n in nodes():
+        for k, v in n[key].items():
+            tot[k] += v
+    return tot
+
+
+def cluster_resources() -> dict:
+    """Total resources of the executors now in the cluster: ``{"CPU": .., "GPU": .., "memory": bytes}``."""
+    return _sum_resources("resources")
+
+
+def available_resources() -> dict:
+    """Resources no call or instance holds right now (a fraction of a GPU counts as such)."""
+    return _sum_resources("available")
 
 
 # ---------------------------------------------------------------------- options
@@ -656,6 +689,26 @@ def put(value) -> Future:
     if isinstance(value, Future):
         raise TypeError("fabric.put() of a Future: pass the Future itself to calls instead")
     return _client().put(value)
+
+
+def cancel(fut, force: bool = False, recursive: bool = True) -> bool:
+    """Cancel a call (Ray's ``ray.cancel``); its Future raises ``fabric.Cancelled``. False if it
+    had finished already.
+
+    A call not started yet is dropped. A running call of a function gets ``fabric.Cancelled``
+    raised inside it (its ``finally`` blocks run; it keeps its worker until it returns), or with
+    ``force=True`` its worker is killed and replaced. ``recursive=True`` also cancels the calls
+    its worker submitted that have not finished (the calls it spawned, and theirs). An instance
+    method call that started runs to its end; use ``fabric.kill`` for the instance."""
+    if not isinstance(fut, Future):
+        raise TypeError(f"fabric.cancel expects a Future from .remote(), got {type(fut).__name__}")
+    for name, v in (("force", force), ("recursive", recursive)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    if fut.done() or fut._client is None or fut.id in fut._client.puts:
+        return False
+    fut._client._send_d([P.C[P.CANCEL], fut.id, bytes([force | recursive << 1])])
+    return True
 
 
 def kill(handle) -> None:

@@ -238,7 +238,8 @@ class Client:
         self.last_check = 0.0
         self.spilled: dict[bytes, list] = {}           # put() id -> store keys of its spilled object
         self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it
-        hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name})
+        hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name,
+                              "worker": os.environ.get("FABRIC_WORKER_ID")})  # a nested driver's worker
         for s in (self.d, self.r):
             security.send_first(s, [P.C[P.HELLO], hello])  # (not sent: refused, poll() says so below)
         for s in (self.d, self.r):

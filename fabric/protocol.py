@@ -31,7 +31,8 @@ SIG = b"FB" + bytes([VERSION])
 # driver -> broker
 HELLO = 1         # [cmd, json]                      register a driver socket (both d and r send it)
 SUBMIT = 2        # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang)]   (code)/(deps)/(gang): see opts
-CANCEL = 3        # [cmd, ids]                       ids: concatenated 16-byte call ids
+CANCEL = 3        # [cmd, ids, (flags)]              ids: concatenated 16-byte call ids; flags: one
+                  # byte, 1 force, 2 recursive (absent: force, not recursive)
 RELEASE = 4       # [cmd, ids]                       the driver holds these results now / dropped them
 PUT = 5           # [cmd+result-hdr, payload, *buffers]   store an object under a driver-made id
 KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
@@ -65,6 +66,8 @@ CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *d
                   # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order
                   # gang: the member's context (json): rank, world_size, local_rank, addresses, ...
 WARM = 71         # [cmd, code-hash, code]           load this code now (a function's min_warm)
+INTERRUPT = 72    # [cmd, call-id]                   (to the worker's log socket) raise fabric.Cancelled
+                  # in the call it runs, if it is that one: fabric.cancel(fut, force=False)
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
 

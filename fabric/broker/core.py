@@ -335,7 +335,7 @@ class Broker(GangScheduling):
             if len(ident) != 9:
                 raise ProtocolError("driver ids are 8 bytes")
             d = self.drivers.setdefault(ident[1:], {"since": time.time()})
-            d.update({k: info[k] for k in ("pid", "host", "name") if k in info})
+            d.update({k: info[k] for k in ("pid", "host", "name", "worker") if k in info})
             d["seen"] = time.monotonic()
         self.send([ident, P.C[P.WELCOME], self.welcome()])
 
@@ -600,21 +600,50 @@ class Broker(GangScheduling):
                 f"memory={mem >> 20}MiB; executors: {have}")
 
     def on_cancel(self, ident, head, f):
+        """CANCEL [ids, (flags)]: flags bit 1 force (kill a running call's worker), bit 2
+        recursive (also cancel the calls its worker submitted, depth first). Without the flags
+        frame: force, not recursive (``Future.cancel()``)."""
+        force, recursive = True, False
+        if len(f) > 1:
+            fl = f[1].bytes
+            if len(fl) != 1 or fl[0] > 3:
+                raise ProtocolError("CANCEL flags must be one byte: 1 = force, 2 = recursive")
+            force, recursive = bool(fl[0] & 1), bool(fl[0] & 2)
         for cid in P.split_ids(f[0].bytes):
             call = self.calls.get(cid)
             if call is None or call.driver[1:] != ident[1:]:
                 continue
-            if call.state == RUNNING:
-                w = call.worker
-                if w.actor is not None:
-                    continue  # an instance call that started runs to its end
-                if next(iter(w.inflight)) != cid:  # prefetched, not started: just drop it
-                    self.finish(call, P.CANCELLED, b"cancelled before it ran")
-                    continue
-                self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced")
-                self.kill_worker(w)
-            else:
-                self.finish(call, P.CANCELLED, b"cancelled before it ran")
+            self.cancel_call(call, force, recursive, {cid})
+
+    def cancel_call(self, call, force, recursive, seen):
+        if call.state != RUNNING:
+            return self.finish(call, P.CANCELLED, b"cancelled before it ran")
+        w = call.worker
+        if w.actor is not None:
+            return  # an instance call that started runs to its end
+        if next(iter(w.inflight)) != call.id:  # prefetched, not started: just drop it
+            return self.finish(call, P.CANCELLED, b"cancelled before it ran")
+        if recursive:
+            self.cancel_children(w, force, seen)
+        if force or call.gang is not None:
+            self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced")
+            self.kill_worker(w)
+        else:  # fabric.Cancelled is raised inside it; it keeps its worker's slot until it returns
+            self.finish(call, P.CANCELLED, b"cancelled while running (fabric.Cancelled was raised inside it)",
+                        keep_slot=True)
+            self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
+
+    def cancel_children(self, w, force, seen):
+        """The calls that worker ``w`` submitted (its nested driver says which worker it is in
+        its HELLO) and that have no outcome yet: the children of the call it runs now."""
+        wid = w.ident.hex()
+        for did, d in list(self.drivers.items()):
+            if d.get("worker") != wid:
+                continue
+            rid = b"r" + did
+            for c in [c for c in self.calls.values() if c.driver == rid and c.id not in seen]:
+                seen.add(c.id)
+                self.cancel_call(c, force, True, seen)
 
     def on_release(self, ident, head, f):
         results, did = self.results, ident[1:]
@@ -801,6 +830,7 @@ class Broker(GangScheduling):
             self.gang_ready(w, what, str(token), info)
         else:
             w.held = what.shape
+            w.pool = not devices  # an extra CPU worker (fractional CPUs) joins the pool
             if what.state == SPAWNING:
                 self.run_on(w, what)
             else:
@@ -993,6 +1023,9 @@ class Broker(GangScheduling):
                     continue
                 w = self.pick_worker(call)
                 if w is None:
+                    if 0 < shape[0] < 1 and self.spawn_extra(call):
+                        q.popleft()  # a fraction of a CPU: one more worker shares the core
+                        continue
                     break
                 q.popleft()
                 self.run_on(w, call)
@@ -1046,6 +1079,24 @@ class Broker(GangScheduling):
                     best = w
             return best
         return None
+
+    def spawn_extra(self, call):
+        """Fractional CPUs: an executor starts one pool worker per whole CPU, so when a call of
+        ``cpus < 1`` fits an executor's free CPUs but no idle worker is there, start one more
+        (it stays, as a pool worker), up to ``cpus / call's cpus`` CPU workers on it."""
+        shape = call.shape
+        for ex in self.executors.values():
+            if not ex.fits(shape):
+                continue
+            n = sum(1 for w in ex.workers.values() if w.actor is None and not w.gpus and w.gang is None)
+            n += sum(1 for sp in self.spawns.values() if sp[0] is ex and isinstance(sp[2], Call))
+            if n >= max(1, int((ex.cpus + 1e-9) / shape[0])):
+                continue
+            self.reserve(ex, shape)
+            call.state = SPAWNING
+            self.spawn(ex, [], call, None)
+            return True
+        return False
 
     def run_on(self, w, call):
         frames = call.frames

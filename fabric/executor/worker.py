@@ -58,6 +58,7 @@ class OutputChannel:
         self.ctx, self.address, self.ident = ctx, address, ident
         self.allowance, self.stamp, self.dropped = LOG_RATE, time.monotonic(), 0
         self.local = threading.local()
+        self.on_interrupt = None
         threading.Thread(target=self._flusher, name="fabric-output", daemon=True).start()
 
     def write(self, text):
@@ -110,7 +111,12 @@ class OutputChannel:
         sock.setsockopt(zmq.LINGER, 500)
         sock.connect(self.address)
         while True:
-            time.sleep(0.1)
+            # the broker sends INTERRUPT here (fabric.cancel(fut, force=False)): the main thread
+            # is busy in the user's call and does not read its own socket until it returns
+            if sock.poll(100):
+                frames = sock.recv_multipart()
+                if frames[0] == P.C[P.INTERRUPT] and len(frames) == 2 and self.on_interrupt is not None:
+                    self.on_interrupt(frames[1])
             self.flush_on(sock, whole_lines=True)  # mid-call: the call's end flushes the rest
 
 
@@ -170,6 +176,10 @@ class Worker:
         self.polled = set()
         self.loop = None            # event loop for async functions and methods
         self.output = OutputChannel(self.ctx, address, P.log_id(executor_id, n))
+        self.current = None         # the id of the plain call running on the main thread
+        self.interrupted = None
+        self.output.on_interrupt = self.interrupt
+        os.environ["FABRIC_WORKER_ID"] = self.ident.hex()  # a nested driver names its worker in HELLO
         sys.stdout = _Tee(sys.stdout, self.output)
         sys.stderr = _Tee(sys.stderr, self.output)
         self.ppid = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0) or os.getppid()
@@ -279,7 +289,11 @@ class Worker:
                 if gang is not None:
                     source = f"{getattr(fn, '__name__', 'fn')}[rank {_gang._enter(gang).rank}] {self.label}"
                 self.output.local.ctx = (cid[:8], source.encode())
-                value = fn(*args, **kwargs)
+                self.current = cid
+                try:
+                    value = fn(*args, **kwargs)
+                finally:
+                    self.current = None
             elif kind == P.ACTOR_CALL:
                 name, args = args[0], args[1:]
                 source = f"{type(self.instance).__name__}.{name} {self.label}"
@@ -305,6 +319,20 @@ class Worker:
         out = [P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
         return out
+
+    def interrupt(self, cid):
+        """(log thread) Cancel the running call ``cid``: SIGUSR1 to the main thread, whose
+        handler raises fabric.Cancelled there (a signal also wakes a sleep or a wait)."""
+        if self.current == cid:
+            self.interrupted = cid
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def _on_sigusr1(self, signum, frame):
+        cid, self.interrupted = self.interrupted, None
+        if cid is not None and cid == self.current:
+            from ..errors import Cancelled
+
+            raise Cancelled("this call was cancelled by fabric.cancel()")
 
     def warm(self, code_hash, code):
         """Load a function's code before its first call (its min_warm), importing its modules."""
@@ -438,6 +466,7 @@ def main(argv=None):
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver's terminal
     w = Worker(a.broker, bytes.fromhex(a.executor_id), a.n, a.kind, a.token, a.credit)
+    signal.signal(signal.SIGUSR1, w._on_sigusr1)
     try:
         w.serve()
     finally:
