@@ -61,6 +61,8 @@ EXEC_SHUTDOWN = 52  # [cmd]
 READY = 60        # [cmd, json]                      {"kind": "pool"|"spawned", "pid", "credit", "token"?, "addr"?}
 DONE = 61         # [cmd+result-hdr, payload, *buffers]
 WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
+DROPPED = 63      # [cmd, call-id, b"d"|b"r"|b"f"]   (from the log socket) the answer to DROP: d dropped
+                  # (it will never run), r running now, f finished (its DONE is sent or on its way)
 # broker -> worker
 CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *dep-blobs]
                   # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order
@@ -68,6 +70,8 @@ CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *d
 WARM = 71         # [cmd, code-hash, code]           load this code now (a function's min_warm)
 INTERRUPT = 72    # [cmd, call-id]                   (to the worker's log socket) raise fabric.Cancelled
                   # in the call it runs, if it is that one: fabric.cancel(fut, force=False)
+DROP = 73         # [cmd, call-id]                   (to the worker's log socket) a cancelled call sent to this
+                  # worker: do not start it if it has not started; answer DROPPED
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
 

@@ -121,6 +121,8 @@ class Broker(GangScheduling):
         self.timeouts: list = []                    # heap of (deadline, seq, call)
         self.to_drivers: dict[bytes, list] = {}     # results made this loop turn, per driver
         self.to_workers: dict[Worker, list] = {}    # calls dispatched this loop turn, per worker
+        # cancelled calls whose worker was sent DROP: id -> (force, recursive, it answered "running")
+        self.dropping: dict[bytes, tuple] = {}
         self._seq = itertools.count()
         self.running = True
         self.refused = 0
@@ -132,7 +134,7 @@ class Broker(GangScheduling):
             P.BYE: self.on_bye, P.STATUS: self.on_status, P.SHUTDOWN: self.on_shutdown,
             P.EXEC_HELLO: self.on_exec_hello, P.HEARTBEAT: self.on_heartbeat,
             P.WORKER_DIED: self.on_worker_died, P.EXEC_BYE: self.on_exec_bye,
-            P.READY: self.on_ready, P.DONE: self.on_done, P.WLOG: self.on_wlog,
+            P.READY: self.on_ready, P.DONE: self.on_done, P.WLOG: self.on_wlog, P.DROPPED: self.on_dropped,
         }
         # which identity prefixes may send which commands
         self._allowed = {
@@ -142,7 +144,7 @@ class Broker(GangScheduling):
             ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
             ord("w"): {P.READY, P.DONE, P.WLOG},
-            ord("l"): {P.WLOG},
+            ord("l"): {P.WLOG, P.DROPPED},
         }
         if journal:
             self.restore(journal)
@@ -619,10 +621,20 @@ class Broker(GangScheduling):
         if call.state != RUNNING:
             return self.finish(call, P.CANCELLED, b"cancelled before it ran")
         w = call.worker
+        if next(iter(w.inflight)) != call.id:
+            # sent to its worker behind another call (prefetched, or queued in an instance's
+            # worker): only the worker knows whether it started it, so it is asked to drop it
+            # and says which; the outcome waits for that answer (on_dropped)
+            if call.id not in self.dropping:
+                self.dropping[call.id] = (force, recursive, False)
+                if not self.send([b"l" + w.ident[1:], P.C[P.DROP], call.id]):
+                    del self.dropping[call.id]  # no output socket: it runs, and its result is its outcome
+            return
         if w.actor is not None:
             return  # an instance call that started runs to its end
-        if next(iter(w.inflight)) != call.id:  # prefetched, not started: just drop it
-            return self.finish(call, P.CANCELLED, b"cancelled before it ran")
+        self.cancel_running(call, w, force, recursive, seen)
+
+    def cancel_running(self, call, w, force, recursive, seen):
         if recursive:
             self.cancel_children(w, force, seen)
         if force or call.gang is not None:
@@ -632,6 +644,31 @@ class Broker(GangScheduling):
             self.finish(call, P.CANCELLED, b"cancelled while running (fabric.Cancelled was raised inside it)",
                         keep_slot=True)
             self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
+
+    def on_dropped(self, ident, head, f):
+        """DROPPED [call id, d|r|f] from a worker's output socket, the answer to DROP: d, it
+        will never start the call: its outcome is Cancelled; r, it runs it: a plain call is
+        cancelled as a running one (now, or once the call ahead of it is DONE here), an instance
+        call runs to its end; f, it finished it: its DONE is on its way and is its outcome."""
+        w = self.workers.get(b"w" + ident[1:])
+        if w is None or len(f) != 2:
+            return
+        cid, answer = f[0].bytes, f[1].bytes
+        how = self.dropping.pop(cid, None)
+        call = self.calls.get(cid)
+        if how is None or call is None or call.worker is not w or call.state != RUNNING:
+            return
+        if answer == b"d":
+            self.finish(call, P.CANCELLED, b"cancelled before it ran")
+            if w.actor is not None:
+                self.pump_actor(w.actor)
+            elif w.inflight and len(w.inflight) < w.credit and not w.doomed:
+                self.partial[w] = None
+        elif answer == b"r" and w.actor is None:
+            if next(iter(w.inflight)) == cid:
+                self.cancel_running(call, w, how[0], how[1], {cid})
+            else:  # the DONE of the call ahead of it is still on its way: on_done cancels it
+                self.dropping[cid] = (how[0], how[1], True)
 
     def cancel_children(self, w, force, seen):
         """The calls that worker ``w`` submitted (its nested driver says which worker it is in
@@ -669,8 +706,11 @@ class Broker(GangScheduling):
         rid = b"r" + did
         for call in [c for c in self.calls.values() if c.driver == rid]:
             w = call.worker
-            if call.state == RUNNING and w.actor is None and next(iter(w.inflight)) == call.id:
-                self.kill_worker(w)  # it is running this call; one only prefetched is just dropped
+            if call.state == RUNNING and w.actor is None:
+                if next(iter(w.inflight)) == call.id:
+                    self.kill_worker(w)  # it is running this call
+                else:  # only prefetched: its worker drops it unless it started it (its DONE is ignored)
+                    self.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.actors.values() if a.driver == rid]:
             self.kill_actor(a, b"its driver left")
@@ -871,6 +911,12 @@ class Broker(GangScheduling):
             self.release_worker(w)
         elif len(w.inflight) < w.credit:
             self.partial[w] = None
+        if self.dropping and w.inflight and w.actor is None:  # the call now first was cancelled while it ran
+            nxt = next(iter(w.inflight.values()))
+            how = self.dropping.get(nxt.id)
+            if how is not None and how[2]:
+                del self.dropping[nxt.id]
+                self.cancel_running(nxt, w, how[0], how[1], {nxt.id})
 
     def on_wlog(self, ident, head, f):
         if b"w" + ident[1:] not in self.workers:
@@ -960,7 +1006,12 @@ class Broker(GangScheduling):
 
     def requeue(self, calls):
         """Put calls taken back from a worker at the front of their queues, in their order, and
-        free their places under their function's max_containers."""
+        free their places under their function's max_containers. A call cancelled while its
+        worker was asked to drop it is not requeued: its outcome is Cancelled."""
+        if self.dropping:
+            for c in [c for c in calls if c.id in self.dropping]:
+                calls.remove(c)
+                self.finish(c, P.CANCELLED, b"cancelled; its worker ended before it said whether the call had started")
         for c in reversed(calls):
             if c.maxc and c.kind == P.TASK:
                 self.uncap(c)
@@ -1356,6 +1407,8 @@ class Broker(GangScheduling):
         if call.maxc and call.state == RUNNING and call.kind == P.TASK:
             self.uncap(call)
         call.state = DONE
+        if self.dropping:
+            self.dropping.pop(call.id, None)
         w = call.worker
         if w is not None and not keep_slot and w.inflight.pop(call.id, None) is not None:
             if w.actor is None and not w.inflight:

@@ -48,6 +48,9 @@ def _die_with_parent():
 
 
 MEMORY_POLL = float(os.environ.get("FABRIC_MEMORY_POLL", 0.02))  # seconds between memory checks
+# ids of the last calls begun, kept to answer DROP ("finished"): more than any worker's credit,
+# so a call whose DONE the broker has not read yet is always among them
+BEGUN_KEEP = max(4096, 2 * int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000)))
 
 class OutputChannel:
     """Collects what user code prints and ships it to the drivers, rate-limited."""
@@ -59,6 +62,7 @@ class OutputChannel:
         self.allowance, self.stamp, self.dropped = LOG_RATE, time.monotonic(), 0
         self.local = threading.local()
         self.on_interrupt = None
+        self.on_drop = None
         threading.Thread(target=self._flusher, name="fabric-output", daemon=True).start()
 
     def write(self, text):
@@ -117,6 +121,8 @@ class OutputChannel:
                 frames = sock.recv_multipart()
                 if frames[0] == P.C[P.INTERRUPT] and len(frames) == 2 and self.on_interrupt is not None:
                     self.on_interrupt(frames[1])
+                elif frames[0] == P.C[P.DROP] and len(frames) == 2 and self.on_drop is not None:
+                    sock.send_multipart([P.C[P.DROPPED], frames[1], self.on_drop(frames[1])])
             self.flush_on(sock, whole_lines=True)  # mid-call: the call's end flushes the rest
 
 
@@ -179,6 +185,14 @@ class Worker:
         self.current = None         # the id of the plain call running on the main thread
         self.interrupted = None
         self.output.on_interrupt = self.interrupt
+        # DROP (a cancelled call sent here, maybe not started): the output thread decides under
+        # `gate`, against the thread that starts calls, whether it runs ("r"), ran ("f") or never will
+        self.gate = threading.Lock()
+        self.active: set[bytes] = set()    # ids of the calls running now, on any thread
+        self.dropped: set[bytes] = set()   # ids this worker must not start
+        self.begun = bytearray(P.ID_LEN * BEGUN_KEEP)  # ring of the ids of the last calls started
+        self.begun_at = 0
+        self.output.on_drop = self.drop
         os.environ["FABRIC_WORKER_ID"] = self.ident.hex()  # a nested driver names its worker in HELLO
         sys.stdout = _Tee(sys.stdout, self.output)
         sys.stderr = _Tee(sys.stderr, self.output)
@@ -241,12 +255,53 @@ class Worker:
             if self.pool is not None:  # a concurrent instance (its ACTOR_NEW may be in this BATCH)
                 self.pool.submit(self.run_threaded, head, f)
                 continue
+            cid = head[:P.ID_LEN]
+            if not self.begin(cid):
+                self.skip(head, f)
+                continue
             if mark is not None:
-                mark[:P.ID_LEN] = head[:P.ID_LEN]  # the call id: what this worker runs now
+                mark[:P.ID_LEN] = cid  # the call id: what this worker runs now
             out = self.run(head, f)
+            self.active.discard(cid)
             if mark is not None:
                 mark[:P.ID_LEN] = _NO_CALL
             P.send(sock, out)
+
+    def begin(self, cid) -> bool:
+        """Start call ``cid``, unless the broker dropped it (DROP) before it started."""
+        with self.gate:
+            if self.dropped and cid in self.dropped:
+                self.dropped.discard(cid)
+                return False
+            self.active.add(cid)
+            i = self.begun_at
+            self.begun[i:i + P.ID_LEN] = cid
+            self.begun_at = (i + P.ID_LEN) % len(self.begun)
+        return True
+
+    def drop(self, cid) -> bytes:
+        """(output thread) DROP ``cid``: b"r" it runs now, b"f" it ran (its DONE is sent or being
+        made), b"d" it has not started and now never will (it is skipped when it comes)."""
+        with self.gate:
+            if cid in self.active:
+                return b"r"
+            b, i = self.begun, self.begun.find(cid)
+            while i >= 0:
+                if i % P.ID_LEN == 0:
+                    return b"f"
+                i = b.find(cid, i + 1)
+            self.dropped.add(cid)
+            return b"d"
+
+    def skip(self, head, frames):
+        """A dropped call: not run and not answered (the broker gave it its outcome), but the code
+        it carries is kept, since the broker sends code to a worker only once."""
+        code_hash, opts = head[P.ID_LEN:2 * P.ID_LEN], head[-1]
+        if opts & P.HAS_CODE:
+            try:
+                self.code[code_hash] = serde.load_code(frames[0].bytes)
+            except Exception as e:  # noqa: BLE001 - its next call reports the failure
+                self.code[code_hash] = _Unloadable(e)
 
     # --------------------------------------------------------------- running one call
     def run(self, head, frames):
@@ -409,7 +464,11 @@ class Worker:
         return s
 
     def run_threaded(self, head, frames):
+        cid = head[:P.ID_LEN]
+        if not self.begin(cid):
+            return self.skip(head, frames)
         out = self.run(head, frames)
+        self.active.discard(cid)
         P.send(self.thread_sock(), out)
 
 
