@@ -1291,9 +1291,9 @@ class Broker(GangScheduling):
         why = self.unschedulable(a.shape)
         if why:
             return self.kill_actor(a, why.encode(), status=P.UNSCHEDULABLE)
-        if call.maxc:  # max_containers of a class: live instances; the next waits for one to end
+        if call.maxc or call.warm:  # a registered class counts its live (and warm) instances
             fn = a.fn = self.fns[call.code_hash]
-            if fn.running >= call.maxc:
+            if call.maxc and fn.running >= call.maxc:  # max_containers: the next waits for one to end
                 fn.capped.append(a)
                 return
             fn.running += 1
@@ -1381,7 +1381,7 @@ class Broker(GangScheduling):
                     ex.give_gpus(sp[1], a.shape[1])
         self.actors.pop(a.id, None)
         fn, a.fn = a.fn, None
-        if fn is not None:  # its class has max_containers
+        if fn is not None:  # its class has max_containers or min_warm
             if a in fn.capped:
                 fn.capped.remove(a)  # it was still waiting for a place
             else:
