@@ -597,8 +597,16 @@ def deploy(file, name, address):
         raise click.ClickException(str(e)) from None
     what = f"version {r['version']}" + ("" if r["changed"] else " (unchanged)")
     click.echo(f"deployed app {r['app']} {what} in {r['seconds']:.1f}s")
+    click.echo(f"  functions:   {', '.join(r['functions']) or '-'}")
+    click.echo(f"  classes:     {', '.join(r['classes']) or '-'}")
     for n, url in r["endpoints"].items():
-        click.echo(f"  {n}: {url}")
+        click.echo(f"  endpoint {n}: {url}")
+    w = r.get("warm") or {}
+    if w.get("containers"):
+        click.echo(f"  warm:        {', '.join(f'{n} {c}' for n, c in w['containers'].items())}"
+                   + ("" if w["ready"] else " (starting)"))
+    if w.get("note"):
+        click.echo(f"  warm:        {w['note']}")
     click.echo(f"  call it from any client of the cluster: fabric.lookup({r['app']!r}, NAME).remote(...)")
 
 

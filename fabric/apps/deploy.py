@@ -98,8 +98,9 @@ def deploy(path: str, *, name: str | None = None, check: bool = True, log=print)
         if old.get("digest") == digest(man):
             # routes back in line (a restarted gateway), same version; running ones are left alone
             _apply_deployments(app, log, only=missing_deployments(app.name, app.deployments))
-            return {"app": app.name, "version": cur["version"], "changed": False,
-                    "endpoints": _endpoints(app), "seconds": time.monotonic() - t0}
+            return {"app": app.name, "version": cur["version"], "changed": False, **app.names(),
+                    "endpoints": _endpoints(app), "warm": wait_warm(reg.store, man | {"version": cur["version"]}),
+                    "seconds": time.monotonic() - t0}
     if check:
         why = _check_on_cluster.remote(data, entry).result()
         if why:
@@ -112,8 +113,38 @@ def deploy(path: str, *, name: str | None = None, check: bool = True, log=print)
     v = reg.add_version(man)
     if cur is not None:
         _drop_removed(app.name, reg.manifest(app.name, cur["version"]), app.deployments)
-    return {"app": app.name, "version": v, "changed": True, "endpoints": _endpoints(app),
-            "seconds": time.monotonic() - t0}
+    return {"app": app.name, "version": v, "changed": True, **app.names(), "endpoints": _endpoints(app),
+            "warm": wait_warm(reg.store, man | {"version": v}), "seconds": time.monotonic() - t0}
+
+
+def wait_warm(store, man: dict, timeout: float = 120.0) -> dict:
+    """Wait (while a reconciler runs) until the version's ``min_warm`` containers are up.
+    ``{}`` without min_warm; else ``{"ready", "containers": {name: "warm/min_warm"}, "note"}``."""
+    from .reconciler import reconciler_running
+    from .warm import read_status, wants_warm
+
+    if not wants_warm(man):
+        return {}
+    if not reconciler_running(store):
+        return {"ready": False, "containers": {}, "note": "no reconciler runs on this cluster (`fabric start "
+                "--serve` starts one, or `python -m fabric.apps.reconciler`), so min_warm containers start with "
+                "the first calls only"}
+    deadline = time.monotonic() + timeout
+    st = None
+    while time.monotonic() < deadline:
+        st = read_status(store, man["app"], man["version"])
+        if st and (st.get("ready") or st.get("errors")):
+            break
+        time.sleep(0.3)
+    st = st or {}
+    out = {"ready": bool(st.get("ready")),
+           "containers": {n: f"{x['warm']}/{x['min_warm']}" for t in ("functions", "classes")
+                          for n, x in (st.get(t) or {}).items()}}
+    if st.get("errors"):
+        out["note"] = "; ".join(f"{n}: {e}" for n, e in st["errors"].items())
+    elif not out["ready"]:
+        out["note"] = f"not all warm after {timeout:g}s; the reconciler keeps starting them"
+    return out
 
 
 def _endpoints(app: App) -> dict:

@@ -90,6 +90,10 @@ class Handle:
             if target is None:
                 raise AppError(f"app {self.app!r} (version {man['version']}) has no function or class named "
                                f"{self.name!r}; it has: {', '.join(sorted([*app.functions, *app.classes])) or 'none'}")
+            if target._options.get("min_warm"):
+                # the app's warm containers are the reconciler's to keep (fabric.apps.warm): a
+                # lookup's calls must not hold an old version's min_warm while this client lives
+                target = target.options(min_warm=0)
             self._target, self._version = target, man["version"]
         return self._target
 
