@@ -26,6 +26,13 @@ def test_typed_tensors_json_roundtrip(dt, data, np_dtype):
     assert headers["content-type"] == "application/json"
 
 
+def test_narrowing_float_casts_keep_what_fits():
+    r = oip.decode_request(body({"name": "x", "datatype": "FP16", "shape": [4],
+                                 "data": [65504.0, -65504, float("inf"), float("nan")]}))
+    a = r.inputs["x"]
+    assert a.dtype == np.float16 and a[:3].tolist() == [65504.0, -65504.0, float("inf")] and np.isnan(a[3])
+
+
 def test_nested_and_flat_data_are_the_same_tensor():
     flat = oip.decode_request(body({"name": "x", "datatype": "FP32", "shape": [2, 3], "data": [1, 2, 3, 4, 5, 6]}))
     nested = oip.decode_request(body({"name": "x", "datatype": "FP32", "shape": [2, 3],
@@ -85,6 +92,8 @@ _H8 = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "parameters"
     (body({"name": "x", "datatype": "INT32", "shape": [1], "data": [1.5]}), None, "whole numbers"),
     (body({"name": "x", "datatype": "UINT8", "shape": [1], "data": [300]}), None, "do not fit UINT8"),
     (body({"name": "x", "datatype": "BOOL", "shape": [1], "data": [1]}), None, "true/false"),
+    (body({"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 1e300]}), None, "overflow FP32"),
+    (body({"name": "x", "datatype": "FP16", "shape": [1], "data": [70000]}), None, "overflow FP16"),
     (body({"name": "x", "datatype": "BYTES", "shape": [1], "data": [1]}), None, "must be strings"),
     (body({"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1, 2], [3]]}), None, "needs 4 elements"),
     (body({"name": "x", "datatype": "FP32", "shape": [1]}), None, "needs 'data'"),

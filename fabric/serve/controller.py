@@ -30,28 +30,6 @@ def _flush():
             c._flush_out()
 
 
-def _stack(payloads):
-    """The batch's inputs as one array each (along the first axis), and each request's rows."""
-    import numpy as np
-
-    first = next(iter(payloads[0]))
-    sizes = [len(p[first]) for p in payloads]
-    return {n: np.concatenate([p[n] for p in payloads]) for n in payloads[0]}, sizes
-
-
-def _unstack(outcome, payloads):
-    """The stacked run's outputs split back, one outcome per request."""
-    import numpy as np
-
-    status, out = outcome
-    if status != 200:
-        return [(status, out)] * len(payloads)
-    first = next(iter(payloads[0]))
-    cuts = np.cumsum([len(p[first]) for p in payloads])[:-1]
-    parts = {k: np.split(v, cuts) for k, v in out.items()}
-    return [(200, {k: parts[k][i] for k in out}) for i in range(len(payloads))]
-
-
 class Req:
     __slots__ = ("payload", "fut", "t0", "tq", "retried")
 
@@ -82,11 +60,10 @@ class Runtime:
         cfg = o["autoscaling_config"]
         self.policy = AutoscalePolicy.from_config(cfg) if cfg else None
         self.target = (cfg.get("initial_replicas", self.policy.min) if cfg else o["num_replicas"])
-        meta = spec.get("meta") or {}
-        self.stackable = self.kind == "oip" and all(
-            m["shape"][:1] == [-1] for m in meta.get("inputs", []) + meta.get("outputs", []))
+        # a model behind OIP gets the requests' raw bodies and answers encoded bodies (the codec
+        # runs in the replica); a JSON route's replica gets the decoded values
         self.method = "batch_call" if self.kind == "oip" else "run_many"
-        self.call_name = "infer_batch" if self.kind == "oip" else "__call__"
+        self.call_name = "infer_http" if self.kind == "oip" else "__call__"
         self.dispatcher = Dispatcher(o["max_ongoing_requests"], o["max_queued_requests"],
                                      max_batch=o["max_ongoing_requests"], pipeline=2)
         self.replicas: dict = {}
@@ -131,10 +108,7 @@ class Runtime:
                 r.tq = t
             self.m_batch.observe(len(reqs))
             try:
-                if self.stackable and len(reqs) > 1:   # one array per input for the whole batch
-                    f = rep.handle.batch_call.remote("infer_stacked", _stack([r.payload for r in reqs]))
-                else:
-                    f = getattr(rep.handle, self.method).remote(self.call_name, [r.payload for r in reqs])
+                f = getattr(rep.handle, self.method).remote(self.call_name, [r.payload for r in reqs])
             except Exception as e:  # noqa: BLE001 - e.g. an argument that cannot be pickled
                 self.dispatcher.done(rid, len(reqs))
                 for r in reqs:
@@ -155,8 +129,6 @@ class Runtime:
         t = time.perf_counter()
         try:
             outs = f.result()
-            if self.stackable and len(reqs) > 1:
-                outs = _unstack(outs, [r.payload for r in reqs])
         except fabric.WorkerCrashed as e:
             self._died(rid, reqs, e)
             self.pump()

@@ -68,8 +68,8 @@ class Gateway:
             Route("/v2/models/{model}/versions/{version}", self.model_meta),
             Route("/v2/models/{model}/ready", self.model_ready),
             Route("/v2/models/{model}/versions/{version}/ready", self.model_ready),
-            Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
-            Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{model}/infer", self._infer_not_post, methods=["POST"]),   # 405 for GET
+            Route("/v2/models/{model}/versions/{version}/infer", self._infer_not_post, methods=["POST"]),
             Route("/-/deploy", self.admin_deploy, methods=["POST"]),
             Route("/-/delete", self.admin_delete, methods=["POST"]),
             Route("/-/status", self.admin_status),
@@ -95,6 +95,12 @@ class Gateway:
             if not path.startswith(("/v2", "/-/", "/metrics")):
                 await self.deployment_route(scope, receive, send)
                 return
+            if path.startswith("/v2/models/") and path.endswith("/infer") and scope["method"] == "POST":
+                # the hot OIP route skips Starlette's routing and request/response objects
+                parts = path[11:-6].split("/")
+                if len(parts) == 1 or len(parts) == 3 and parts[1] == "versions":
+                    await self.infer(scope, receive, send, parts[0], parts[2] if len(parts) == 3 else None)
+                    return
         await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
@@ -150,12 +156,7 @@ class Gateway:
         if rt is None:
             await _error(404, f"no deployment serves {scope['path']}")(scope, receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            msg = await receive()
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
+        body = await _body(receive)
         t0 = time.perf_counter()
         if body:
             try:
@@ -176,20 +177,27 @@ class Gateway:
         await self._finish(rt, t0, status, out, scope, receive, send)
 
     async def _call(self, rt, payload):
+        """``(status, body)``, or ``(status, body, inference header length)`` from a model."""
         fut = rt.submit(payload)
         if fut is None:
             return 503, err(f"{rt.name} is overloaded: {rt.dispatcher.queued} requests queued "
                             f"(max_queued_requests={rt.options['max_queued_requests']}); retry later")
         return await fut
 
-    async def _finish(self, rt, t0, status, body, scope, receive, send):
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    async def _finish(self, rt, t0, status, body, scope, receive, send, header_length=None):
+        if not isinstance(body, bytes):
+            body = err(str(body))
+        headers = [(b"content-type", b"application/octet-stream" if header_length else b"application/json"),
+                   (b"content-length", str(len(body)).encode())]
+        if header_length:
+            headers.append((oip.HEADER_LENGTH.encode(), header_length.encode()))
         if status == 503:
             headers.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        rt.m_latency.observe(time.perf_counter() - t0)
-        self.metrics.count(rt.name, status)
+        if rt is not None:
+            rt.m_latency.observe(time.perf_counter() - t0)
+            self.metrics.count(rt.name, status)
 
     # ------------------------------------------------------------------ Open Inference Protocol
     async def v2_meta(self, request: Request):
@@ -227,39 +235,31 @@ class Gateway:
         ok = rt.ready()
         return _json({"name": rt.name, "ready": ok}, 200 if ok else 503)
 
-    async def infer(self, request: Request):
-        rt, bad = self._model(request)
-        if bad:
-            return bad
+    async def infer(self, scope, receive, send, name, version):
+        """``POST /v2/models/{name}[/versions/{version}]/infer``: the raw body (and its
+        Inference-Header-Content-Length) goes to a replica, which decodes it, runs the model
+        and encodes the answer (a 400 there for a bad tensor); unknown models are 404 here."""
+        rt = self.models.get(name)
+        if rt is None:
+            msg = f"unknown model {name!r}; served models: {', '.join(self.models) or 'none'}"
+        elif version is not None and version != rt.options["version"]:
+            msg = f"model {name!r} has no version {version!r}; it serves version {rt.options['version']}"
+        else:
+            msg = None
+        if msg is not None:
+            await self._finish(None, 0.0, 404, err(msg), scope, receive, send)
+            return
+        body = await _body(receive)
         t0 = time.perf_counter()
-        body = await request.body()
-        try:
-            req = oip.decode_request(body, request.headers.get(oip.HEADER_LENGTH))
-            oip.check_inputs(req.inputs, rt.spec["meta"]["inputs"])
-            if req.outputs is not None:
-                names = {o["name"] for o in rt.spec["meta"]["outputs"]}
-                for n, _ in req.outputs:
-                    if n not in names:
-                        raise oip.OIPError(f"unknown output {n!r}; the model's outputs are {', '.join(sorted(names))}")
-        except oip.OIPError as e:
-            return self._count(rt, t0, _error(400, str(e)))
-        status, out = await self._call(rt, req.inputs)
-        if status != 200:
-            body = out if isinstance(out, bytes) else err(str(out))
-            return self._count(rt, t0, Response(body, status, media_type=JSON,
-                                                headers={"retry-after": "1"} if status == 503 else None))
-        try:
-            data, headers = oip.encode_response(rt.name, rt.options["version"], req.id, out, req.outputs,
-                                                req.binary_output)
-        except oip.OIPError as e:
-            return self._count(rt, t0, _error(500, str(e)))
-        ct = headers.pop("content-type")
-        return self._count(rt, t0, Response(data, 200, headers=headers, media_type=ct))
+        hl = None
+        for k, v in scope["headers"]:
+            if k == b"inference-header-content-length":
+                hl = v.decode("latin-1")
+        out = await self._call(rt, (body, hl))
+        await self._finish(rt, t0, out[0], out[1], scope, receive, send, out[2] if len(out) > 2 else None)
 
-    def _count(self, rt, t0, resp):
-        rt.m_latency.observe(time.perf_counter() - t0)
-        self.metrics.count(rt.name, resp.status_code)
-        return resp
+    async def _infer_not_post(self, request: Request):  # only reached if __call__ did not take it
+        return _error(405, f"{request.method} is not allowed on {request.url.path}; infer takes POST")
 
     async def metrics_route(self, request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -401,6 +401,16 @@ class Gateway:
         if self.server is not None:
             self.server.should_exit = True
         return _json({"stopping": True})
+
+
+async def _body(receive) -> bytes:
+    body = b""
+    more = True
+    while more:
+        msg = await receive()
+        body += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    return body
 
 
 def read_token(token_file: str | None) -> str | None:

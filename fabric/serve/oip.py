@@ -22,6 +22,7 @@ DTYPES = {"BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.
           "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
           "BYTES": np.dtype(object)}
 _BY_NUMPY = {v: k for k, v in DTYPES.items() if k != "BYTES"}
+_FMAX = {d: float(np.finfo(d).max) for d in (DTYPES["FP16"], DTYPES["FP32"], DTYPES["FP64"])}
 
 
 class OIPError(ValueError):
@@ -102,11 +103,15 @@ def _from_json(name, datatype, shape, data):
         lo, hi = int(raw.min()), int(raw.max())
         if lo < info.min or hi > info.max:
             raise OIPError(f"input {name!r}: values {lo}..{hi} do not fit {datatype}")
-    with np.errstate(over="ignore"):
-        arr = raw.astype(dt, copy=False)
-    if dt.kind == "f" and n and not np.isfinite(arr).all() and np.isfinite(raw.astype(np.float64)).all():
-        raise OIPError(f"input {name!r}: values overflow {datatype}")
-    return arr.reshape(shape)
+    # a narrowing cast to a float type may overflow; only values beyond its max can (the exact
+    # check, with numpy's warning silenced, runs only then)
+    if n and dt.kind == "f" and dt.itemsize < raw.dtype.itemsize and not float(np.abs(raw).max()) <= _FMAX[dt]:
+        with np.errstate(over="ignore"):
+            arr = raw.astype(dt)
+        if not np.isfinite(arr).all() and np.isfinite(raw.astype(np.float64)).all():
+            raise OIPError(f"input {name!r}: values overflow {datatype}")
+        return arr.reshape(shape)
+    return raw.astype(dt, copy=False).reshape(shape)
 
 
 def _from_binary(name, datatype, shape, buf: memoryview):
@@ -260,6 +265,14 @@ def encode_response(model_name: str, model_version: str | None, request_id, outp
         return head, {"content-type": "application/json"}
     return head + b"".join(blobs), {"content-type": "application/octet-stream",
                                     HEADER_LENGTH: str(len(head))}
+
+
+def check_outputs(selection, names) -> None:
+    """The request's ``outputs`` selection names only outputs the model has."""
+    if selection is not None:
+        for n, _ in selection:
+            if n not in names:
+                raise OIPError(f"unknown output {n!r}; the model's outputs are {', '.join(sorted(names))}")
 
 
 def check_inputs(inputs: dict, meta_inputs: list) -> None:

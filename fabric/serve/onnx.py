@@ -4,7 +4,8 @@ The checkpoint is a directory (a local path, an fsspec URL, or a ``fabric.ml`` C
 holding ``model.onnx`` and ``fabric_checkpoint.json``. The model is loaded with onnxruntime
 directly; its metadata (names, datatypes, shapes with -1 for dynamic axes) is read from the
 model itself. Requests that arrive together are run as one batch along the first axis when
-every input's first axis is dynamic, then split back.
+every input's first axis is dynamic (those that agree past it), then split back; the replica
+decodes the requests and encodes the answers, so the gateway only forwards bytes.
 """
 from __future__ import annotations
 
@@ -75,11 +76,19 @@ def read_metadata(url: str) -> tuple[dict, bytes]:
             "platform": "onnxruntime_onnx", "checkpoint": meta}, model
 
 
-class OnnxModel:
-    """The replica's model: ``infer_batch(list of {input: array})`` -> one outcome per request."""
+def _err(msg: str) -> bytes:
+    return json.dumps({"error": msg}).encode()
 
-    def __init__(self, url: str, threads: int = 1):
+
+class OnnxModel:
+    """The replica's model. ``infer_http`` serves the gateway: the OIP codec runs here, in the
+    replica's process, so the gateway only forwards bytes (as it does for JSON routes) and its
+    one core is left to HTTP. ``__call__`` serves Python handles."""
+
+    def __init__(self, url: str, threads: int = 1, name: str = "model", version: str | None = None):
         self.sess = _session(_read(url, "model.onnx"), threads)
+        self.name, self.version = name, version
+        self.meta_inputs = _tensor_meta(self.sess.get_inputs())
         self.inputs = [a.name for a in self.sess.get_inputs()]
         self.outputs = [a.name for a in self.sess.get_outputs()]
         self.batchable = all(len(a.shape) > 0 and not isinstance(a.shape[0], int) for a in self.sess.get_inputs()) \
@@ -92,38 +101,67 @@ class OnnxModel:
     def _run(self, feeds):
         return dict(zip(self.outputs, self.sess.run(None, feeds)))
 
-    def infer_stacked(self, batch) -> tuple:
-        """The gateway stacked the batch: one run, ``(200, {output: array})`` or ``(500, message)``."""
-        feeds, sizes = batch
-        try:
-            out = self._run(feeds)
-        except Exception as e:  # noqa: BLE001
-            return (500, f"{type(e).__name__}: {e}")
-        if any(len(v) != sum(sizes) for v in out.values()):
-            return (500, "the model's outputs do not have one row per input row; serve it without batching")
-        return (200, out)
+    def infer_http(self, items: list) -> list:
+        """``items``: ``(body, Inference-Header-Content-Length or None)`` per ``infer`` request.
+        Returns ``(status, body, header length or None)`` per request, in order: 400 for a request
+        the codec or the model's metadata rejects, 500 for a failed run, the rest 200."""
+        from . import oip
 
-    def infer_batch(self, items: list) -> list:
-        """``(200, {output: array})`` or ``(500, message)`` per request, in order."""
+        res: list = [None] * len(items)
+        reqs = {}
+        for i, (body, hl) in enumerate(items):
+            try:
+                r = oip.decode_request(body, hl)
+                oip.check_inputs(r.inputs, self.meta_inputs)
+                oip.check_outputs(r.outputs, self.outputs)
+            except oip.OIPError as e:
+                res[i] = (400, _err(str(e)), None)
+                continue
+            reqs[i] = r
+        # requests whose inputs agree past the first axis run as one (concatenated) batch
+        groups: dict = {}
+        for i, r in reqs.items():
+            key = tuple(r.inputs[n].shape[1:] for n in self.inputs) if self.batchable else i
+            groups.setdefault(key, []).append(i)
+        for idxs in groups.values():
+            for i, out in zip(idxs, self._run_group([reqs[i].inputs for i in idxs])):
+                if isinstance(out, str):
+                    res[i] = (500, _err(out), None)
+                    continue
+                r = reqs[i]
+                try:
+                    body, headers = oip.encode_response(self.name, self.version, r.id, out, r.outputs,
+                                                        r.binary_output)
+                except oip.OIPError as e:
+                    res[i] = (500, _err(str(e)), None)
+                    continue
+                res[i] = (200, body, headers.get(oip.HEADER_LENGTH))
+        return res
+
+    def _run_group(self, feeds: list) -> list:
+        """One ``{output: array}`` (or an error message) per feed: one run for the whole group
+        when it stacks, else (or if the stacked run fails) one run each, which names the bad one."""
         import numpy as np
 
-        if len(items) > 1 and self.batchable:
+        if len(feeds) > 1:
             try:
-                sizes = [len(it[self.inputs[0]]) for it in items]
-                feeds = {n: np.concatenate([it[n] for it in items]) for n in self.inputs}
-                out = self._run(feeds)
-                if all(len(v) == sum(sizes) for v in out.values()):
-                    cuts = np.cumsum(sizes)[:-1]
-                    parts = {k: np.split(v, cuts) for k, v in out.items()}
-                    return [(200, {k: parts[k][i] for k in out}) for i in range(len(items))]
-            except Exception:  # noqa: BLE001 - fall back to one run per request, which names the bad one
+                sizes = [len(f[self.inputs[0]]) for f in feeds]
+                out = self._run({n: np.concatenate([f[n] for f in feeds]) for n in self.inputs})
+                total = sum(sizes)
+                if all(len(v) == total for v in out.values()):
+                    res, a = [], 0
+                    for k in sizes:
+                        res.append({name: v[a:a + k] for name, v in out.items()})
+                        a += k
+                    return res
+            except Exception:  # noqa: BLE001 - fall back to one run per request
                 pass
         res = []
-        for it in items:
+        for f in feeds:
             try:
-                res.append((200, self._run(it)))
-            except Exception as e:  # noqa: BLE001
-                res.append((500, f"{type(e).__name__}: {e}"))
+                res.append(self._run(f))
+            except Exception as e:  # noqa: BLE001 - onnxruntime's errors are not one class
+                res.append(f"{type(e).__name__}: {e}")
         return res
 
 
@@ -141,5 +179,5 @@ def onnx(checkpoint, *, name: str, max_batch_size: int = 64, version: str = "1",
     opts = check_options({"num_replicas": num_replicas, "autoscaling_config": autoscaling_config, "cpus": cpus,
                           "gpus": gpus, "max_ongoing_requests": max_batch_size, "version": version,
                           "max_queued_requests": max_queued_requests, "idempotent": True, "name": name})
-    app = Application(Deployment(OnnxModel, opts), (url, threads), {}, kind="oip", meta=meta)
+    app = Application(Deployment(OnnxModel, opts), (url, threads, name, version), {}, kind="oip", meta=meta)
     return api.run(app, name=name, route_prefix=route_prefix, wait=wait)

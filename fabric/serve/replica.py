@@ -136,7 +136,7 @@ class Replica:
         return out
 
     def batch_call(self, method, items):
-        """The whole list to one method (the ONNX model's ``infer_batch``), which answers per item."""
+        """The whole list to one method (the ONNX model's ``infer_http``), which answers per item."""
         return self._method(method)(items)
 
     def pid(self):
