@@ -89,3 +89,30 @@ def test_cache_must_be_a_bool():
         fabric.fn(cache="yes")(lambda: 1)
     with pytest.raises(TypeError, match="unknown option"):
         fabric.cls(cache=True)
+
+
+@fabric.fn(cache=True)
+def ckpt_stage(ckpt, marker):
+    from fabric.ml import Checkpoint
+
+    assert isinstance(ckpt, Checkpoint)
+    with open(marker, "a") as f:
+        f.write("ran\n")
+    with ckpt.as_directory() as d:
+        return open(os.path.join(d, "w.txt")).read()
+
+
+def test_a_checkpoint_argument_is_keyed_by_its_files_so_a_rewrite_in_place_is_a_miss(cluster, tmp_path):
+    from fabric.ml import Checkpoint
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "w.txt").write_text("one")
+    marker = str(tmp_path / "ran.txt")
+    ck = Checkpoint.from_directory(str(d))
+    assert ckpt_stage.remote(ck, marker).result(timeout=60) == "one"
+    assert ckpt_stage.remote(Checkpoint.from_directory(str(d)), marker).result(timeout=60) == "one"
+    assert open(marker).read().count("ran") == 1  # same path, same files: a hit
+    (d / "w.txt").write_text("two")  # rewritten in place: the same path, other content
+    assert ckpt_stage.remote(ck, marker).result(timeout=60) == "two"
+    assert open(marker).read().count("ran") == 2

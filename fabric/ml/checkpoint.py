@@ -156,6 +156,21 @@ class Checkpoint:
     def __hash__(self):
         return hash(self.path)
 
+    def __fabric_cache_key__(self) -> str:
+        """What ``@fabric.fn(cache=True)`` keys a Checkpoint argument by: its path and each file's
+        name, size and store version (ETag on S3, mtime locally), so a checkpoint rewritten in
+        place is a miss, without reading its bytes."""
+        fs, root = self.filesystem
+        root = root.rstrip("/")
+        try:
+            found = fs.find(root, detail=True)
+        except FileNotFoundError:
+            found = {}
+        files = sorted((p[len(root):], d.get("size"), str(d.get("ETag") or d.get("VersionId") or d.get("mtime")
+                                                           or d.get("LastModified") or d.get("created")))
+                       for p, d in found.items())
+        return f"{self.path}|{files!r}"
+
     def __fspath__(self):
         if self.is_local:
             return self.path
