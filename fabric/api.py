@@ -20,14 +20,14 @@ import cloudpickle
 from . import config
 from . import protocol as P
 from . import serde
-from .client import Client, Future
+from .client import Client, Future, Part, Stream
 from .errors import ConnectionFailed, FabricError, GetTimeout
 from .gangs import GangContext, gang_context
 from .resources import parse_memory
 
 __all__ = ["init", "shutdown", "fn", "cls", "enter", "get", "wait", "put", "kill", "is_initialized",
            "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status", "gang", "Gang",
-           "nodes", "cluster_resources", "available_resources", "cancel",
+           "nodes", "cluster_resources", "available_resources", "cancel", "Stream",
            "gang_context", "GangContext"]
 
 _lock = threading.RLock()
@@ -199,7 +199,10 @@ def available_resources() -> dict:
 _FN_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 3, "timeout": None, "min_warm": 0,
                "max_containers": None, "name": None}
 _FN_OPTIONS["cache"] = False  # keep the result in the store under the code's and arguments' hashes
-_CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k not in ("retries", "cache")}, "concurrency": 1}
+# num_returns: a call's n values as n Futures; backpressure: items a generator may run ahead of its consumer
+_FN_OPTIONS.update(num_returns=1, backpressure=64)
+_CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k not in ("retries", "cache", "num_returns", "backpressure")},
+                "concurrency": 1}
 
 
 def _check_number(name, v, minimum=0.0, maximum=1e6):
@@ -239,6 +242,10 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
             raise ValueError(f"concurrency must be a whole number from 1 to 255, got {c!r}")
     if not isinstance(o.get("cache", False), bool):
         raise TypeError(f"cache must be True or False, got {o['cache']!r}")
+    for k, top in (("num_returns", 1000), ("backpressure", 255)):
+        v = o.get(k, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise ValueError(f"{k} must be a whole number from 1 to {top}, got {v!r}")
     if o["name"] is not None and not isinstance(o["name"], str):
         raise TypeError(f"name must be a string, got {type(o['name']).__name__}")
     return o
@@ -321,6 +328,14 @@ class RemoteFunction:
         self._code = _code or [None, None]   # shared with .options() copies: pickled once
         self._sig = _signature(func)
         functools.update_wrapper(self, func)
+        self._stream = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
+        if self._stream or options.get("num_returns", 1) != 1:  # ordinary calls keep the plain remote()
+            if self._stream and options.get("num_returns", 1) != 1:
+                raise ValueError(f"{self._name} is a generator: .remote() streams its items, so num_returns "
+                                 f"does not apply (it is for a function that returns a tuple)")
+            if self._stream and options.get("cache"):
+                raise ValueError(f"{self._name} is a generator: cache=True keeps one result, a stream has many")
+            self.remote = self._remote_special
 
     def __repr__(self):
         return f"<fabric.fn {self._name}>"
@@ -353,6 +368,21 @@ class RemoteFunction:
                                 memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
                                 label=self._name, max_containers=o["max_containers"], min_warm=o["min_warm"])
 
+    def _remote_special(self, *args, **kwargs):
+        """``.remote()`` of a generator (a Stream of its items) or of ``num_returns=n`` (n Futures)."""
+        _bind(self._sig, self._name, args, kwargs)
+        blob, h = self._blob()
+        o = self._options
+        client = _client()
+        fut = client.submit(P.TASK, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
+                            memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
+                            label=self._name, max_containers=o["max_containers"], min_warm=o["min_warm"],
+                            flags=o["backpressure"] if self._stream else 0,
+                            extra_opts=P.STREAM if self._stream else 0)
+        if self._stream:
+            return Stream(fut, client, o["backpressure"])
+        return [Part(fut, i, o["num_returns"]) for i in range(o["num_returns"])]
+
     def local(self, *args, **kwargs):
         """Run in this process, as a plain call."""
         return self._func(*args, **kwargs)
@@ -370,6 +400,9 @@ class RemoteFunction:
         """
         if not iterables:
             raise TypeError(f"{self._name}.map() needs at least one iterable")
+        if self._stream or self._options.get("num_returns", 1) != 1:
+            raise TypeError(f"{self._name}.map() needs a function with one result; iterate {self._name}.remote() "
+                            f"for a generator's items, or index the Futures of num_returns")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a whole number >= 1, got {window!r}")
         for it in iterables:
@@ -561,6 +594,18 @@ class InstanceMethod:
         self._rclass, self._id, self._client = handle._rclass, handle._id, handle._client
         self._name, self._sig = name, sig
         self._label = f"{handle._rclass._name}.{name}"
+        attr = getattr(handle._rclass._cls, name, None)
+        if inspect.isgeneratorfunction(attr) or inspect.isasyncgenfunction(attr):
+            self.remote = self._remote_stream  # a generator method: .remote() streams its items
+
+    def _remote_stream(self, *args, **kwargs) -> Stream:
+        _bind(self._sig, self._label, args, kwargs)
+        client = self._client or _client()
+        o = self._rclass._options
+        fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
+                            cpus=0.0, gpus=0.0, memory=0, retries=0, timeout=o["timeout"] or 0.0,
+                            label=self._label, flags=64, extra_opts=P.STREAM)
+        return Stream(fut, client, 64)
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"call {self._label}.remote(...) to run it on the instance")
@@ -700,6 +745,8 @@ def cancel(fut, force: bool = False, recursive: bool = True) -> bool:
     ``force=True`` its worker is killed and replaced. ``recursive=True`` also cancels the calls
     its worker submitted that have not finished (the calls it spawned, and theirs). An instance
     method call that started runs to its end; use ``fabric.kill`` for the instance."""
+    if isinstance(fut, Stream):
+        fut = fut.future
     if not isinstance(fut, Future):
         raise TypeError(f"fabric.cancel expects a Future from .remote(), got {type(fut).__name__}")
     for name, v in (("force", force), ("recursive", recursive)):

@@ -191,6 +191,189 @@ class ReadyFuture(Future):
         self._state, self._status, self._value = _DONE, P.OK, value
 
 
+class Part(Future):
+    """One of the values of a call made with ``num_returns=n``: completes with its call, and
+    passed to another call it travels as a reference to the call's result, indexed there."""
+
+    __slots__ = ("_parent", "_index", "_n")
+
+    def __init__(self, parent: Future, index: int, n: int):
+        super().__init__(parent.id, parent._client, f"{parent.label}[{index}]")
+        self._parent, self._index, self._n = parent, index, n
+        parent.add_done_callback(self._parent_done)
+
+    def _parent_done(self, parent):
+        c = self._client
+        with c.cond:
+            self._status, self._state = parent._status, _DONE
+            callbacks, self._callbacks = self._callbacks, None
+            c.cond.notify_all()
+        for cb in callbacks or ():
+            try:
+                cb(self)
+            except Exception:  # noqa: BLE001
+                log.exception("a Future callback raised")
+
+    def cancel(self) -> bool:
+        return self._parent.cancel()
+
+    def _decode(self):
+        try:
+            v = self._parent._outcome()
+        except BaseException as e:  # noqa: BLE001 - every value of a failed call raises its error
+            return _Raise(e)
+        if not isinstance(v, (tuple, list)) or len(v) != self._n:
+            what = f"{len(v)} values" if isinstance(v, (tuple, list)) else f"a {type(v).__name__}"
+            return _Raise(ValueError(f"{self._parent.label} has num_returns={self._n} but returned {what}; "
+                                     f"return a tuple of {self._n} values"))
+        return v[self._index]
+
+
+class _StreamState:
+    """What the driver holds of one generator call (kept by the Client while the stream lives)."""
+
+    __slots__ = ("fut", "client", "items", "received", "consumed", "acked", "half", "wakers", "ended", "closed",
+                 "watching")
+
+    def __init__(self, fut, client, window):
+        self.fut, self.client, self.items = fut, client, collections.deque()
+        self.received = self.consumed = self.acked = 0
+        self.half = max(1, window // 2)  # acks go every half window: the worker never waits on a round trip
+        self.wakers: list = []           # (loop, asyncio future) of `async for` waiters
+        self.ended = self.closed = self.watching = False
+
+    def wake(self, _=None):
+        while self.wakers:
+            loop, w = self.wakers.pop()
+            loop.call_soon_threadsafe(_set_none, w)
+
+    def ack(self):
+        if self.consumed > self.acked and self.fut._state != _DONE and not self.client.closed:
+            self.acked = self.consumed
+            self.client._send_d([P.C[P.CONSUMED] + self.fut.id + self.consumed.to_bytes(8, "big")])
+
+
+def _set_none(w):
+    if not w.done():
+        w.set_result(None)
+
+
+_END = object()
+
+
+class Stream:
+    """The items of a generator call, each as the worker makes it: ``for fut in stream`` (or
+    ``async for``) gives one done Future per item, in order (Ray's ``ObjectRefGenerator``).
+    If the generator raised, the last Future raises that error, after the items made before
+    it. The worker runs at most ``backpressure`` items ahead of the consumer and waits there.
+    ``close()``, or dropping the stream, cancels the call: the generator stops before its next
+    item (its ``finally`` blocks run). ``stream.future`` is the call's own Future: the number of
+    items, or the call's error."""
+
+    __slots__ = ("_st", "future", "__weakref__")
+
+    def __init__(self, fut: Future, client: "Client", window: int):
+        st = self._st = _StreamState(fut, client, window)
+        self.future = fut
+        client.streams[fut.id] = st
+        weakref.finalize(self, client._stream_dropped, st)
+
+    def __repr__(self):
+        st = self._st
+        return f"<fabric.Stream {st.fut.label} taken={st.consumed} {'done' if st.fut.done() else 'running'}>"
+
+    def __reduce__(self):
+        raise SerializationError("a fabric.Stream cannot be pickled: iterate it where .remote() returned it")
+
+    def _take(self):
+        st = self._st
+        if st.items:
+            item = st.items.popleft()
+            st.consumed += 1
+            if st.consumed - st.acked >= st.half:
+                st.ack()
+            return item
+        if st.fut._state == _DONE:  # its RESULT comes after its last ITEM: nothing more will come
+            if st.ended:
+                return _END
+            st.ended = True
+            st.client.streams.pop(st.fut.id, None)
+            return st.fut if st.fut._status != P.OK and not st.closed else _END
+        return None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Future:
+        return self.next()
+
+    def next(self, timeout: float | None = None) -> Future:
+        """The next item's Future; ``GetTimeout`` if none came within ``timeout`` seconds (the
+        stream goes on), ``StopIteration`` at the end."""
+        item = self._next(timeout)
+        if item is _END:
+            raise StopIteration
+        return item
+
+    def _next(self, timeout):
+        st, deadline = self._st, None if timeout is None else time.monotonic() + timeout
+        while True:
+            item = self._take()
+            if item is not None:
+                return item
+            if st.closed:
+                return _END
+            st.ack()  # about to wait: the worker may be waiting for this
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                raise GetTimeout(f"{st.fut.label}: no item within {timeout}s ({st.client.fate()})")
+            if st.client.closed:
+                raise ConnectionFailed("the fabric client was shut down while waiting for a stream")
+            st.client._wait_round(left, (st.fut,))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Future:
+        import asyncio
+
+        st = self._st
+        while True:
+            item = self._take()
+            if item is _END or st.closed:
+                raise StopAsyncIteration
+            if item is not None:
+                return item
+            st.ack()
+            loop = asyncio.get_running_loop()
+            w = loop.create_future()
+            st.wakers.append((loop, w))
+            if not st.watching:
+                st.watching = True
+                st.fut.add_done_callback(st.wake)
+            if st.items or st.fut._state == _DONE:
+                continue  # came meanwhile
+            await w
+
+    def close(self):
+        """Stop the stream: cancel the call if it has not ended (the generator stops before its
+        next item), drop the items not taken."""
+        st = self._st
+        if st.closed:
+            return
+        st.closed = True
+        st.items.clear()
+        st.client.streams.pop(st.fut.id, None)
+        if st.fut._state != _DONE:
+            st.client._send_d([P.C[P.CANCEL], st.fut.id, b"\x02"])
+
+    def cancel(self) -> bool:
+        """Like close(); False if the call had ended."""
+        done = self._st.fut.done()
+        self.close()
+        return not done
+
+
 class Client:
     def __init__(self, address: str, *, shm: bool = False, connect_timeout: float = 10.0, name: str = "",
                  broker_proc=None, supervised: bool = False):
@@ -212,6 +395,9 @@ class Client:
         self.to_release: list[Future] = []
         self.dropped: collections.deque[bytes] = collections.deque()  # ids of dropped put() objects
         self.dropped_actors: collections.deque[bytes] = collections.deque()  # instances with no handle left
+        self.streams: dict[bytes, _StreamState] = {}   # generator calls whose items we take, by call id
+        self.woken: list[_StreamState] = []            # streams that got items in this receive
+        self.dropped_streams: collections.deque[bytes] = collections.deque()  # dropped unfinished: cancel
         self._counter = itertools.count(1)
         self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
         self.transfer = serde.Transfer(address)            # large payloads through the object store?
@@ -275,7 +461,7 @@ class Client:
 
     def submit(self, kind, code_blob, code_hash, args, kwargs, *, actor_id=P.NO_ID, cpus=1.0, gpus=0.0,
                memory=0, retries=0, timeout=0.0, flags=0, label="call", gang=0, max_containers=0,
-               min_warm=0) -> Future:
+               min_warm=0, extra_opts=0) -> Future:
         """Send one call; returns its Future. ``gang=n`` (kind GANG): one SUBMIT for n members,
         returns their n Futures in rank order (rank 0's id is the call's id)."""
         if self.closed:
@@ -298,7 +484,7 @@ class Client:
         fut = Future(cid, self, label)
         if shm_used:
             fut._shm = shm_used
-        opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts()
+        opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts() | extra_opts
         body = [b"".join(f.id for f in deps), payload, *bufs] if deps else [payload, *bufs]  # after the header
         members = None
         if gang:  # the members' call ids follow the buffers, rank 0 (this call's id) first
@@ -442,6 +628,8 @@ class Client:
             if f._client is None or f._state == _DONE:
                 return _identity, (f.result(),)
             raise SerializationError("a Future from another fabric connection cannot be passed to this one")
+        if type(f) is Part:
+            return self._ref_part(f, deps)
         with self.lock:
             if f._state != _DONE or type(f) is ReadyFuture:  # put() objects always go by reference
                 f._pin += 1
@@ -453,6 +641,52 @@ class Client:
             f._outcome()  # a failed argument: the call fails at once, with the argument's error
         except BaseException as e:  # noqa: BLE001
             raise serde.PassThrough(e) from None
+
+    def _ref_part(self, f: "Part", deps: list):
+        """One of a num_returns call's values: a reference to that call's result, which the
+        worker indexes (``serde._dep_part``), or its value once the call is done."""
+        p = f._parent
+        with self.lock:
+            if p._state != _DONE:
+                p._pin += 1
+                deps.append(p)
+                return serde._dep_part, (p.id, f._index, f._n)
+        v = f._decode()
+        if isinstance(v, _Raise):
+            raise serde.PassThrough(v.exc)
+        return _identity, (v,)
+
+    def _item(self, head, frames):
+        """An ITEM of a stream: a done Future for it, kept in order until the consumer takes it.
+        An index already received is a retried call's repeat: skipped, and at its first item
+        the worker is told again how many items were taken (it starts from none)."""
+        st = self.streams.get(head[:16])
+        if st is None:
+            return  # the stream was dropped or closed
+        idx = int.from_bytes(head[28:36], "big")
+        if idx != st.received:
+            if idx == 0 and st.consumed:
+                self._send_d([P.C[P.CONSUMED] + head[:16] + st.consumed.to_bytes(8, "big")])
+            return
+        st.received += 1
+        it = Future(head[:16], self, f"{st.fut.label}[{idx}]")
+        it._state, it._status, it._head, it._frames = _DONE, P.OK, head, frames
+        st.items.append(it)
+        self.woken.append(st)
+
+    def _wake_streams(self):
+        woken, self.woken = self.woken, []
+        with self.cond:
+            self.cond.notify_all()
+        for st in woken:
+            st.wake()
+
+    def _stream_dropped(self, st):
+        """(a finalizer: any thread, maybe inside a send) A stream was dropped: the IO thread
+        cancels its call if it has not ended."""
+        self.streams.pop(st.fut.id, None)
+        if st.fut._state != _DONE and not st.closed:
+            self.dropped_streams.append(st.fut.id)
 
     def _unpin(self, deps):
         with self.lock:
@@ -535,7 +769,8 @@ class Client:
                     finally:
                         self.rlock.release()
                 now = time.monotonic()
-                if (self.to_release or self.dropped or self.dropped_actors) and now - self.last_flush > 0.05:
+                if (self.to_release or self.dropped or self.dropped_actors or self.dropped_streams) \
+                        and now - self.last_flush > 0.05:
                     self._flush_releases()
                 if now - self.last_beat > HEARTBEAT_EVERY:  # the broker drops a driver it has not heard from
                     self.last_beat = now
@@ -573,13 +808,18 @@ class Client:
                 else:
                     self._unexpected(f0[4:20])
             elif c == P.C[P.BATCH]:
-                for _, head, fr in P.unbatch(frames):
+                for c2, head, fr in P.unbatch(frames):
+                    if c2 == P.ITEM:
+                        self._item(head, fr)
+                        continue
                     fut = pending.pop(head[:16], None)
                     if fut is not None:
                         fut._head, fut._frames, fut._status = head, fr, head[16]
                         done.append(fut)
                     else:
                         self._unexpected(head[:16])
+            elif c == P.C[P.ITEM]:
+                self._item(f0[4:], frames[1:])
             elif c == P.C[P.LOG]:
                 if self.log_to_driver:
                     self._print_output(frames[1].bytes, frames[2].bytes)
@@ -587,6 +827,8 @@ class Client:
                 rejoin.append(P.loads_json(frames[1].bytes))
             elif c == P.C[P.ERROR]:
                 log.warning("the broker refused a message: %s", frames[1].bytes.decode("utf-8", "replace"))
+        if self.woken:
+            self._wake_streams()
         if rejoin:
             self._rejoin(rejoin[-1])
         if not done:
@@ -713,6 +955,11 @@ class Client:
                 self.d.send_multipart([P.C[P.RELEASE], b"".join(ids)])
             while self.dropped_actors:
                 self.d.send_multipart([P.C[P.KILL_ACTOR], self.dropped_actors.popleft(), b"0"])
+            if self.dropped_streams:  # not force, recursive: the generator stops before its next item
+                ids = []
+                while self.dropped_streams:
+                    ids.append(self.dropped_streams.popleft())
+                self.d.send_multipart([P.C[P.CANCEL], b"".join(ids), b"\x02"])
 
     def _print_output(self, source: bytes, text: bytes):
         prefix = "(" + source.decode("utf-8", "replace") + ") "

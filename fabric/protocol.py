@@ -33,6 +33,8 @@ HELLO = 1         # [cmd, json]                      register a driver socket (b
 SUBMIT = 2        # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang)]   (code)/(deps)/(gang): see opts
 CANCEL = 3        # [cmd, ids, (flags)]              ids: concatenated 16-byte call ids; flags: one
                   # byte, 1 force, 2 recursive (absent: force, not recursive)
+CONSUMED = 11     # [cmd+call-id+count]              a stream's consumer took `count` items (count: 8 bytes,
+                  # big-endian); the broker forwards the frame as is to the worker's log socket
 RELEASE = 4       # [cmd, ids]                       the driver holds these results now / dropped them
 PUT = 5           # [cmd+result-hdr, payload, *buffers]   store an object under a driver-made id
 KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
@@ -60,6 +62,8 @@ EXEC_SHUTDOWN = 52  # [cmd]
 # worker -> broker
 READY = 60        # [cmd, json]                      {"kind": "pool"|"spawned", "pid", "credit", "token"?, "addr"?}
 DONE = 61         # [cmd+result-hdr, payload, *buffers]
+ITEM = 64         # [cmd+result-hdr+index, payload, *buffers]   one item of a streaming call, in order
+                  # (index: 8 bytes, big-endian, from 0); the broker forwards it as is to the driver
 WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
 DROPPED = 63      # [cmd, call-id, b"d"|b"r"|b"f"]   (from the log socket) the answer to DROP: d dropped
                   # (it will never run), r running now, f finished (its DONE is sent or on its way)
@@ -94,6 +98,7 @@ CALL_HDR = struct.Struct("<16s16sB16sddQhdHHHBB")
 H_MAXC, H_WARM, H_FLAGS, H_OPTS = 10, 11, 12, 13  # field positions in an unpacked call header
 HAS_CODE, HAS_DEPS = 1, 2  # opts bits: a code frame follows / a deps frame follows
 STORE_RESULT = 4  # opts bit: the driver wants a large result through the object store (serde.Transfer)
+STREAM = 16       # opts bit: the call is a generator; its items come as ITEMs, at most `flags` unconsumed
 HAS_GANG = 8      # opts bit: a gang frame follows the buffers (SUBMIT: the members' call ids; CALL: json)
 TASK, ACTOR_NEW, ACTOR_CALL, GANG = 0, 1, 2, 3  # GANG: n members that start together (with HAS_GANG)
 MAX_GANG = 1024   # members of one gang: each member's CALL lists every member's address
@@ -149,8 +154,9 @@ def unpack_result(b):
     return RESULT_HDR.unpack(b)
 
 
+ITEM_SIZE = RESULT_HDR.size + 8  # an ITEM's header: a result header and the item's index
 HEADER_SIZE = {SUBMIT: CALL_HDR.size, CALL: CALL_HDR.size, PUT: RESULT_HDR.size, RESULT: RESULT_HDR.size,
-               DONE: RESULT_HDR.size}
+               DONE: RESULT_HDR.size, ITEM: ITEM_SIZE, CONSUMED: ID_LEN + 8}
 
 
 def command_of(frame0: bytes) -> int:
@@ -167,7 +173,7 @@ def command_of(frame0: bytes) -> int:
     return c
 
 
-_BATCHABLE = {SUBMIT, RESULT, CALL}
+_BATCHABLE = {SUBMIT, RESULT, CALL, ITEM}
 
 
 def unbatch(frames: list, start: int = 1):
@@ -181,8 +187,8 @@ def unbatch(frames: list, start: int = 1):
         if c not in _BATCHABLE:
             raise ProtocolError(f"{NAMES[c]} cannot travel inside a BATCH")
         head = f0[4:]
-        if c == RESULT:
-            size = 2 + RESULT_HDR.unpack(head)[2]
+        if c == RESULT or c == ITEM:
+            size = 2 + RESULT_HDR.unpack_from(head)[2]
         else:
             h = CALL_HDR.unpack(head)
             o = h[H_OPTS]

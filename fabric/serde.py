@@ -131,6 +131,15 @@ def _dep(call_id: bytes):
         raise SerializationError("a Future argument was not resolved on the cluster") from None
 
 
+def _dep_part(call_id: bytes, index: int, n: int):
+    """In place of one value of a ``num_returns=n`` call: that element of its result."""
+    v = _dep(call_id)
+    if not isinstance(v, (tuple, list)) or len(v) != n:
+        what = f"{len(v)} values" if isinstance(v, (tuple, list)) else f"a {type(v).__name__}"
+        raise ValueError(f"a Future argument comes from a call with num_returns={n} that returned {what}")
+    return v[index]
+
+
 def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool, nbytes: int):
     import numpy as np
 

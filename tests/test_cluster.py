@@ -33,7 +33,8 @@ def started(tmp_path_factory):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     status = lambda: json.loads(subprocess.run(FABRIC + ["status", "--json"], env=env, capture_output=True,  # noqa: E731
                                                text=True, timeout=30).stdout or "{}")
-    assert wait_for(lambda: len(status().get("executors", [])) == 2, timeout=30)
+    # (slow on a loaded machine: each executor starts its own interpreter and workers)
+    assert wait_for(lambda: len(status().get("executors", [])) == 2, timeout=120)
     rec = json.load(open(os.path.join(home, "cluster.json")))
     yield {"address": address, "env": env, "status": status, "second": second, "pids": rec["pids"]}
     second.terminate()

@@ -289,10 +289,11 @@ def test_connecting_to_nothing_fails_clearly():
 
 
 @fabric.fn
-def gate(block=None, mark=None):
-    """Short, unless ``block`` names a file: then it says it runs and waits for ``block`` + ".go"."""
+def gate(block=None, mark=None, t=0.0):
+    """``t`` seconds, unless ``block`` names a file: then it says it runs and waits for ``block`` + ".go"."""
     if mark:
         open(mark, "w").close()
+    time.sleep(t)
     if block:
         open(block, "w").close()
         while not os.path.exists(block + ".go"):
@@ -304,7 +305,10 @@ def _cancel_prefetched(tmp_path):
     """A call prefetched by a busy worker (behind a known-short call), cancelled: its outcome is
     Cancelled; the call ahead of it on that worker is not disturbed. Returns the file the
     cancelled call would have made had it run."""
-    fabric.get([gate.remote() for _ in range(20)])  # known short: prefetch-eligible from now on
+    # known to take ~80 ms (under FABRIC_PREFETCH_ONE_BELOW): the broker prefetches one call
+    # behind a gate for up to 4 x 80 ms after it started, wide enough for two calls submitted
+    # back to back on a loaded host (a ~1 ms call leaves a 20 ms window, which load can miss)
+    fabric.get([gate.remote(t=0.08) for _ in range(8)])
     other = str(tmp_path / "other")
     busy = nap.remote(60, other)  # the second worker: busy with an unknown-length call
     _pid_in(other)

@@ -258,7 +258,7 @@ BODIES = {
 DEPTHS = st.one_of(st.integers(1, 3000), st.sampled_from([2, 100, 200, 201, 999, 1000, 1001, 5000, 100_000]))
 ROLE_OF = {P.HELLO: "drc", P.SUBMIT: "d", P.BATCH: "d", P.CANCEL: "d", P.RELEASE: "d", P.PUT: "d",
            P.KILL_ACTOR: "d", P.BYE: "d", P.STATUS: "dc", P.SHUTDOWN: "c", P.EXEC_HELLO: "e", P.HEARTBEAT: "e",
-           P.WORKER_DIED: "e", P.EXEC_BYE: "e", P.READY: "w", P.DONE: "w", P.WLOG: "wl"}
+           P.WORKER_DIED: "e", P.EXEC_BYE: "e", P.READY: "w", P.DONE: "w", P.WLOG: "wl", P.DROPPED: "l"}
 N4 = st.one_of(st.sampled_from([1, 2, 0, 2**32 - 1]), st.integers(0, 2**32 - 1))
 
 

@@ -115,16 +115,37 @@ def test_enter_failure_reaches_every_call_and_the_cluster_goes_on(cluster):
     assert c.inc.remote().result(timeout=30) == 1
 
 
-@fabric.cls
-class Gate:
+class _Gate:
+    def __init__(self):
+        self.touched = []
+
     def hold(self, block):
         open(block, "w").close()
         while not os.path.exists(block + ".go"):
             time.sleep(0.01)
         return "finished"
 
+    def touch(self, path):
+        """A side effect a test can look for, and its record in the instance's state."""
+        open(path, "w").close()
+        self.touched.append(os.path.basename(path))
+        return "touched"
+
+    def history(self):
+        return self.touched
+
     def ping(self):
         return "pong"
+
+
+@fabric.cls
+class Gate(_Gate):
+    pass
+
+
+@fabric.cls(concurrency=2)
+class Gate2(_Gate):
+    pass
 
 
 def test_cancelling_a_running_instance_call_lets_it_finish(cluster, tmp_path):
@@ -140,6 +161,57 @@ def test_cancelling_a_running_instance_call_lets_it_finish(cluster, tmp_path):
     open(block + ".go", "w").close()
     assert running.result(timeout=30) == "finished"
     assert g.ping.remote().result(timeout=30) == "pong"  # the instance is alive
+
+
+def _dropped():
+    return fabric.cluster_status()["stats"]["dropped"]
+
+
+def test_a_cancelled_instance_call_queued_behind_a_running_one_never_runs(cluster, tmp_path):
+    """An instance's calls are pipelined to its worker: one queued there behind a running call
+    is dropped by the worker when cancelled (Cancelled, before it ran), and never runs: not
+    when the running call ends, nor before the calls after it."""
+    g = Gate.remote()
+    block = str(tmp_path / "block")
+    running = g.hold.remote(block)
+    assert wait_for(lambda: os.path.exists(block), timeout=60)  # it runs now: the rest queue on its worker
+    dropped = _dropped()
+    queued = g.touch.remote(str(tmp_path / "cancelled"))
+    after = g.touch.remote(str(tmp_path / "after"))
+    assert queued.cancel()
+    with pytest.raises(fabric.Cancelled, match="before it ran"):
+        queued.result(timeout=30)
+    assert _dropped() == dropped + 1  # the worker held it and dropped it (not the broker's queue)
+    assert not after.done()  # still behind the running call
+    open(block + ".go", "w").close()
+    assert running.result(timeout=30) == "finished"
+    assert after.result(timeout=30) == "touched"
+    assert g.history.remote().result(timeout=30) == ["after"]
+    assert not os.path.exists(tmp_path / "cancelled")
+    fabric.kill(g)  # (pytest.raises keeps this frame, and so the handle, alive until a gc)
+
+
+def test_cancel_in_a_concurrent_instance_drops_a_waiting_call_and_lets_a_running_one_finish(cluster, tmp_path):
+    """concurrency=2: two calls run, a third waits in the instance's worker for a thread.
+    Cancelled, the waiting one is dropped (Cancelled, never runs); the second running one (the
+    worker answers that it runs it) finishes and its result arrives."""
+    g = Gate2.remote()
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    first, second = g.hold.remote(a), g.hold.remote(b)
+    assert wait_for(lambda: os.path.exists(a) and os.path.exists(b), timeout=60)  # both threads busy
+    dropped = _dropped()
+    waiting = g.touch.remote(str(tmp_path / "cancelled"))
+    assert waiting.cancel() and second.cancel()
+    with pytest.raises(fabric.Cancelled, match="before it ran"):
+        waiting.result(timeout=30)
+    assert _dropped() == dropped + 1
+    open(a + ".go", "w").close()
+    open(b + ".go", "w").close()
+    assert first.result(timeout=30) == "finished" and second.result(timeout=30) == "finished"
+    assert g.touch.remote(str(tmp_path / "later")).result(timeout=30) == "touched"
+    assert g.history.remote().result(timeout=30) == ["later"]
+    assert not os.path.exists(tmp_path / "cancelled")
+    fabric.kill(g)
 
 
 def test_init_failure_reaches_every_call(cluster):

@@ -126,7 +126,8 @@ class Broker(GangScheduling):
         self._seq = itertools.count()
         self.running = True
         self.refused = 0
-        self.stats = {"submitted": 0, "completed": 0, "retried": 0, "refused": 0}
+        self.stats = {"submitted": 0, "completed": 0, "retried": 0, "refused": 0, "dropped": 0,
+                      "drop_too_late": 0}
         self._tokens = itertools.count(1)
         self._handlers = {
             P.HELLO: self.on_hello, P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.CANCEL: self.on_cancel,
@@ -659,12 +660,15 @@ class Broker(GangScheduling):
         if how is None or call is None or call.worker is not w or call.state != RUNNING:
             return
         if answer == b"d":
+            self.stats["dropped"] += 1  # (cancelled calls a worker held and never started)
             self.finish(call, P.CANCELLED, b"cancelled before it ran")
             if w.actor is not None:
                 self.pump_actor(w.actor)
             elif w.inflight and len(w.inflight) < w.credit and not w.doomed:
                 self.partial[w] = None
-        elif answer == b"r" and w.actor is None:
+            return
+        self.stats["drop_too_late"] += 1  # (it had started: running, or finished)
+        if answer == b"r" and w.actor is None:
             if next(iter(w.inflight)) == cid:
                 self.cancel_running(call, w, how[0], how[1], {cid})
             else:  # the DONE of the call ahead of it is still on its way: on_done cancels it

@@ -62,6 +62,7 @@ class OutputChannel:
         self.allowance, self.stamp, self.dropped = LOG_RATE, time.monotonic(), 0
         self.local = threading.local()
         self.on_interrupt = None
+        self.on_consumed = None
         self.on_drop = None
         threading.Thread(target=self._flusher, name="fabric-output", daemon=True).start()
 
@@ -119,7 +120,10 @@ class OutputChannel:
             # is busy in the user's call and does not read its own socket until it returns
             if sock.poll(100):
                 frames = sock.recv_multipart()
-                if frames[0] == P.C[P.INTERRUPT] and len(frames) == 2 and self.on_interrupt is not None:
+                f0 = frames[0]
+                if f0[:4] == P.C[P.CONSUMED] and len(f0) == 28 and self.on_consumed is not None:
+                    self.on_consumed(f0[4:20], int.from_bytes(f0[20:28], "big"))  # a stream's driver took items
+                elif frames[0] == P.C[P.INTERRUPT] and len(frames) == 2 and self.on_interrupt is not None:
                     self.on_interrupt(frames[1])
                 elif frames[0] == P.C[P.DROP] and len(frames) == 2 and self.on_drop is not None:
                     sock.send_multipart([P.C[P.DROPPED], frames[1], self.on_drop(frames[1])])
@@ -185,6 +189,8 @@ class Worker:
         self.current = None         # the id of the plain call running on the main thread
         self.interrupted = None
         self.output.on_interrupt = self.interrupt
+        self.streams: dict[bytes, _Stream] = {}  # generator calls running here, by call id
+        self.output.on_consumed = self.consumed
         # DROP (a cancelled call sent here, maybe not started): the output thread decides under
         # `gate`, against the thread that starts calls, whether it runs ("r"), ran ("f") or never will
         self.gate = threading.Lock()
@@ -359,6 +365,8 @@ class Worker:
             if inspect.isawaitable(value):
                 value = self.await_(value)
             del args, kwargs
+            if opts & P.STREAM:  # a generator: its items go out one by one, then the DONE
+                return self.stream(cid, value, flags or 64, t0, source, opts, kind == P.TASK)
         except BaseException as e:  # noqa: BLE001 - everything user code raises goes back to the caller
             return self.reply_error(cid, e, t0)
         finally:
@@ -368,6 +376,9 @@ class Worker:
         try:
             payload, bufs = serde.dumps_value(value, serde.transfer_for(self.address), opts & P.STORE_RESULT)
         except SerializationError as e:
+            if inspect.isgenerator(value) or inspect.isasyncgen(value):
+                e = (f"it is a generator; decorate the generator function itself with @fabric.fn (or make the "
+                     f"method a generator) so that .remote() streams its items ({e})")
             return [P.C[P.DONE] + P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
                     f"the result of {source.split(' ')[0]} cannot be pickled: {e}".encode()]
         flags = P.SHM_FREE if serde.release_mappings() else 0
@@ -377,7 +388,13 @@ class Worker:
 
     def interrupt(self, cid):
         """(log thread) Cancel the running call ``cid``: SIGUSR1 to the main thread, whose
-        handler raises fabric.Cancelled there (a signal also wakes a sleep or a wait)."""
+        handler raises fabric.Cancelled there (a signal also wakes a sleep or a wait). A
+        generator call also stops before its next item."""
+        st = self.streams.get(cid)
+        if st is not None:
+            with st.cond:
+                st.cancelled = True
+                st.cond.notify()
         if self.current == cid:
             self.interrupted = cid
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
@@ -388,6 +405,71 @@ class Worker:
             from ..errors import Cancelled
 
             raise Cancelled("this call was cancelled by fabric.cancel()")
+
+    def stream(self, cid, gen, window, t0, source, opts, plain):
+        """Run a generator call: each item goes out as an ITEM as soon as it is made, and the
+        generator pauses while ``window`` items are not yet taken by the consumer (its driver's
+        CONSUMED counts reach the output thread) and stops at a cancel. The DONE carries the
+        number of items, or the error raised at the item where it was raised."""
+        sock = self.sock if self.pool is None else self.thread_sock()
+        name = source.split(" ")[0]
+        agen = hasattr(gen, "__anext__")
+        if not agen:
+            try:
+                gen = iter(gen)
+            except TypeError:
+                raise TypeError(f"{name} was called as a stream but returned {type(gen).__name__}, "
+                                f"not a generator") from None
+        st = self.streams[cid] = _Stream()
+        transfer, store = serde.transfer_for(self.address), opts & P.STORE_RESULT
+        n = 0
+        try:
+            while True:
+                if n - st.consumed >= window:  # backpressure: wait for the consumer
+                    with st.cond:
+                        while n - st.consumed >= window and not st.cancelled:
+                            st.cond.wait(1.0)
+                            if os.getppid() != self.ppid:
+                                os._exit(0)  # our executor is gone
+                if st.cancelled:
+                    break
+                if plain:
+                    self.current = cid  # fabric.cancel raises Cancelled in the generator's code
+                try:
+                    item = self.await_(gen.__anext__()) if agen else next(gen)
+                except (StopIteration, StopAsyncIteration):
+                    break
+                finally:
+                    self.current = None
+                try:
+                    payload, bufs = serde.dumps_value(item, transfer, store)
+                except SerializationError as e:
+                    return [P.C[P.DONE] + P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
+                            f"item {n} of {name} cannot be pickled: {e}".encode()]
+                del item
+                P.send(sock, [P.C[P.ITEM] + P.pack_result(cid, P.OK, len(bufs)) + n.to_bytes(8, "big"),
+                              payload, *bufs])
+                n += 1
+        finally:
+            self.streams.pop(cid, None)
+            close = getattr(gen, "aclose" if agen else "close", None)
+            if close is not None:  # its finally blocks run now, also when the consumer stopped
+                try:
+                    self.await_(close()) if agen else close()
+                except Exception:  # noqa: BLE001 - the stream's own outcome is what counts
+                    pass
+        payload, bufs = serde.dumps_value(n)
+        self.output.flush_on(sock)
+        return [P.C[P.DONE] + P.pack_result(cid, P.OK, 0, time.perf_counter() - t0), payload]
+
+    def consumed(self, cid, count):
+        """(output thread) The driver has taken ``count`` items of stream ``cid``."""
+        st = self.streams.get(cid)
+        if st is not None:
+            with st.cond:
+                if count > st.consumed:
+                    st.consumed = count
+                    st.cond.notify()
 
     def warm(self, code_hash, code):
         """Load a function's code before its first call (its min_warm), importing its modules."""
@@ -493,6 +575,15 @@ def listen_address(broker: str) -> str:
     except OSError:
         port = 0
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Stream:
+    """A generator call running here: how many items its consumer took; cancelled?"""
+
+    __slots__ = ("consumed", "cancelled", "cond")
+
+    def __init__(self):
+        self.consumed, self.cancelled, self.cond = 0, False, threading.Condition()
 
 
 class _Unloadable:

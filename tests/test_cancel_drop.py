@@ -1,0 +1,194 @@
+"""The broker's side of cancelling a call its worker holds but may not have started (DROP and
+its DROPPED answer, docs/protocol.md §5.1 CANCEL). A real broker and a real driver; the test
+plays the executor and its worker on their real sockets, because the orders that matter (the
+worker's answer before or after the DONE of the call ahead) cannot be forced with a real
+worker. A real worker's side (it drops the call and never runs it) is proved end to end by
+test_errors.py::test_a_cancelled_prefetched_call_gives_cancelled_and_never_runs and the
+instance tests in test_instances.py."""
+import json
+import os
+import time
+
+import pytest
+import zmq
+
+import fabric
+from fabric import protocol as P
+from fabric import serde
+from fabric.client import request
+from fabric.cluster import LocalCluster
+from conftest import wait_for
+
+
+@fabric.fn(retries=0)
+def job(x):
+    return x  # never run: the test's worker answers for it
+
+
+@pytest.fixture
+def played():
+    """A broker with no executor of its own, a driver connected to it, and the test's executor
+    and pool worker (credit 4) registered on it."""
+    fabric.shutdown()
+    c = LocalCluster(cpus=1).start(executor=False)
+    ctx = zmq.Context()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request(c.address, P.STATUS, timeout=1.0)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert time.monotonic() < deadline, "the broker did not start"
+                time.sleep(0.05)
+        x = os.urandom(8)
+        p = Played(ctx, c.address, x)
+        fabric.init(address=c.address)
+        p.warm()
+        yield p
+    finally:
+        fabric.shutdown()
+        ctx.destroy(linger=0)
+        c.stop()
+
+
+class Played:
+    def __init__(self, ctx, address, x):
+        self.address = address
+
+        def dealer(ident):
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.ROUTING_ID, ident)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(address)
+            return s
+
+        self.ex = dealer(b"e" + x)
+        self.ex.send_multipart([P.C[P.EXEC_HELLO], json.dumps({"cpus": 1, "memory": 1 << 30}).encode()])
+        assert self.ex.poll(10000) and self.ex.recv_multipart()[0] == P.C[P.WELCOME]
+        self.wid = b"w" + x + b"\x00\x00\x00\x01"
+        self.w = dealer(self.wid)
+        self.log = dealer(b"l" + x + b"\x00\x00\x00\x01")
+        self.w.send_multipart([P.C[P.READY], json.dumps({"kind": "pool", "pid": os.getpid(), "credit": 4}).encode()])
+
+    def calls(self, n):
+        """The ids of the next ``n`` CALLs sent to the worker (one by one or in BATCHes)."""
+        ids = []
+        while len(ids) < n:
+            assert self.w.poll(20000), f"the worker got {len(ids)} of {n} calls"
+            frames = self.w.recv_multipart()
+            if frames[0][:4] == P.C[P.CALL]:
+                ids.append(frames[0][4:4 + P.ID_LEN])
+            elif frames[0] == P.C[P.BATCH]:
+                ids += [bytes(head[:P.ID_LEN]) for _, head, _ in P.unbatch([zmq.Frame(f) for f in frames])]
+        return ids
+
+    def done(self, cid, value):
+        # the run time it reports, 90 ms, makes ``job`` "medium" for the broker (under
+        # FABRIC_PREFETCH_ONE_BELOW): it prefetches one call behind a job for up to 4 x 90 ms
+        # after that job started, wide enough for two calls submitted back to back on a loaded host
+        payload, bufs = serde.dumps_value(value)
+        self.w.send_multipart([P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), 0.09), payload, *bufs])
+
+    def drop_asked(self):
+        assert self.log.poll(20000), "no DROP reached the worker's output socket"
+        frames = self.log.recv_multipart()
+        assert frames[0] == P.C[P.DROP], frames
+        return frames[1]
+
+    def answer(self, cid, what):
+        self.log.send_multipart([P.C[P.DROPPED], cid, what])
+
+    def warm(self):
+        """Three runs of ``job``: its run time is known, so the broker prefetches it."""
+        for k in range(3):
+            f = job.remote(k)
+            (cid,) = self.calls(1)
+            assert cid == f.id
+            self.done(cid, k)
+            assert f.result(timeout=30) == k
+
+    def head_and_prefetched(self):
+        """Two calls in one burst: the first runs on the worker, the second is prefetched behind it."""
+        head, behind = job.remote("head"), job.remote("behind")
+        assert self.calls(2) == [head.id, behind.id]
+        return head, behind
+
+    def killed(self):
+        while self.ex.poll(10000):
+            m = self.ex.recv_multipart()
+            if m[0] == P.C[P.KILL_WORKER]:
+                return m[1]
+        return None
+
+    def pending(self):
+        return request(self.address, P.STATUS, timeout=5.0)["calls_pending"]
+
+    def stat(self, name):
+        return request(self.address, P.STATUS, timeout=5.0)["stats"][name]
+
+    def answer_read(self, cid, what):
+        """Answer DROP, and wait until the broker has read the answer (its counters say so)."""
+        before = self.stat("drop_too_late")
+        self.answer(cid, what)
+        assert wait_for(lambda: self.stat("drop_too_late") == before + 1, timeout=30)
+
+
+def test_dropped_gives_cancelled_and_frees_the_worker(played):
+    head, behind = played.head_and_prefetched()
+    assert behind.cancel()
+    assert played.drop_asked() == behind.id
+    dropped = played.stat("dropped")
+    played.answer(behind.id, b"d")
+    with pytest.raises(fabric.Cancelled, match="before it ran"):
+        behind.result(timeout=30)
+    assert played.stat("dropped") == dropped + 1
+    played.done(head.id, "head")
+    assert head.result(timeout=30) == "head"
+    nxt = job.remote("next")  # the worker is free again: the next call is sent to it
+    assert played.calls(1) == [nxt.id]
+    played.done(nxt.id, "next")
+    assert nxt.result(timeout=30) == "next" and played.pending() == 0
+
+
+def test_finished_means_its_done_is_its_outcome(played):
+    head, behind = played.head_and_prefetched()
+    assert behind.cancel()
+    assert played.drop_asked() == behind.id
+    played.answer_read(behind.id, b"f")  # it ran already: its DONE (sent after the head's) is on its way
+    played.done(head.id, "head")
+    played.done(behind.id, "it ran")
+    assert head.result(timeout=30) == "head"
+    assert behind.result(timeout=30) == "it ran"
+    assert played.pending() == 0
+
+
+def test_running_before_the_head_is_done_is_cancelled_once_it_is_first(played):
+    """The worker says it runs the call while the DONE of the call ahead has not reached the
+    broker yet: the broker must not kill the worker then (the head's result would be lost
+    and the head rerun): it waits for that DONE, then cancels the call as a running one."""
+    head, behind = played.head_and_prefetched()
+    assert behind.cancel()
+    assert played.drop_asked() == behind.id
+    played.answer_read(behind.id, b"r")  # read before the head's DONE: the order this test is for
+    assert played.pending() == 2
+    assert not played.ex.poll(200)  # no KILL_WORKER: the head's DONE has not come yet
+    played.done(head.id, "head")
+    assert head.result(timeout=30) == "head"
+    with pytest.raises(fabric.Cancelled, match="cancelled while running; its worker was replaced"):
+        behind.result(timeout=30)
+    assert played.killed() == played.wid
+    assert played.pending() == 0
+
+
+def test_a_worker_lost_before_answering_gives_cancelled_not_a_rerun(played):
+    head, behind = played.head_and_prefetched()
+    assert behind.cancel()
+    assert played.drop_asked() == behind.id
+    played.ex.send_multipart([P.C[P.WORKER_DIED], played.wid,
+                              json.dumps({"exitcode": -9, "running": head.id.hex()}).encode()])
+    with pytest.raises(fabric.WorkerCrashed):
+        head.result(timeout=30)  # retries=0: the call it was running is not retried
+    with pytest.raises(fabric.Cancelled, match="its worker ended before it said whether the call had started"):
+        behind.result(timeout=30)
+    assert played.pending() == 0
