@@ -131,12 +131,16 @@ def test_beyond_loopback_refuses_to_start_without_token(gw):
     assert b"refusing to listen on 0.0.0.0 without a token" in out and b"FABRIC_SERVE_TOKEN" in out
 
 
-def test_beyond_loopback_needs_bearer_token_and_never_logs_it(gw, tmp_path):
+@pytest.mark.parametrize("how", ["token-file", "env"])
+def test_beyond_loopback_needs_bearer_token_and_never_logs_it(gw, tmp_path, how):
     port = free_port()
     token = "s3cret-" + os.urandom(8).hex()
     tf = tmp_path / "token"
     tf.write_text(token + "\n")
-    p = gateway_proc(port, {}, "--token-file", str(tf))
+    if how == "env":
+        p = gateway_proc(port, {"FABRIC_SERVE_TOKEN": token})
+    else:
+        p = gateway_proc(port, {}, "--token-file", str(tf))
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -175,3 +179,26 @@ def test_fabric_status_shows_deployments_and_gateway(gw):
     deps = {d["name"]: d for d in mine[0]["deployments"]}
     assert {"elastic", "idem", "once"} <= set(deps)
     assert deps["idem"]["target_replicas"] == 2 and "ongoing_requests" in deps["idem"]
+
+
+def test_serve_run_beyond_loopback_without_token_says_why(tmp_path):
+    code = f"""
+import fabric
+from fabric import serve
+
+@serve.deployment(cpus=0.1)
+def f():
+    return 1
+
+fabric.init(num_cpus=1)
+try:
+    serve.run(f.bind(), name="f", host="0.0.0.0", port={free_port()})
+except RuntimeError as e:
+    print("ERR", e)
+fabric.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "FABRIC_SERVE_TOKEN"}
+    env["FABRIC_HOME"] = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert "ERR the serve gateway exited (2): fabric serve: refusing to listen on 0.0.0.0 without a token" in r.stdout, \
+        r.stdout + r.stderr

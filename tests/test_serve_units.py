@@ -194,3 +194,24 @@ def test_deployment_options_and_bind_checked():
         serve.deployment(type("NoCall", (), {}))
     with pytest.raises(TypeError, match="serve.run"):
         A(1)
+
+
+# ---------------------------------------------------------------- the replica's answers
+class _Fails:
+    def __call__(self, body):
+        raise ValueError(f"bad {body['x']}")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_user_exception_is_500_type_and_message_traceback_only_in_debug(debug):
+    import json
+
+    from fabric.serve.replica import Replica
+
+    (status, body), = Replica(_Fails, (), {}, True, debug).run_many("__call__", [{"x": 7}])
+    got = json.loads(body)
+    assert status == 500 and got["error"] == "ValueError: bad 7"
+    if debug:
+        assert "Traceback (most recent call last)" in got["traceback"] and "raise ValueError" in got["traceback"]
+    else:
+        assert set(got) == {"error"}

@@ -73,8 +73,15 @@ def _start_gateway(address: str, host: str, port: int, embedded: bool, log_dir: 
         rec = state.read(port)
         if rec is not None and rec["pid"] == proc.pid:
             return _Gateway(rec, proc)
-        if proc.poll() is not None:
-            raise RuntimeError(f"the serve gateway exited ({proc.returncode}); see {log_dir}/gateway-{port}.log")
+        if proc.poll() is not None:   # say why (e.g. no token beyond loopback): its last line
+            log = os.path.join(log_dir, f"gateway-{port}.log")
+            try:
+                with open(log, errors="replace") as f:
+                    why = ([ln.strip() for ln in f if ln.strip()] or [""])[-1]
+            except OSError:
+                why = ""
+            raise RuntimeError(f"the serve gateway exited ({proc.returncode})" + (f": {why}" if why else "")
+                               + f"; see {log}")
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"the serve gateway did not start within 60s; see {log_dir}/gateway-{port}.log")
