@@ -20,6 +20,7 @@ import cloudpickle
 from . import config
 from . import protocol as P
 from . import serde
+from . import settings
 from .client import Client, Future, Part, Stream
 from .errors import ConnectionFailed, FabricError, GetTimeout
 from .gangs import GangContext, gang_context
@@ -73,10 +74,11 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
             raise FabricError(f"fabric is already connected to {_state.client.address}; "
                               f"call fabric.shutdown() before connecting to {address}")
         _state.client = None  # a forked child does not inherit its parent's connection
+        settings.reload()  # a driver connects with the environment it has now (FABRIC_ADDRESS, ...)
         if num_cpus is not None:
             _check_number("num_cpus", num_cpus, minimum=1)
         if address is None:
-            address = os.environ.get("FABRIC_ADDRESS") or None
+            address = settings.get().address or None
         if address == "auto":
             address = _recorded_address()
         cluster = None

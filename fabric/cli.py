@@ -22,6 +22,7 @@ import click
 
 from . import config
 from . import protocol as P
+from . import settings
 from .config import pid_alive
 from .errors import FabricError
 
@@ -50,12 +51,13 @@ def _valid_address(address, where="--address"):
 def _address(address):
     if address:
         return _valid_address(address)
-    if os.environ.get("FABRIC_ADDRESS"):
-        return _valid_address(os.environ["FABRIC_ADDRESS"], "FABRIC_ADDRESS")
+    if settings.get().address:
+        return _valid_address(settings.get().address, "FABRIC_ADDRESS")
     rec = _recorded()
     if rec:
-        if rec.get("keys") and not os.environ.get("FABRIC_KEYS"):
+        if rec.get("keys") and not settings.get().keys:
             os.environ["FABRIC_KEYS"] = rec["keys"]  # the keys that cluster was started with
+            settings.reload()
         return rec["address"]
     raise click.ClickException("no fabric cluster is running here: `fabric start` has recorded none. Start one with "
                                "`fabric start --detach`, or reach one elsewhere with --address or FABRIC_ADDRESS")
@@ -77,6 +79,7 @@ def _check_host(host):
 def _use_keys(ctx, param, value):
     if value:  # for this command and every process it starts (they inherit the environment)
         os.environ["FABRIC_KEYS"] = os.path.abspath(os.path.expanduser(value))
+        settings.reload()
     return value
 
 

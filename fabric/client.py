@@ -34,6 +34,7 @@ import zmq
 from . import protocol as P
 from . import security
 from . import serde
+from . import settings
 from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GetTimeout, ProtocolError,
                      SerializationError, TaskTimeout, Unschedulable, WorkerCrashed, GangFailed,
                      MemoryLimitExceeded)
@@ -51,9 +52,9 @@ BATCH_MAX = 64     # submits per BATCH message
 # backpressure: a driver with this many calls awaiting their outcome waits in .remote() until
 # a tenth of them are done, so a loop that submits faster than the cluster runs cannot exhaust
 # memory (about 1 KB per pending call here and in the broker)
-MAX_PENDING = int(os.environ.get("FABRIC_MAX_PENDING", 100_000))
+MAX_PENDING = settings.get().max_pending
 # a fabric.put object at least this big goes to the object store, not into the broker's memory
-PUT_SPILL = int(os.environ.get("FABRIC_PUT_SPILL", 64 << 20))
+PUT_SPILL = settings.get().put_spill
 # a broker silent this long is gone (read when a Client starts): long enough for a supervisor
 # to restart a broker and replay its journal, short enough that nobody waits for ever
 BROKER_TIMEOUT = 30.0
@@ -425,7 +426,7 @@ class Client:
         self.spilled: dict[bytes, list] = {}           # put() id -> store keys of its spilled object
         self.key_refs: dict[str, int] = {}             # store key -> live put()s holding it
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name,
-                              "worker": os.environ.get("FABRIC_WORKER_ID")})  # a nested driver's worker
+                              "worker": settings.get().worker_id})  # a nested driver's worker
         for s in (self.d, self.r):
             security.send_first(s, [P.C[P.HELLO], hello])  # (not sent: refused, poll() says so below)
         for s in (self.d, self.r):
@@ -1003,7 +1004,7 @@ class Client:
 
 
 def _env_seconds(name, default):
-    v = os.environ.get(name)
+    v = settings.of(name)
     if v is None or v == "":
         return default
     try:

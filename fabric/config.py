@@ -1,9 +1,5 @@
-"""Where fabric keeps its files, and the environment variables it reads.
-
-    FABRIC_ADDRESS   the broker a driver connects to (else an embedded cluster is started)
-    FABRIC_HOME      fabric's data folder (default: $XDG_DATA_HOME/fabric or ~/.local/share/fabric)
-    FABRIC_STORE     the object store URL (see fabric.storage)
-    FABRIC_KEYS      the CurveZMQ keys folder (default: DATA/keys, see fabric.security)
+"""Where fabric keeps its files. The environment variables fabric reads are in
+:mod:`fabric.settings` (and docs/settings.md).
 
 Everything fabric writes is owner-only whatever the umask (docs/security.md): its folders
 0700, its files 0600. The user's driver keeps its umask (it is the user's process), so fabric
@@ -15,6 +11,8 @@ from __future__ import annotations
 
 import os
 import time
+
+from . import settings
 
 UMASK = 0o077
 
@@ -48,8 +46,8 @@ def private_umask() -> None:
 def user_umask() -> None:
     """In a worker: back to the user's umask (``FABRIC_USER_UMASK``) for the user's code."""
     try:
-        os.umask(int(os.environ[USER_UMASK], 8))
-    except (KeyError, ValueError):
+        os.umask(int(settings.get().user_umask or "", 8))
+    except ValueError:  # unset or not octal: keep fabric's
         pass
 
 
@@ -95,7 +93,7 @@ def _default_data_dir() -> str:
 def data_dir() -> str:
     """fabric's data folder, made 0700 on first use. The default one (not a FABRIC_HOME the
     user chose) is also tightened if an older fabric left it open to others."""
-    home = os.environ.get("FABRIC_HOME")
+    home = settings.get().home
     if home:
         return private_dir(home)
     home = private_dir(_default_data_dir())

@@ -56,6 +56,7 @@ import weakref
 import zmq
 
 from . import config
+from . import settings
 from .errors import ConnectionFailed, FabricError
 
 ENV = "FABRIC_KEYS"
@@ -71,7 +72,7 @@ log = logging.getLogger("fabric.security")
 # ----------------------------------------------------------------------------- the keys directory
 def explicit_dir() -> str | None:
     """The keys directory ``FABRIC_KEYS`` names (None when unset or ``none``)."""
-    path = os.environ.get(ENV, "").strip()
+    path = (settings.get().keys or "").strip()
     if not path or path.lower() in OFF:
         return None
     return os.path.abspath(os.path.expanduser(path))
@@ -79,8 +80,9 @@ def explicit_dir() -> str | None:
 
 def keyless() -> bool:
     """Keys turned off on purpose: ``FABRIC_KEYS=none``, or the insecure opt-in without keys."""
-    path = os.environ.get(ENV, "").strip()
-    return path.lower() in OFF if path else bool(os.environ.get(INSECURE))
+    s = settings.get()
+    path = (s.keys or "").strip()
+    return path.lower() in OFF if path else s.allow_insecure_remote
 
 
 def keys_dir(address: str | None = None) -> str | None:

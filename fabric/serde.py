@@ -36,11 +36,12 @@ import types
 import cloudpickle
 
 from . import config
+from . import settings
 from .errors import RemoteError, RemoteTraceback, SerializationError
 from .protocol import STORE_RESULT
 
-SHM_THRESHOLD = int(os.environ.get("FABRIC_SHM_THRESHOLD", 1 << 20))
-SHM_ARENA = int(os.environ.get("FABRIC_SHM_ARENA", 128 << 20))  # pre-faulted shared memory per driver
+SHM_THRESHOLD = settings.get().shm_threshold
+SHM_ARENA = settings.get().shm_arena  # pre-faulted shared memory per driver
 STORE_THRESHOLD = 8 << 20  # default of FABRIC_STORE_THRESHOLD
 TRANSFER_MODES = ("auto", "store", "broker")
 HOST = socket.gethostname()
@@ -178,7 +179,7 @@ class ShmPool:
     (default 128 MiB, 0 for none) allocated and mapped in a background thread, with the GIL
     released: the first large argument finds its pages ready, as later ones find reused ones."""
 
-    def __init__(self, directory: str, keep_bytes: int = int(os.environ.get("FABRIC_SHM_POOL", 1 << 30)),
+    def __init__(self, directory: str, keep_bytes: int = settings.get().shm_pool,
                  arena: int | None = None):
         self.dir, self.keep = directory, keep_bytes
         self.free: list[tuple[int, str, mmap.mmap]] = []
@@ -187,7 +188,7 @@ class ShmPool:
         self.arena_path = None
         self.arena_thread = None
         if arena is None:  # a worker making nested calls is a driver too, but a short-lived one
-            arena = 0 if os.environ.get("FABRIC_EXECUTOR_PID") else SHM_ARENA
+            arena = 0 if settings.get().executor_pid else SHM_ARENA
         sweep_shm(directory)
         if arena > 0:
             self.arena_path = self._path()
@@ -421,7 +422,7 @@ def loads_value(payload, buffers):
 # --- large objects through the object store ---------------------------------------------
 def transfer_mode() -> str:
     """``FABRIC_TRANSFER``: ``auto`` (default), ``store`` or ``broker``."""
-    mode = (os.environ.get("FABRIC_TRANSFER") or "auto").strip().lower()
+    mode = (settings.get().transfer or "auto").strip().lower()
     if mode not in TRANSFER_MODES:
         raise ValueError(f"FABRIC_TRANSFER must be one of {', '.join(TRANSFER_MODES)}, got {mode!r}")
     return mode
@@ -430,7 +431,7 @@ def transfer_mode() -> str:
 def store_threshold() -> int:
     """``FABRIC_STORE_THRESHOLD``: bytes (or a size like ``'8MiB'``) from which a payload
     travels through the object store; at least 1."""
-    raw = os.environ.get("FABRIC_STORE_THRESHOLD")
+    raw = settings.get().store_threshold
     if not raw:
         return STORE_THRESHOLD
     from .resources import parse_memory
@@ -445,7 +446,7 @@ def store_threshold() -> int:
 def store_configured() -> bool:
     """Whether this process was given a cluster store (``FABRIC_STORE`` or
     ``fabric.init(store=...)``), rather than falling back to a folder of its own."""
-    if os.environ.get("FABRIC_STORE"):
+    if settings.get().store:
         return True
     st = sys.modules.get("fabric.storage")
     return st is not None and getattr(st, "_default", None) is not None

@@ -25,6 +25,26 @@ def pytest_sessionfinish(session, exitstatus):
             shutil.rmtree(_OWN_HOME, ignore_errors=True)
 
 import fabric  # noqa: E402
+from fabric import settings as _settings  # noqa: E402
+
+
+def _then_reload(name):
+    """fabric reads its FABRIC_* settings once (fabric/settings.py): a test's monkeypatch.setenv/
+    delenv, and their undo, re-read them, so that in-process code sees what the test set."""
+    orig = getattr(pytest.MonkeyPatch, name)
+
+    def patched(self, *args, **kwargs):
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            _settings.reload()
+
+    patched.__wrapped__ = orig
+    return patched
+
+
+for _name in ("setenv", "delenv", "undo"):
+    setattr(pytest.MonkeyPatch, _name, _then_reload(_name))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import pytest
 
 import fabric
 from conftest import free_port, wait_for
-from fabric import ml
+from fabric import ml, settings
 
 FABRIC = [sys.executable, "-m", "fabric.cli"]
 
@@ -35,6 +35,7 @@ def started(tmp_path_factory):
         fabric.shutdown()
         old = os.environ.get("FABRIC_HOME")
         os.environ["FABRIC_HOME"] = home  # this driver finds the cluster's keys there
+        settings.reload()
         fabric.init(address=address)
         yield {"address": address, "status": status}
     finally:
@@ -43,6 +44,7 @@ def started(tmp_path_factory):
             os.environ.pop("FABRIC_HOME", None)
         else:
             os.environ["FABRIC_HOME"] = old
+        settings.reload()
         second.terminate()
         second.wait(10)
         subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, timeout=60)

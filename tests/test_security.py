@@ -21,6 +21,7 @@ import zmq
 
 import fabric
 from fabric import protocol as P
+from fabric import settings
 from fabric.errors import ConnectionFailed, FabricError
 from conftest import REPO, free_port, run_script, wait_for
 
@@ -51,6 +52,7 @@ def keys_env(path):
         os.environ.pop("FABRIC_KEYS", None)
     else:
         os.environ["FABRIC_KEYS"] = path
+    settings.reload()
     try:
         yield
     finally:
@@ -58,6 +60,7 @@ def keys_env(path):
             os.environ.pop("FABRIC_KEYS", None)
         else:
             os.environ["FABRIC_KEYS"] = old
+        settings.reload()
 
 
 def status(address, keys, timeout=3.0):
@@ -378,6 +381,7 @@ def test_embedded_cluster_with_keys_encrypts_its_ipc_socket(keys):
     code = """
 import os, fabric
 from fabric import protocol as P
+from fabric import settings
 from fabric.client import request
 info = fabric.init(num_cpus=1)
 @fabric.fn
@@ -385,6 +389,7 @@ def sq(x):
     return x * x
 print("SUM", sum(fabric.get([sq.remote(i) for i in range(10)])))
 os.environ.pop("FABRIC_KEYS")
+fabric.settings.reload()
 try:
     request(info["address"], P.STATUS, timeout=5)
     print("PLAIN ACCEPTED")

@@ -7,13 +7,13 @@ with SIGKILL is back within a second and its drivers and executors reconnect on 
 """
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
 import time
 
 from .. import config
+from .. import settings
 from .core import Broker
 
 
@@ -27,7 +27,7 @@ def supervise(argv, log):
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    first = float(os.environ.get("FABRIC_RESTART_BACKOFF", 0.2))  # seconds before the first restart
+    first = settings.get().restart_backoff  # seconds before the first restart
     restarts, backoff, quick = 0, first, 0
     while True:
         started = time.monotonic()

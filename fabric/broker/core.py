@@ -44,6 +44,7 @@ import zmq
 from .. import protocol as P
 from .. import config
 from .. import security
+from .. import settings
 from .gangs import GangScheduling
 from .journal import COMPACT_BYTES
 from .state import (DONE, EPS, QUEUED, RUNNING, SPAWNING, Actor, Call, Executor, FnInfo,
@@ -53,15 +54,16 @@ from ..errors import FabricError, ProtocolError
 
 log = logging.getLogger("fabric.broker")
 
-HEARTBEAT_TIMEOUT = float(os.environ.get("FABRIC_HEARTBEAT_TIMEOUT", 10.0))
-DRIVER_TIMEOUT = float(os.environ.get("FABRIC_DRIVER_TIMEOUT", 30.0))  # a silent driver is gone
-NO_EXECUTOR_GRACE = float(os.environ.get("FABRIC_NO_EXECUTOR_GRACE", 30.0))
-PREFETCH_BELOW = float(os.environ.get("FABRIC_PREFETCH_BELOW", 0.005))  # seconds
-PREFETCH_ONE_BELOW = float(os.environ.get("FABRIC_PREFETCH_ONE_BELOW", 0.1))  # seconds
-ACTOR_PIPELINE = int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000))
+_S = settings.get()
+HEARTBEAT_TIMEOUT = _S.heartbeat_timeout
+DRIVER_TIMEOUT = _S.driver_timeout  # a silent driver is gone
+NO_EXECUTOR_GRACE = _S.no_executor_grace
+PREFETCH_BELOW = _S.prefetch_below  # seconds
+PREFETCH_ONE_BELOW = _S.prefetch_one_below  # seconds
+ACTOR_PIPELINE = _S.actor_pipeline
 # the most calls the broker holds for all drivers together; beyond it, submits are refused (each
 # driver also slows itself at FABRIC_MAX_PENDING, so only many drivers at once reach this)
-MAX_CALLS = int(os.environ.get("FABRIC_MAX_CALLS", 2_000_000))
+MAX_CALLS = _S.max_calls
 DEP_ASKS = 4  # rejoins asked for one missing Future argument before a call needing it is refused
 
 class _NeedCode(Exception):
@@ -89,8 +91,8 @@ class Broker(GangScheduling):
         s.setsockopt(zmq.SNDHWM, 0)
         s.setsockopt(zmq.RCVHWM, 0)
         s.setsockopt(zmq.LINGER, 0)
-        if not security.configured() and not config.is_local_address(address) and not os.environ.get(
-                security.INSECURE):
+        if not (security.configured() or config.is_local_address(address)
+                or settings.get().allow_insecure_remote):
             s.close()
             raise FabricError(f"refusing to listen on {address}: a fabric broker runs any code it is sent, so "
                               f"without a keys directory given on purpose it listens on loopback or ipc:// only. "

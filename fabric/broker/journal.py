@@ -26,13 +26,15 @@ import logging
 import os
 import struct
 
+from .. import settings
+
 log = logging.getLogger("fabric.broker")
 
 CODE, CALL, OUTCOME, FORGET = 1, 2, 3, 4
 _REC = struct.Struct("<IBH")
 _LEN = struct.Struct("<I")
-COMPACT_BYTES = int(os.environ.get("FABRIC_JOURNAL_COMPACT_BYTES", 64 << 20))
-MAX_RECORD = int(os.environ.get("FABRIC_JOURNAL_MAX_RECORD", 16 << 20))  # bigger calls: drivers re-send
+COMPACT_BYTES = settings.get().journal_compact_bytes
+MAX_RECORD = settings.get().journal_max_record  # bigger calls: drivers re-send
 
 
 def encode(kind: int, frames) -> bytes:

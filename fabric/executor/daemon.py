@@ -27,17 +27,18 @@ import zmq
 from .. import protocol as P
 from .. import security
 from .. import config
+from .. import settings
 from ..config import pid_alive
 from ..resources import parse_memory
 from .gpus import detect_gpus, parse_gpu_list
 
 log = logging.getLogger("fabric.executor")
 
-HEARTBEAT_EVERY = float(os.environ.get("FABRIC_HEARTBEAT_EVERY", 1.0))
+HEARTBEAT_EVERY = settings.get().heartbeat_every
 # when the host has less than this fraction of its memory available, the largest worker is
 # stopped (its call fails with MemoryLimitExceeded) before the kernel's OOM killer or swapping
 # freezes the host
-MEMORY_RESERVE = float(os.environ.get("FABRIC_MEMORY_RESERVE", 0.05))
+MEMORY_RESERVE = settings.get().memory_reserve
 RUN_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
@@ -56,7 +57,7 @@ class ExecutorDaemon:
         self.labels = dict(labels or {})
         self.parent_pid = parent_pid
         self.log_file = log_file
-        self.prefetch = int(prefetch or os.environ.get("FABRIC_PREFETCH", 16))
+        self.prefetch = int(prefetch or settings.get().prefetch)
         self.procs: dict[int, tuple] = {}   # n -> (Popen, kind, token)
         self.oom_killed: set[int] = set()   # workers stopped because the host ran low on memory
         self.rejoined = 0.0                 # when this executor last joined a restarted broker

@@ -3,14 +3,15 @@ the scheduling logic can be exercised on machines without a GPU."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
 
+from .. import settings
+
 
 def detect_gpus() -> list[int]:
-    forced = os.environ.get("FABRIC_GPUS")
+    forced = settings.get().gpus
     if forced is not None:
         return parse_gpu_list(forced)
     if shutil.which("nvidia-smi"):

@@ -33,9 +33,10 @@ from .. import protocol as P
 from .. import security
 from .. import gangs as _gang
 from .. import serde
+from .. import settings
 from ..errors import SerializationError
 
-LOG_RATE = int(os.environ.get("FABRIC_LOG_RATE", 256 * 1024))  # bytes per second per worker
+LOG_RATE = settings.get().log_rate  # bytes per second per worker
 
 
 def _die_with_parent():
@@ -47,10 +48,10 @@ def _die_with_parent():
         pass
 
 
-MEMORY_POLL = float(os.environ.get("FABRIC_MEMORY_POLL", 0.02))  # seconds between memory checks
+MEMORY_POLL = settings.get().memory_poll  # seconds between memory checks
 # ids of the last calls begun, kept to answer DROP ("finished"): more than any worker's credit,
 # so a call whose DONE the broker has not read yet is always among them
-BEGUN_KEEP = max(4096, 2 * int(os.environ.get("FABRIC_ACTOR_PIPELINE", 1000)))
+BEGUN_KEEP = max(4096, 2 * settings.get().actor_pipeline)
 
 class OutputChannel:
     """Collects what user code prints and ships it to the drivers, rate-limited."""
@@ -200,10 +201,11 @@ class Worker:
         self.begun_at = 0
         self.output.on_drop = self.drop
         os.environ["FABRIC_WORKER_ID"] = self.ident.hex()  # a nested driver names its worker in HELLO
+        s = settings.reload()
         sys.stdout = _Tee(sys.stdout, self.output)
         sys.stderr = _Tee(sys.stderr, self.output)
-        self.ppid = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0) or os.getppid()
-        self.mark = _run_file(os.environ.get("FABRIC_RUN_FILE"))
+        self.ppid = int(s.executor_pid or 0) or os.getppid()
+        self.mark = _run_file(s.run_file)
 
     def serve(self):
         ready = {"kind": self.kind, "pid": os.getpid(), "credit": self.credit}
@@ -558,8 +560,8 @@ def listen_address(broker: str) -> str:
     """``"host:port"`` where this process could listen: the address of this host that routes
     to the broker (``FABRIC_NODE_IP`` overrides it; loopback for an ``ipc://`` or loopback
     broker), and a port that is free now. Gang members get their peers' (docs/gangs.md)."""
-    host = os.environ.get("FABRIC_NODE_IP") or "127.0.0.1"
-    if not os.environ.get("FABRIC_NODE_IP") and broker.startswith("tcp://"):
+    host = settings.get().node_ip or "127.0.0.1"
+    if not settings.get().node_ip and broker.startswith("tcp://"):
         bhost = broker[6:].rpartition(":")[0].strip("[]")
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(bhost, 1, type=socket.SOCK_DGRAM)[0]
@@ -611,7 +613,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     config.user_umask()  # user code keeps the user's umask; what fabric writes here has explicit modes
     _die_with_parent()
-    executor = int(os.environ.get("FABRIC_EXECUTOR_PID") or 0)
+    executor = int(settings.get().executor_pid or 0)
     if executor and os.getppid() != executor:  # it died before the death signal was armed
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver's terminal

@@ -23,13 +23,15 @@ import secrets
 import socket
 import threading
 
+from fabric import settings
+
 _HOST = socket.gethostname()
 _swept = False
 _lock = threading.Lock()
 
 
 def block_dir() -> str:
-    d = os.environ.get("FABRIC_ML_BLOCK_DIR")
+    d = settings.get().ml_block_dir
     if not d:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else __import__("tempfile").gettempdir()
         d = os.path.join(base, f"fabric-ml-{os.getuid()}")
@@ -49,7 +51,7 @@ _STORE = "store:"
 
 
 def _store_mode() -> bool:
-    mode = os.environ.get("FABRIC_ML_BLOCKS", "shm")
+    mode = settings.get().ml_blocks
     if mode not in ("shm", "store"):
         raise ValueError(f"FABRIC_ML_BLOCKS must be 'shm' or 'store', got {mode!r}")
     return mode == "store"

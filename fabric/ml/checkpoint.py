@@ -13,6 +13,8 @@ import os
 import shutil
 import tempfile
 
+from fabric import settings
+
 __all__ = ["Checkpoint", "save_preprocessor", "load_preprocessor", "METADATA_FILE", "PREPROCESSOR_FILE"]
 
 METADATA_FILE = "fabric_checkpoint.json"
@@ -27,7 +29,7 @@ def storage_options_for(url: str, given: dict | None = None) -> dict:
     """fsspec options for ``url``: ``given``, else the cluster store's when ``url`` is inside it."""
     if given is not None:
         return dict(given)
-    store = os.environ.get("FABRIC_STORE")
+    store = settings.get().store
     if store and url.startswith(store.rstrip("/")):
         from fabric.storage import _env_options
 

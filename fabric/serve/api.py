@@ -10,6 +10,7 @@ import sys
 import time
 
 import fabric
+from fabric import settings
 
 from . import state
 from .deployment import Application, Deployment
@@ -41,7 +42,7 @@ _gw: _Gateway | None = None
 
 
 def _auth():
-    t = os.environ.get("FABRIC_SERVE_TOKEN")
+    t = settings.get().serve_token
     return {"authorization": f"Bearer {t}"} if t else {}
 
 
@@ -131,8 +132,8 @@ def run(app, *, name: str = "default", route_prefix: str | None = "/", host: str
     info = fabric.init()
     gw = _gateway(required=False)
     if gw is None:
-        gw = _gw = _start_gateway(info["address"], host or os.environ.get("FABRIC_SERVE_HOST", DEFAULT_HOST),
-                                  port or int(os.environ.get("FABRIC_SERVE_PORT", DEFAULT_PORT)),
+        gw = _gw = _start_gateway(info["address"], host or settings.get().serve_host or DEFAULT_HOST,
+                                  port or settings.get().serve_port or DEFAULT_PORT,
                                   info["embedded"], info.get("log_dir"))
     path = state.save_spec(spec)
     try:  # a redeploy of ``name`` rolls: the gateway answers once the new version serves (or could not)

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import fabric
+from fabric import settings
 
 from . import oip, state
 from .controller import Runtime, err
@@ -420,7 +421,7 @@ def read_token(token_file: str | None) -> str | None:
         if not t:
             raise SystemExit(f"fabric serve: token file {token_file} is empty")
         return t
-    return os.environ.get("FABRIC_SERVE_TOKEN") or None
+    return settings.get().serve_token or None
 
 
 def main(argv=None):
@@ -439,8 +440,8 @@ def main(argv=None):
         print(f"fabric serve: refusing to listen on {a.host} without a token: set FABRIC_SERVE_TOKEN or pass "
               f"--token-file (requests must then send 'Authorization: Bearer <token>')", file=sys.stderr)
         raise SystemExit(2)
-    address = a.address or os.environ.get("FABRIC_ADDRESS") or "auto"
-    debug = a.debug or os.environ.get("FABRIC_SERVE_DEBUG") == "1"
+    address = a.address or settings.get().address or "auto"
+    debug = a.debug or settings.get().serve_debug == "1"
     gw = Gateway(address, a.host, a.port, token, debug=debug)
     import uvicorn
 

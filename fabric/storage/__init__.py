@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 
+from .. import settings
+
 from .objects import CorruptObject
 from .store import (
     InvalidStoreURL,
@@ -49,7 +51,7 @@ def set_default(store: str | os.PathLike | Store | None, **storage_options) -> S
 
 def default() -> Store:
     """The store fabric uses for checkpoints, datasets and artifacts."""
-    url = os.environ.get("FABRIC_STORE")
+    url = settings.get().store
     if url:
         return Store(url, **_env_options())
     if _default is not None:
@@ -60,14 +62,15 @@ def default() -> Store:
 def default_local_path() -> str:
     """Where the fallback store lives: in fabric's data folder, ``$FABRIC_HOME/store``, else
     ``$XDG_DATA_HOME/fabric/store`` (or ``~/.local/share/fabric/store``)."""
-    if os.environ.get("FABRIC_HOME"):  # one data folder for logs, journal, keys and the store
-        return os.path.join(os.environ["FABRIC_HOME"], "store")
+    home = settings.get().home
+    if home:  # one data folder for logs, journal, keys and the store
+        return os.path.join(home, "store")
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data, "fabric", "store")
 
 
 def _env_options() -> dict:
-    raw = os.environ.get("FABRIC_STORE_OPTIONS")
+    raw = settings.get().store_options
     if not raw:
         return {}
     try:

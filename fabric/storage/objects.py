@@ -33,6 +33,7 @@ import socket
 import time
 from contextlib import contextmanager
 
+from .. import settings
 from .store import KeyNotFound, StorageError
 
 PREFIX = "objects/"
@@ -56,18 +57,18 @@ def _size(value, default: int) -> int:
 
 def cache_dir() -> str:
     """This host's cache folder of large objects."""
-    d = os.environ.get("FABRIC_CACHE_DIR")
-    if d:
-        return d
-    if os.environ.get("FABRIC_HOME"):  # all of fabric's files in one place when that is asked for
-        return os.path.join(os.environ["FABRIC_HOME"], "cache", "objects")
+    s = settings.get()
+    if s.cache_dir:
+        return s.cache_dir
+    if s.home:  # all of fabric's files in one place when that is asked for
+        return os.path.join(s.home, "cache", "objects")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "fabric", "objects")
 
 
 def cache_bytes() -> int:
     """How many bytes the cache may hold before its least recently used objects go."""
-    return _size(os.environ.get("FABRIC_CACHE_BYTES"), DEFAULT_CACHE_BYTES)
+    return _size(settings.get().cache_bytes, DEFAULT_CACHE_BYTES)
 
 
 def key_of(data) -> str:

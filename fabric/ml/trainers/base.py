@@ -34,6 +34,7 @@ import uuid
 from typing import Any, Callable
 
 import fabric
+from fabric import settings
 
 from .. import checkpoint as ck
 from ..checkpoint import Checkpoint
@@ -44,7 +45,7 @@ from ..session import Session, StopTraining, TrainContext, bind
 log = logging.getLogger("fabric.ml")
 
 RECORD = "fabric_run.json"
-REPORT_TIMEOUT = float(os.environ.get("FABRIC_ML_REPORT_TIMEOUT", 3600))  # s a rank waits for the others
+REPORT_TIMEOUT = settings.get().ml_report_timeout  # s a rank waits for the others
 
 __all__ = ["DataParallelTrainer", "TrainingFailedError", "load_result"]
 
@@ -290,7 +291,7 @@ def _run_member(trainer: "DataParallelTrainer", p: dict):
     return {"rank": g.rank, "stopped": stopped, "iterations": sess.iteration}
 
 
-PEER_GRACE = float(os.environ.get("FABRIC_ML_PEER_GRACE", 3.0))
+PEER_GRACE = settings.get().ml_peer_grace
 
 
 def _maybe_peer_failure(e: BaseException) -> bool:
