@@ -78,11 +78,28 @@ def test_xgboost_export_folds_the_preprocessor_and_records_parity(xgb_ckpt):
     booster.feature_names = None
     want = booster.predict(xgb.DMatrix(pre.transform_batch(fresh)[feats].to_numpy(np.float32)))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # OnnxPredictor over a DataFrame (label column tolerated) gives the same
+    # OnnxPredictor over a DataFrame (label column tolerated) gives the same, in the column
+    # XGBoostPredictor gives (P(class 1) for binary:logistic)
     pred = OnnxPredictor.from_checkpoint(out)
     res = pred.predict(fresh)
-    np.testing.assert_allclose(np.stack(res["probabilities"])[:, 1], want, rtol=1e-5, atol=1e-6)
-    assert list(res.columns) == ["label", "probabilities"]
+    assert list(res.columns) == ["predictions"] and meta["predictions"]["output"] == "probabilities"
+    np.testing.assert_allclose(res["predictions"].to_numpy(), want, rtol=1e-5, atol=1e-6)
+    native = ml.XGBoostPredictor.from_checkpoint(ck).predict(fresh)
+    assert list(native.columns) == list(res.columns)
+    np.testing.assert_allclose(res["predictions"].to_numpy(), native["predictions"].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert set(pred.predict({c: fresh[c].to_numpy() for c in fresh.columns})) == {"predictions"}
+    # the graph's own outputs, by their ONNX names, as predict gave them before
+    graph = OnnxPredictor.from_checkpoint(out, outputs="graph").predict(fresh)
+    assert list(graph.columns) == ["label", "probabilities"]
+    np.testing.assert_allclose(np.stack(graph["probabilities"])[:, 1], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="outputs must be 'predictions'"):
+        OnnxPredictor.from_checkpoint(out, outputs="all")
+    # an export made before the metadata named its predictions output: inferred from the names
+    old = dict(meta)
+    del old["predictions"]
+    with out.as_directory() as d, open(os.path.join(d, "model.onnx"), "rb") as f:
+        legacy = OnnxPredictor(f.read(), metadata=old)
+    np.testing.assert_allclose(legacy.predict(fresh)["predictions"].to_numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_export_without_folding_keeps_the_preprocessor_beside(xgb_ckpt):
@@ -93,7 +110,7 @@ def test_export_without_folding_keeps_the_preprocessor_beside(xgb_ckpt):
     assert out.exists("preprocessor.pkl")
     a = OnnxPredictor.from_checkpoint(out).predict(df.head(20))
     b = OnnxPredictor.from_checkpoint(ml.export_onnx(ck, sample=df)).predict(df.head(20))
-    np.testing.assert_allclose(np.stack(a["probabilities"]), np.stack(b["probabilities"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["predictions"].to_numpy(), b["predictions"].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_xgboost_multiclass_without_sample(tmp_path):
@@ -107,7 +124,7 @@ def test_xgboost_multiclass_without_sample(tmp_path):
     out = ml.export_onnx(ck)   # random rows of the booster's width
     meta = out.get_metadata()
     assert meta["input_names"] == ["input"] and meta["parity_rows"] == 64
-    probs = OnnxPredictor.from_checkpoint(out).predict(x[:10])["probabilities"]
+    probs = OnnxPredictor.from_checkpoint(out).predict(x[:10])["predictions"]   # every class's, as native
     np.testing.assert_allclose(probs, b.predict(xgb.DMatrix(x[:10])), rtol=1e-5, atol=1e-6)
 
 
@@ -132,7 +149,7 @@ def test_torch_export_has_a_dynamic_batch_and_folds_a_concatenator(tmp_path):
     pred = OnnxPredictor.from_checkpoint(out)
     for n in (1, 257):   # any batch size, not only the sample's
         batch = raw_frame(n, seed=n)
-        got = np.stack(pred.predict(batch)["output"])
+        got = np.stack(pred.predict(batch)["predictions"])
         x = np.stack(pre.transform_batch(batch)["x"].to_numpy()).astype(np.float32)
         with torch.no_grad():
             want = model(torch.from_numpy(x)).numpy()
@@ -149,7 +166,8 @@ def test_batch_predictor_with_onnx_over_a_dataset(xgb_ckpt):
     got = res.to_pandas()
     assert len(got) == 600
     local = OnnxPredictor.from_checkpoint(out).predict(raw_frame(600, seed=3).drop(columns=["y"]))
-    np.testing.assert_allclose(np.stack(got["probabilities"]), np.stack(local["probabilities"]), rtol=1e-6)
+    assert list(got.columns) == ["predictions"]
+    np.testing.assert_allclose(got["predictions"].to_numpy(), local["predictions"].to_numpy(), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ TensorFlow / Keras
@@ -166,7 +184,7 @@ def test_keras_export_and_an_op_with_no_onnx_form(tmp_path):
     out = ml.export_onnx(ck, sample=pd.DataFrame(x, columns=list("abcd")))
     meta = out.get_metadata()
     assert meta["input_names"] == ["a", "b", "c", "d"] and meta["parity_max_abs_diff"] < 1e-5
-    got = np.stack(OnnxPredictor.from_checkpoint(out).predict(pd.DataFrame(x[:7], columns=list("abcd")))["output"])
+    got = np.stack(OnnxPredictor.from_checkpoint(out).predict(pd.DataFrame(x[:7], columns=list("abcd")))["predictions"])
     np.testing.assert_allclose(got, model.predict(x[:7], verbose=0), rtol=1e-5, atol=1e-5)
 
     # tf2onnx has no conversion for Bucketize: keras' export only logs that and writes the file

@@ -1,7 +1,10 @@
 """TensorflowTrainer: 2 workers on the embedded cluster with MultiWorkerMirroredStrategy (TF_CONFIG
-from the gang), the Keras callback's reports and checkpoints, then the checkpoint exported to ONNX
-and predicted with TensorflowPredictor and OnnxPredictor."""
+from the gang): a custom step on plain tf.Variables, and plain Keras ``compile(); fit()`` with the
+callback's reports and checkpoints (fabric.ml.tensorflow.fix_keras_multi_worker mends Keras 3's
+fit under MWMS), then the checkpoint exported to ONNX and predicted with TensorflowPredictor and
+OnnxPredictor."""
 import importlib.util
+import json
 
 import numpy as np
 import pandas as pd
@@ -26,8 +29,8 @@ def frame(n=256, seed=0):
 
 
 def mwms_loop(config):
-    """MultiWorkerMirroredStrategy with a custom step: Keras 3.15's model.fit under MWMS fails in
-    its symbolic build (a reduce of the input batch: 'PerReplica ... to a Tensor'), see docs/onnx.md."""
+    """MultiWorkerMirroredStrategy with a custom step on plain tf.Variables: the TF_CONFIG ring
+    without Keras in the way."""
     import json
     import os
     import tempfile
@@ -43,9 +46,7 @@ def mwms_loop(config):
     with strategy.scope():   # plain tf.Variables: Keras 3's own variables do not mirror under MWMS
         w = tf.Variable(tf.zeros((2, 1)))
         b = tf.Variable(tf.zeros((1,)))
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF  # a shard already
-    data = ml.get_dataset_shard("train").to_tf("x", "y", batch_size=32).with_options(options)
+    data = ml.get_dataset_shard("train").to_tf("x", "y", batch_size=32)  # auto-shard OFF: a shard already
     dist = strategy.experimental_distribute_dataset(data)
     lr = config["lr"]
 
@@ -71,16 +72,29 @@ def mwms_loop(config):
 
 
 def fit_loop(config):
+    """Plain Keras, as in TensorFlow's multi-worker tutorial: the model built and compiled in the
+    strategy's scope, then fit() on this worker's shard with fabric's callback."""
+    import json
+    import os
+
     import keras
+    import numpy as np
+    import tensorflow as tf
 
     from fabric import ml
     from fabric.ml.tensorflow import ReportCheckpointCallback
 
-    inp = keras.Input((2,), name="x")
-    model = keras.Model(inp, keras.layers.Dense(1)(inp))
-    model.compile(optimizer=keras.optimizers.SGD(config["lr"]), loss="mse")
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        inp = keras.Input((2,), name="x")
+        model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Dense(8, activation="relu")(inp)))
+        model.compile(optimizer=keras.optimizers.Adam(config["lr"]), loss="mse", metrics=["mae"])
     data = ml.get_dataset_shard("train").to_tf("x", "y", batch_size=32)
-    model.fit(data, epochs=config["epochs"], verbose=0, callbacks=[ReportCheckpointCallback(metrics=["loss"])])
+    model.fit(data, epochs=config["epochs"], verbose=0, callbacks=[ReportCheckpointCallback(metrics=["loss", "mae"])])
+    rank = ml.get_context().get_world_rank()
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"replicas": strategy.num_replicas_in_sync,
+                   "weights": [np.asarray(w).ravel().tolist() for w in model.get_weights()]}, f)
 
 
 def pre():
@@ -97,26 +111,35 @@ def test_two_workers_with_multi_worker_mirrored_strategy(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
-def test_keras_fit_callback_checkpoint_predict_and_export(tmp_path):
+def test_keras_fit_on_two_workers_callback_checkpoint_predict_and_export(tmp_path):
+    """Each rank's shard differs; MWMS all-reduces the gradients, so both ranks end with the same
+    weights, and those fit the whole data."""
     df = frame()
-    trainer = ml.TensorflowTrainer(fit_loop, train_loop_config={"lr": 0.1, "epochs": 3},
+    trainer = ml.TensorflowTrainer(fit_loop, train_loop_config={"lr": 0.05, "epochs": 4, "out": str(tmp_path)},
                                    datasets={"train": ml.from_pandas(df)}, preprocessor=pre(),
-                                   scaling_config=ml.ScalingConfig(num_workers=1),
-                                   run_config=ml.RunConfig(name="tf1", storage_path=str(tmp_path)))
+                                   scaling_config=ml.ScalingConfig(num_workers=2),
+                                   run_config=ml.RunConfig(name="tfk", storage_path=str(tmp_path)))
     result = trainer.fit()
-    losses = result.metrics_dataframe["loss"].tolist()
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    hist = result.metrics_dataframe
+    assert len(hist) == 4 and hist["loss"].iloc[-1] < hist["loss"].iloc[0] and "mae" in hist.columns
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["replicas"] == ranks[1]["replicas"] == 2
+    for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     ck = result.checkpoint
     assert ck.get_metadata()["framework"] == "tensorflow" and ck.exists("model.keras")
 
-    native = ml.TensorflowPredictor.from_checkpoint(ck).predict(df.head(20).drop(columns=["y"]))
-    assert len(native) == 20 and "predictions" in native.columns
+    native = ml.TensorflowPredictor.from_checkpoint(ck).predict(df.drop(columns=["y"]))
+    assert len(native) == len(df) and list(native.columns) == ["predictions"]
+    mse = float(np.mean((native["predictions"].to_numpy() - df["y"].to_numpy()) ** 2))
+    assert mse < 0.8 * float(np.var(df["y"])), mse   # learnt from both shards' gradients
     out = ml.export_onnx(ck, sample=df, feature_columns=["x"], label_column="y")
     meta = out.get_metadata()
     assert meta["preprocessor_folded"] and meta["input_names"] == ["a", "b"]
     got = ml.OnnxPredictor.from_checkpoint(out).predict(df.head(20))
-    np.testing.assert_allclose(np.asarray(got["output"], dtype=np.float64),
-                               np.asarray(native["predictions"], dtype=np.float64), rtol=1e-5, atol=1e-5)
+    assert list(got.columns) == ["predictions"]
+    np.testing.assert_allclose(np.asarray(got["predictions"], dtype=np.float64),
+                               np.asarray(native["predictions"].head(20), dtype=np.float64), rtol=1e-5, atol=1e-5)
 
 
 def test_a_loop_that_fails_names_the_error(tmp_path):

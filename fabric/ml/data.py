@@ -1083,7 +1083,10 @@ class Dataset:
     def to_tf(self, feature_columns, label_columns=None, *, batch_size: int = 256, drop_last: bool = False,
               local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None):
         """A ``tf.data.Dataset`` of ``(features, labels)`` batches (a column name gives a tensor,
-        a list of names a dict of tensors)."""
+        a list of names a dict of tensors). Its auto-shard policy is OFF: in a trainer it is this
+        worker's shard already, and tf.distribute's default (DATA, for a generator) would keep only
+        every n-th batch of it. Under MultiWorkerMirroredStrategy Keras takes ``batch_size`` as the
+        global batch and gives each of the ``num_replicas_in_sync`` replicas its part of it."""
         tf = need("tensorflow", "tf", "to_tf")
         schema = self.schema()
         names = schema.names
@@ -1116,7 +1119,9 @@ class Dataset:
                 f = pack(feature_columns, b)
                 yield f if label_columns is None else (f, pack(label_columns, b))
 
-        return tf.data.Dataset.from_generator(gen, output_signature=sig)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        return tf.data.Dataset.from_generator(gen, output_signature=sig).with_options(options)
 
     def to_arrow(self):
         """All rows as one ``pyarrow.Table`` in this process."""

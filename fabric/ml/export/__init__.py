@@ -177,6 +177,11 @@ def _export_tabular(src, framework, meta, sample, fold_preprocessor, opset, rtol
                     input_types={i.name: i.type for i in sess.get_inputs()},
                     output_names=[o.name for o in sess.get_outputs()], onnx_opset=_opset(model),
                     feature_columns=features or (cols if by_column else None), label_column=label)
+    outs = new_meta["output_names"]
+    if hasattr(mod, "predictions"):   # which output OnnxPredictor gives as the native predictor's column
+        new_meta["predictions"] = dict(mod.predictions(src, outs), column="predictions")
+    elif len(outs) == 1:
+        new_meta["predictions"] = {"output": outs[0], "index": None, "column": "predictions"}
     if reason and pre is not None:
         new_meta["preprocessor_not_folded"] = reason
     return new_meta
@@ -216,4 +221,6 @@ def _export_transformers(src, meta, sample, opset, rtol, atol, out):
     new_meta.update(figures, parity_rows=int(len(feeds["input_ids"])), preprocessor_folded=False,
                     input_names=names, input_types={i.name: i.type for i in sess.get_inputs()},
                     output_names=[o.name for o in sess.get_outputs()], onnx_opset=_opset(model))
+    # TransformersPredictor (no task) names its column "logits"
+    new_meta["predictions"] = {"output": new_meta["output_names"][0], "index": None, "column": "logits"}
     return new_meta

@@ -26,6 +26,17 @@ def num_features(src: str, meta: dict) -> int:
     return int(load(src).num_features())
 
 
+def predictions(src: str, outputs: list) -> dict:
+    """Which output (and column of it) equals XGBoostPredictor's ``predictions``: the booster's own
+    predict, P(class 1) for binary:logistic, the class for multi:softmax, the value for regression."""
+    objective = json.loads(load(src).save_config())["learner"]["objective"]["name"]
+    if objective == "binary:logistic":
+        return {"output": outputs[1], "index": 1}
+    if objective == "multi:softprob":
+        return {"output": outputs[1], "index": None}
+    return {"output": outputs[0], "index": None}
+
+
 def convert(src: str, meta: dict, n_features: int, opset: int | None):
     """(onnx model with input "input" [N, n_features] float32, native(x) -> {output: array})."""
     xgb = need("xgboost", "ml")

@@ -53,20 +53,47 @@ def providers_for(use_gpu: bool | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def prediction_spec(meta: dict, outputs: list, tokens: bool):
+    """(graph output, column index or None, column name) of the native predictor's column, or None
+    when the graph's outputs have no such counterpart (a foreign model with several outputs: then
+    every output is a column). ``export_onnx`` records it in the metadata (``predictions``); for an
+    older export it is inferred from the output names the exporters give."""
+    rec = meta.get("predictions")
+    if isinstance(rec, dict) and rec.get("output") in outputs:
+        return rec["output"], rec.get("index"), rec.get("column", "predictions")
+    if tokens or meta.get("source_framework") == "transformers":
+        name = "logits" if "logits" in outputs else outputs[0]
+        return name, None, "logits"
+    if "probabilities" in outputs and "label" in outputs:  # onnxmltools' classifiers: P(class 1) if binary
+        return "probabilities", "binary", "predictions"
+    if len(outputs) == 1:
+        return outputs[0], None, "predictions"
+    return None
+
+
 class OnnxPredictor(_Base):
     """``OnnxPredictor.from_checkpoint(ckpt).predict(batch)``; batch: a pandas DataFrame, a dict
     of columns, a numpy feature matrix, or (transformers exports) a list of texts.
 
-    Returns a DataFrame (one column per model output; a 2-D output becomes a column of
-    vectors) for a DataFrame, else a dict of numpy arrays. ``extra_columns="error"`` (default)
-    refuses columns the model does not take, except the label column; "ignore" drops them."""
+    Returns what the source framework's predictor returns: a DataFrame with a ``predictions``
+    column for a DataFrame (``logits`` for a transformers export, as TransformersPredictor), else
+    ``{"predictions": array}``; e.g. an XGBoost binary classifier's ``predictions`` are P(class 1),
+    as ``XGBoostPredictor``'s. ``outputs="graph"`` gives one column (key) per graph output under its
+    ONNX name instead (``label``, ``probabilities``, ``output``...: the columns ``predict`` gave
+    before it matched the other predictors). A 2-D output becomes a column of vectors.
+    ``extra_columns="error"`` (default) refuses columns the model does not take, except the label
+    column; "ignore" drops them."""
 
     def __init__(self, model, *, metadata: dict | None = None, preprocessor=None, tokenizer=None,
                  providers: list[str] | None = None, intra_op_num_threads: int | None = None,
-                 use_gpu: bool | None = None, extra_columns: str = "error"):
+                 use_gpu: bool | None = None, extra_columns: str = "error", outputs: str = "predictions"):
         ort = need("onnxruntime", "onnx", "OnnxPredictor")
         if extra_columns not in ("error", "ignore"):
             raise ValueError(f"extra_columns must be 'error' or 'ignore', got {extra_columns!r}")
+        if outputs not in ("predictions", "graph"):
+            raise ValueError(f"outputs must be 'predictions' (the native predictor's columns) or 'graph' (one "
+                             f"column per ONNX output), got {outputs!r}")
+        self.outputs = outputs
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_num_threads or cpu_count()
         opts.inter_op_num_threads = 1
@@ -84,6 +111,7 @@ class OnnxPredictor(_Base):
         self.feature_columns = self.metadata.get("feature_columns")
         self._matrix = self.input_names == ["input"]
         self._tokens = "input_ids" in self.input_names
+        self._prediction = prediction_spec(self.metadata, self.output_names, self._tokens)
 
     @classmethod
     def from_checkpoint(cls, checkpoint, **kwargs) -> "OnnxPredictor":
@@ -215,6 +243,12 @@ class OnnxPredictor(_Base):
     def predict(self, data, **kwargs):
         pd = need("pandas", "ml")
         out = self.run(self._feeds(data))
+        if self.outputs == "predictions" and self._prediction is not None:
+            name, index, column = self._prediction
+            v = out[name]
+            if index == "binary":
+                index = 1 if v.ndim == 2 and v.shape[1] == 2 else None
+            out = {column: v[:, index] if index is not None and v.ndim == 2 else v}
         if isinstance(data, pd.DataFrame):
             cols = {}
             for name, v in out.items():

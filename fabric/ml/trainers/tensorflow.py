@@ -4,7 +4,9 @@ peers (each member's ``fabric.gang_context().addresses[rank]`` is a port free on
 
 Inside the loop: ``ml.get_dataset_shard("train").to_tf(...)`` feeds ``model.fit``, and
 ``ml.tensorflow.ReportCheckpointCallback()`` reports Keras' logs and saves ``model.keras``
-checkpoints."""
+checkpoints. With two or more workers each member first applies
+``ml.tensorflow.fix_keras_multi_worker()``: plain Keras 3 ``model.compile(); model.fit(ds)`` under
+MWMS raises without it."""
 from __future__ import annotations
 
 import json
@@ -41,6 +43,11 @@ class TensorflowTrainer(DataParallelTrainer):
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(cpus))
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
         os.environ.setdefault("OMP_NUM_THREADS", str(cpus))
+        if ctx.world_size > 1:
+            # Keras 3's model.fit raises under MultiWorkerMirroredStrategy without it (see there)
+            from ..tensorflow import fix_keras_multi_worker
+
+            fix_keras_multi_worker()
 
     def _teardown_worker(self) -> None:
         os.environ.pop("TF_CONFIG", None)
