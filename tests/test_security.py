@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import zmq
@@ -164,7 +163,8 @@ def keyed(keys, tmp_path_factory):
         second = subprocess.Popen(FABRIC + ["executor", "--broker", address, "--cpus", "1", "--keys", keys["exec2"]],
                                   env=_env(FABRIC_HOME=home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   cwd=REPO)
-        assert wait_for(lambda: len(status(address, keys["main"])["executors"]) == 2, 30)
+        # (a bound on an event, generous: two processes start and hand-shake on a loaded host)
+        assert wait_for(lambda: len(status(address, keys["main"])["executors"]) == 2, 120)
         rec = json.load(open(os.path.join(home, "cluster.json")))
         yield {"address": address, "port": port, "home": home, "log_dir": rec["log_dir"], "start_out": out_path}
     finally:
@@ -280,12 +280,14 @@ def test_keyed_cluster_on_all_interfaces_runs_calls(keyed, keys):
 
 
 def test_driver_with_unknown_key_is_refused_and_the_cluster_keeps_serving(keyed, keys):
-    r = driver(keyed["address"], keys["mallory"])
+    # refused by the handshake's failure event, not by a timer: its connect_timeout (600 s) is
+    # far beyond the script's own limit (120 s), and only that event makes this message (a
+    # timeout says "no fabric broker answered"). No wall-clock bound: they flake under load.
+    r = driver(keyed["address"], keys["mallory"], timeout=120, connect_timeout=600)
     assert r.returncode == 3, r.stdout + r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("REFUSED ConnectionFailed"), line
     assert "did not accept this process's key" in line and "fabric keys add-client" in line
-    assert float(line.split()[2]) < 5, line  # at once, not after connect_timeout
     # a driver without keys, and one with another cluster's broker key: refused, with the reason
     r = driver(keyed["address"], None)
     assert r.returncode == 3 and "FABRIC_KEYS" in r.stdout, r.stdout + r.stderr
@@ -301,12 +303,12 @@ def test_driver_with_unknown_key_is_refused_and_the_cluster_keeps_serving(keyed,
 
 
 def test_executor_with_unknown_key_is_not_accepted(keyed, keys):
-    t0 = time.monotonic()
+    # the executor exits on the handshake's failure event, the only source of this message
+    # (fab raises TimeoutExpired if it kept trying): no wall-clock bound, it flakes under load
     r = fab("executor", "--broker", keyed["address"], "--cpus", "1", "--keys", keys["rogue"],
-            env=_env(FABRIC_HOME=keyed["home"]), timeout=60)
+            env=_env(FABRIC_HOME=keyed["home"]), timeout=120)
     assert r.returncode != 0, r.stdout + r.stderr
     assert "did not accept this process's key" in r.stderr and "add-executor" in r.stderr, r.stderr
-    assert time.monotonic() - t0 < 30
     assert len(status(keyed["address"], keys["main"])["executors"]) == 2
 
 
@@ -416,7 +418,7 @@ def test_unkeyed_local_cluster_works_as_before(cluster):
 
 
 def test_keyed_client_to_unkeyed_broker_says_why(cluster, keys):
-    t0 = time.monotonic()
+    # said on the handshake's failure event: a timer's end would say "no fabric broker
+    # answered" instead, and the request's timeout (120 s) is longer than any handshake
     with pytest.raises(ConnectionFailed, match="broker.key"):
-        status(cluster["address"], keys["alice"], timeout=5)
-    assert time.monotonic() - t0 < 3
+        status(cluster["address"], keys["alice"], timeout=120)
