@@ -91,10 +91,10 @@ def gw(tmp_path_factory):
     serve.run(Gate.bind(), name="gate", route_prefix="/gate")
     ckpt = str(tmp_path_factory.mktemp("ckpt"))
     w1, w2 = make_mlp_checkpoint(ckpt)
-    serve.onnx(ckpt, name="mlp", max_batch_size=32)
+    model = serve.onnx(ckpt, name="mlp", max_batch_size=32)
     url = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=url, timeout=60) as c:
-        yield {"url": url, "c": c, "handle": handle, "w": (w1, w2), "ckpt": ckpt}
+        yield {"url": url, "c": c, "handle": handle, "model": model, "w": (w1, w2), "ckpt": ckpt}
     serve.shutdown()
     fabric.shutdown()
 
@@ -235,6 +235,15 @@ def test_oip_infer_json_nested_id_and_outputs(gw):
     r = c.post("/v2/models/mlp/versions/1/infer", json={"inputs": [
         {"name": "x", "datatype": "FP32", "shape": [1, 16], "data": x[0].tolist()}], "outputs": [{"name": "label"}]})
     assert [t["name"] for t in r.json()["outputs"]] == ["label"] and "id" not in r.json()
+
+
+def test_onnx_model_from_a_python_handle(gw):
+    x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    fut = gw["model"].remote({"x": x})
+    assert isinstance(fut, fabric.Future)
+    out = fut.result(timeout=30)
+    np.testing.assert_allclose(out["y"], mlp(gw, x), rtol=1e-4, atol=1e-4)
+    assert out["label"].tolist() == mlp(gw, x).argmax(1).tolist()
 
 
 def test_oip_binary_extension_with_second_client(gw):
