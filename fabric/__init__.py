@@ -12,7 +12,7 @@ See README.md and docs/ for the whole API.
 """
 from .api import (Future, Gang, GangContext, InstanceHandle, RemoteClass, RemoteFunction, cls, cluster_status, enter,
                   fn, gang, gang_context, get, init, is_initialized, kill, put, shutdown, wait,
-                  nodes, cluster_resources, available_resources, cancel, Stream)
+                  nodes, cluster_resources, available_resources, cancel, Stream, get_instance)
 from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GangFailed, GetTimeout,
                      MemoryLimitExceeded, ProtocolError, RemoteError, RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
 
@@ -32,4 +32,4 @@ __all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "w
            "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
            "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError",
            "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded", "App", "lookup",
-           "nodes", "cluster_resources", "available_resources", "cancel", "Stream"]
+           "nodes", "cluster_resources", "available_resources", "cancel", "Stream", "get_instance"]

@@ -28,7 +28,7 @@ from .resources import parse_memory
 
 __all__ = ["init", "shutdown", "fn", "cls", "enter", "get", "wait", "put", "kill", "is_initialized",
            "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status", "gang", "Gang",
-           "nodes", "cluster_resources", "available_resources", "cancel", "Stream",
+           "nodes", "cluster_resources", "available_resources", "cancel", "Stream", "get_instance",
            "gang_context", "GangContext"]
 
 _lock = threading.RLock()
@@ -518,16 +518,101 @@ class RemoteClass:
         o = self._options
         client = _client()
         aid = client.new_id()
+        named = getattr(self, "_instance", None)
+        if named is not None:  # the name is reserved (or found, with get_if_exists) before it is created
+            found = self._register(client, aid, named)
+            if found is not None:
+                return found
         ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, actor_id=aid, cpus=o["cpus"], gpus=o["gpus"],
                               memory=o["memory_bytes"], retries=0, flags=o["concurrency"],
                               label=f"{self._name}.__init__", max_containers=o["max_containers"],
                               min_warm=o["min_warm"])
-        return InstanceHandle(self, aid, ready, client)
+        return InstanceHandle(self, aid, ready, client, owner=named is None or not named["detached"])
+
+    def _register(self, client, aid, named):
+        streams = sorted(n for n in dir(self._cls) if inspect.isgeneratorfunction(getattr(self._cls, n, None))
+                         or inspect.isasyncgenfunction(getattr(self._cls, n, None)))
+        rep = _name_request(client, {"op": "register", "name": named["name"], "namespace": named["namespace"],
+                                     "actor": aid.hex(), "driver": client.id.hex(), "class": self._name,
+                                     "streams": streams, "detached": named["detached"],
+                                     "get_if_exists": named["get_if_exists"]})
+        if rep["created"]:
+            return None
+        return InstanceHandle(self, bytes.fromhex(rep["actor"]), None, client, owner=False)
 
     def options(self, **overrides) -> "RemoteClass":
+        """A copy with some options changed. ``name=`` (with ``namespace=``, ``lifetime="detached"``,
+        ``get_if_exists=True``) names the instances it creates: unique on the cluster, found from
+        any driver with ``fabric.get_instance(name)``."""
         given = {k: v for k, v in self._options.items() if k in _CLS_OPTIONS}
-        return RemoteClass(self._cls, _check_options(f"{self._name}.options()", {**given, **overrides},
-                                                     _CLS_OPTIONS), self._code)
+        named = {k: overrides.pop(k) for k in _INSTANCE_OPTIONS if k in overrides}
+        rc = RemoteClass(self._cls, _check_options(f"{self._name}.options()", {**given, **overrides},
+                                                   _CLS_OPTIONS), self._code)
+        rc._instance = _check_instance(f"{self._name}.options()", named) if named else getattr(self, "_instance", None)
+        return rc
+
+
+_INSTANCE_OPTIONS = ("name", "namespace", "lifetime", "get_if_exists")
+
+
+def _check_instance(where, o):
+    name, ns, life, gie = o.get("name"), o.get("namespace"), o.get("lifetime"), o.get("get_if_exists", False)
+    if name is None:
+        if ns is not None or life is not None or gie:
+            raise ValueError(f"{where}: namespace, lifetime and get_if_exists need name= (the instance's name)")
+        return None
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ValueError(f"{where}: name must be a string of 1 to 200 characters, got {name!r}")
+    if ns is not None and (not isinstance(ns, str) or not 0 < len(ns) <= 200):
+        raise ValueError(f"{where}: namespace must be None or a string of 1 to 200 characters, got {ns!r}")
+    if life not in (None, "detached"):
+        raise ValueError(f'{where}: lifetime must be None (the instance ends with its driver) or "detached" '
+                         f'(it outlives its driver, until fabric.kill), got {life!r}')
+    if not isinstance(gie, bool):
+        raise TypeError(f"{where}: get_if_exists must be True or False, got {gie!r}")
+    return {"name": name, "namespace": ns, "detached": life == "detached", "get_if_exists": gie}
+
+
+def _name_request(client, body):
+    from .client import request
+
+    rep = request(client.address, P.NAME, ctx=client.ctx, body=body)
+    if "error" in rep:
+        raise ValueError(rep["error"])
+    return rep
+
+
+def get_instance(name: str, namespace: str | None = None) -> "InstanceHandle":
+    """The handle of the live instance named ``name`` (``Cls.options(name=...).remote()``), from any
+    driver of the cluster (Ray's ``ray.get_actor``); ``ValueError`` if there is none. Its methods
+    are called as on the creator's handle; dropping it does not end the instance."""
+    if not isinstance(name, str):
+        raise ValueError(f"fabric.get_instance(): name must be a string of 1 to 200 characters, got {name!r}")
+    _check_instance("fabric.get_instance()", {"name": name, "namespace": namespace})
+    client = _client()
+    rep = _name_request(client, {"op": "lookup", "name": name, "namespace": namespace})
+    return InstanceHandle(_NamedClass(rep["class"], rep["streams"]), bytes.fromhex(rep["actor"]), None, client,
+                          owner=False)
+
+
+def _gen_method(self, *args, **kwargs):
+    yield  # stands in for a generator method of a class known by name only
+
+
+def _any_method(self, *args, **kwargs):
+    """Stands in for a method of a class known by name only: the instance checks it."""
+
+
+class _NamedClass:
+    """The class of an instance found by name: its methods are checked where it runs, and the
+    generator methods its creator named stream."""
+
+    def __init__(self, name, streams):
+        self._name, self._options, self._streams = name, {"timeout": None}, tuple(streams)
+        self._cls = type(name, (), {s: _gen_method for s in self._streams})
+
+    def __reduce__(self):
+        return _NamedClass, (self._name, self._streams)
 
 
 def _own_attrs(klass):
@@ -579,6 +664,8 @@ class InstanceHandle:
         m = self._methods.get(name)
         if m is None:
             attr = getattr(self._rclass._cls, name, None)
+            if attr is None and type(self._rclass) is _NamedClass:
+                attr = _any_method
             if attr is None or not callable(attr):
                 raise AttributeError(f"{self._rclass._name} has no method {name!r}")
             m = self._methods[name] = InstanceMethod(self, name, _signature(attr, skip_self=True))

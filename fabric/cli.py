@@ -320,6 +320,14 @@ def status(address, as_json):
             ft.add_row(f["name"], f["kind"], str(f["running"]), str(f["waiting"]), str(f["warm"]),
                        str(f["min_warm"]), str(f["max_containers"] or "-"))
         con.print(ft)
+    if st.get("named"):
+        nt = Table(title="named instances")
+        for col in ("name", "namespace", "class", "lifetime", "alive", "id"):
+            nt.add_column(col)
+        for n in st["named"]:
+            nt.add_row(n["name"], n["namespace"], n["class"], "detached" if n["detached"] else "driver",
+                       "yes" if n["alive"] else "starting", n["actor"][-8:])
+        con.print(nt)
     q = Table(title="queues")
     for col in ("cpus", "gpus", "memory", "queued"):
         q.add_column(col)

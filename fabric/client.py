@@ -274,9 +274,10 @@ class Stream:
     __slots__ = ("_st", "future", "__weakref__")
 
     def __init__(self, fut: Future, client: "Client", window: int):
-        st = self._st = _StreamState(fut, client, window)
-        self.future = fut
-        client.streams[fut.id] = st
+        st = client.streams.get(fut.id)  # registered by submit(), before its items can arrive
+        if st is None:
+            st = client.streams[fut.id] = _StreamState(fut, client, window)
+        self._st, self.future = st, fut
         weakref.finalize(self, client._stream_dropped, st)
 
     def __repr__(self):
@@ -498,6 +499,8 @@ class Client:
         fields = (cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
                   float(timeout or 0.0), len(bufs), flags)
         self.pending[cid] = fut
+        if extra_opts:  # a stream: its items may come before .remote() returns
+            self.streams[cid] = _StreamState(fut, self, flags)
         limits = (int(max_containers or 0), int(min_warm or 0))
         fut._sub = (fields, opts, code_hash, code_blob, body, deps or None, limits)
         if members:
@@ -1034,8 +1037,9 @@ def _identity(x):
     return x
 
 
-def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:
-    """One control request (STATUS, SHUTDOWN) from a throwaway socket; a dict reply or {}."""
+def request(address: str, command: int, timeout: float = 5.0, ctx=None, body: dict | None = None) -> dict:
+    """One control request (STATUS, SHUTDOWN, NAME with its JSON ``body``) from a throwaway
+    socket; a dict reply or {}."""
     own = ctx is None
     ctx = ctx or zmq.Context()
     s = ctx.socket(zmq.DEALER)
@@ -1044,7 +1048,7 @@ def request(address: str, command: int, timeout: float = 5.0, ctx=None) -> dict:
     security.curve_client(s, watch=True, address=address)
     s.connect(address)
     try:
-        sent = security.send_first(s, [P.C[command]])
+        sent = security.send_first(s, [P.C[command]] + ([P.dumps_json(body)] if body is not None else []))
         if command == P.SHUTDOWN and sent:
             return {}
         if not security.poll(s, timeout):

@@ -40,6 +40,7 @@ PUT = 5           # [cmd+result-hdr, payload, *buffers]   store an object under 
 KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
 BYE = 7           # [cmd]                            the driver is going away
 STATUS = 8        # [cmd]                            -> STATUS_REPLY
+NAME = 12         # [cmd, json]                      (control clients) register or look up a named instance
 SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients and drivers)
 # any direction
 BATCH = 10        # [cmd, *message, *message, ...]   several SUBMIT, RESULT or CALL messages in one:
@@ -50,6 +51,7 @@ RESULT = 21       # [cmd+result-hdr, payload, *buffers]
 LOG = 22          # [cmd, source, text]              worker output for this driver
 ERROR = 23        # [cmd, text]                      a message of this peer was refused
 STATUS_REPLY = 24 # [cmd, json]
+NAME_REPLY = 25   # [cmd, json]                      the answer to NAME
 # executor -> broker
 EXEC_HELLO = 40   # [cmd, json]                      resources: cpus, gpus, memory, host, labels
 HEARTBEAT = 41    # [cmd, json]

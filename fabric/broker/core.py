@@ -112,6 +112,8 @@ class Broker(GangScheduling):
         self.actors: dict[bytes, Actor] = {}
         self.pending_actors: deque[Actor] = deque()
         self.gangs: dict[bytes, Gang] = {}          # gangs without an outcome yet, by rank 0's call id
+        self.names: dict[tuple, dict] = {}          # (namespace, name) -> a named instance (NAME)
+        self.actor_names: dict[bytes, tuple] = {}   # instance id -> its (namespace, name)
         self.gang_queue: deque[Gang] = deque()      # gangs ready to start, FIFO
         self.dead_actors: OrderedDict[bytes, list] = OrderedDict()  # id -> the failure its calls get
         self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
@@ -134,19 +136,19 @@ class Broker(GangScheduling):
         self._handlers = {
             P.HELLO: self.on_hello, P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.CANCEL: self.on_cancel,
             P.RELEASE: self.on_release, P.PUT: self.on_put, P.KILL_ACTOR: self.on_kill_actor,
-            P.BYE: self.on_bye, P.STATUS: self.on_status, P.SHUTDOWN: self.on_shutdown,
+            P.BYE: self.on_bye, P.STATUS: self.on_status, P.NAME: self.on_name, P.SHUTDOWN: self.on_shutdown,
             P.EXEC_HELLO: self.on_exec_hello, P.HEARTBEAT: self.on_heartbeat,
             P.WORKER_DIED: self.on_worker_died, P.EXEC_BYE: self.on_exec_bye,
-            P.READY: self.on_ready, P.DONE: self.on_done, P.WLOG: self.on_wlog, P.DROPPED: self.on_dropped,
+            P.READY: self.on_ready, P.DONE: self.on_done, P.ITEM: self.on_item, P.CONSUMED: self.on_consumed, P.WLOG: self.on_wlog, P.DROPPED: self.on_dropped,
         }
         # which identity prefixes may send which commands
         self._allowed = {
-            ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS,
+            ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.CONSUMED, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS,
                        P.SHUTDOWN, P.HEARTBEAT},
             ord("r"): {P.HELLO},
-            ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN},
+            ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN, P.NAME},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
-            ord("w"): {P.READY, P.DONE, P.WLOG},
+            ord("w"): {P.READY, P.DONE, P.ITEM, P.WLOG},
             ord("l"): {P.WLOG, P.DROPPED},
         }
         if journal:
@@ -634,7 +636,11 @@ class Broker(GangScheduling):
                     del self.dropping[call.id]  # no output socket: it runs, and its result is its outcome
             return
         if w.actor is not None:
-            return  # an instance call that started runs to its end
+            if not call.frames[0][-1] & P.STREAM:
+                return  # an instance call that started runs to its end
+            # a generator method stops before its next item; the instance lives on
+            self.finish(call, P.CANCELLED, b"cancelled while running: the stream was closed", keep_slot=True)
+            return self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
         self.cancel_running(call, w, force, recursive, seen)
 
     def cancel_running(self, call, w, force, recursive, seen):
@@ -710,7 +716,8 @@ class Broker(GangScheduling):
         did = ident[1:]
         self.drivers.pop(did, None)
         rid = b"r" + did
-        for call in [c for c in self.calls.values() if c.driver == rid]:
+        for call in [c for c in self.calls.values() if c.driver == rid
+                     and not (c.kind == P.ACTOR_NEW and self.actor_names and self.detached(c.actor))]:
             w = call.worker
             if call.state == RUNNING and w.actor is None:
                 if next(iter(w.inflight)) == call.id:
@@ -718,7 +725,7 @@ class Broker(GangScheduling):
                 else:  # only prefetched: its worker drops it unless it started it (its DONE is ignored)
                     self.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
-        for a in [a for a in self.actors.values() if a.driver == rid]:
+        for a in [a for a in self.actors.values() if a.driver == rid and not self.detached(a.id)]:
             self.kill_actor(a, b"its driver left")
         for h, fn in list(self.fns.items()):  # min_warm holds while a driver that uses it is here
             fn.drivers.discard(did)
@@ -753,11 +760,60 @@ class Broker(GangScheduling):
               "executors": exs, "queues": queues, "drivers": len(self.drivers),
               "calls_pending": len(self.calls), "results_held": len(self.results),
               "instances": len(self.actors), "stats": self.stats, "functions": self.fn_status(),
+              "named": [{"name": k[1], "namespace": k[0], "actor": e["actor"].hex(), "class": e["class"],
+                         "detached": e["detached"], "alive": e["actor"] in self.actors}
+                        for k, e in self.names.items()],
               "gangs": [{"id": g.id.hex(), "size": len(g.members), "cpus": g.shape[0], "gpus": g.shape[1],
                          "memory": g.shape[2], "retries_left": g.retries,
                          "state": ("waiting", "queued", "starting", "running", "done")[g.state]}
                         for g in self.gangs.values()]}
         self.send([ident if ident[:1] != b"d" else b"r" + ident[1:], P.C[P.STATUS_REPLY], P.dumps_json(st)])
+
+    def detached(self, aid):
+        key = self.actor_names.get(aid)
+        return key is not None and self.names[key]["detached"]
+
+    def on_name(self, ident, head, f):
+        """NAME [json] from a control client: ``{"op": "register", "name", "namespace", "actor",
+        "driver", "class", "streams", "detached", "get_if_exists"}`` reserves a name for an
+        instance its driver is about to create (or, with get_if_exists, answers the instance
+        that has it); ``{"op": "lookup", "name", "namespace"}`` finds one. The answer is a
+        NAME_REPLY: the instance (``actor``, ``class``, ``streams``, ``created``) or ``error``."""
+        req = P.loads_json(f[0].bytes) if f else {}
+        name, ns = req.get("name"), req.get("namespace") or "default"
+        if not isinstance(name, str) or not 0 < len(name) <= 200 or not isinstance(ns, str) or len(ns) > 200:
+            raise ProtocolError("NAME needs a name and a namespace of 1 to 200 characters")
+        key = (ns, name)
+        e = self.names.get(key)
+        if e is not None and e["actor"] not in self.actors and (
+                e["actor"] in self.dead_actors or time.monotonic() - e["since"] > 60):
+            del self.names[key]  # its instance ended, or was never created
+            self.actor_names.pop(e["actor"], None)
+            e = None
+        where = f"{name!r}" + ("" if ns == "default" else f" in namespace {ns!r}")
+        if req.get("op") == "lookup":
+            reply = ({"error": f"no instance named {where} is alive on this cluster"} if e is None else
+                     {"actor": e["actor"].hex(), "class": e["class"], "streams": e["streams"], "created": False})
+        elif req.get("op") == "register":
+            aid, driver = bytes.fromhex(str(req.get("actor"))), bytes.fromhex(str(req.get("driver")))
+            streams = req.get("streams") or []
+            if len(aid) != 16 or aid[:8] != driver or driver not in self.drivers:
+                raise ProtocolError("NAME register needs the instance id of a connected driver")
+            if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
+                raise ProtocolError("NAME streams must be a list of method names")
+            if e is None:
+                self.names[key] = e = {"actor": aid, "class": str(req.get("class", "?"))[:200], "streams": streams[:1000],
+                                       "detached": bool(req.get("detached")), "since": time.monotonic()}
+                self.actor_names[aid] = key
+                reply = {"actor": aid.hex(), "class": e["class"], "streams": e["streams"], "created": True}
+            elif req.get("get_if_exists"):
+                reply = {"actor": e["actor"].hex(), "class": e["class"], "streams": e["streams"], "created": False}
+            else:
+                reply = {"error": f"an instance named {where} exists already (of class {e['class']}); names are "
+                                  f"unique: pick another, or pass get_if_exists=True to get that one"}
+        else:
+            raise ProtocolError("NAME op must be register or lookup")
+        self.send([ident, P.C[P.NAME_REPLY], P.dumps_json(reply)])
 
     def on_shutdown(self, ident, head, f):
         log.info("shutdown requested by %s", ident.hex())
@@ -923,6 +979,29 @@ class Broker(GangScheduling):
             if how is not None and how[2]:
                 del self.dropping[nxt.id]
                 self.cancel_running(nxt, w, how[0], how[1], {nxt.id})
+
+    def on_item(self, ident, head, f):
+        """ITEM: one item of a generator call, forwarded as it came to the call's driver, in
+        this loop turn's messages for it (so before the call's RESULT). Not kept: a stream's
+        items are its consumer's, and a retried call sends them again (the driver skips those
+        it has, by index)."""
+        w = self.workers.get(ident)
+        if w is None:
+            raise ProtocolError("item from an unknown worker")
+        if len(f) != 1 + P.RESULT_HDR.unpack_from(head)[2]:
+            raise ProtocolError("ITEM announces a different number of buffers")
+        call = w.inflight.get(head[:16])
+        if call is None or call.state != RUNNING:
+            return  # cancelled (its consumer stopped) or timed out meanwhile
+        self.to_drivers.setdefault(call.driver, []).append([P.C[P.ITEM] + head, *f])
+
+    def on_consumed(self, ident, head, f):
+        """CONSUMED [call id + count]: the consumer of a stream took ``count`` items; its worker
+        may run ahead of that by its window. Forwarded to the worker's output socket."""
+        call = self.calls.get(head[:16])
+        if call is None or call.state != RUNNING or call.driver[1:] != ident[1:]:
+            return
+        self.send([b"l" + call.worker.ident[1:], P.C[P.CONSUMED] + head])
 
     def on_wlog(self, ident, head, f):
         if b"w" + ident[1:] not in self.workers:
@@ -1348,8 +1427,8 @@ class Broker(GangScheduling):
 
     def on_kill_actor(self, ident, head, f):
         a = self.actors.get(f[0].bytes)
-        if a is None or a.driver[1:] != ident[1:]:
-            return
+        if a is None or (a.driver[1:] != ident[1:] and not (a.id in self.actor_names and f[1].bytes == b"1")):
+            return  # the creator's, or fabric.kill() of a named instance by any driver
         if f[1].bytes == b"1":
             self.kill_actor(a, b"killed by fabric.kill()")
         else:
@@ -1386,6 +1465,8 @@ class Broker(GangScheduling):
                     ex.free_mem += a.shape[2]
                     ex.give_gpus(sp[1], a.shape[1])
         self.actors.pop(a.id, None)
+        if self.actor_names:
+            self.names.pop(self.actor_names.pop(a.id, None), None)  # its name is free again
         fn, a.fn = a.fn, None
         if fn is not None:  # its class has max_containers or min_warm
             if a in fn.capped:
