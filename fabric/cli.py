@@ -133,13 +133,8 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     from .resources import parse_memory
 
     _check_host(host)
-    keys = _check_keys(broker_secret=True, pair=None if no_executor and not autoscale else "executor")
-    from . import security
-
-    try:  # this user's default keys, made now (once) rather than by the broker and executor at once
-        in_use = security.keys_dir(f"tcp://{host}:{port}")
-    except FabricError as e:
-        raise click.ClickException(str(e)) from None
+    # every argument is checked before anything is written (the default keys below): a refused
+    # command leaves nothing behind
     try:
         gpu_list = parse_gpu_list(gpus) if gpus is not None else None
         mem = parse_memory(memory) if memory else None
@@ -153,6 +148,13 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
         except ValueError:
             raise click.BadParameter("looks like MIN:MAX with 0 <= MIN <= MAX, e.g. 0:4",
                                      param_hint="--autoscale") from None
+    keys = _check_keys(broker_secret=True, pair=None if no_executor and not autoscale else "executor")
+    from . import security
+
+    try:  # this user's default keys, made now (once) rather than by the broker and executor at once
+        in_use = security.keys_dir(f"tcp://{host}:{port}")
+    except FabricError as e:
+        raise click.ClickException(str(e)) from None
     rec = _recorded()
     if rec and pid_alive(rec.get("broker_pid", 0)):
         raise click.ClickException(f"a cluster started by `fabric start` is already running at {rec['address']}; "

@@ -266,6 +266,12 @@ class Policy:
                 dec("launch", code, f"{why}; launching {n}", n)
         elif need > pool.max and current >= pool.max and queued_calls:
             dec("hold", "at_max", f"at max {pool.max}: {demand}; {have}")
+        elif pool.min and current == desired == pool.min:
+            kept = [pid for pid, ex in managed.items()
+                    if now - self.idle_since.get(ex["id"], now) >= self.idle_s]
+            if kept:  # idle past the window, kept because the pool is at its min
+                dec("hold", "at_min", f"at min {pool.min}: keeping {', '.join(sorted(kept))}, idle longer than "
+                                      f"the idle window {self.idle_s:g}s; {demand}")
         elif current > desired:
             surplus = current - desired
             over_max = current > pool.max
