@@ -709,7 +709,7 @@ class InstanceMethod:
 
 
 # ---------------------------------------------------------------------- fabric.gang
-_GANG_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 0, "timeout": None, "name": None}
+_GANG_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 0, "timeout": None, "name": None, "min_warm": 0}
 
 
 class Gang:
@@ -719,7 +719,10 @@ class Gang:
     gives each its rank, the world size and every member's address (docs/gangs.md).
 
     The resources are per member, as in a Ray placement group's bundles; each ``run`` reserves
-    them anew, all n at once, and gives them back when the last member ends."""
+    them anew, all n at once, and gives them back when the last member ends. ``min_warm=k``
+    (CPU gangs): after a run that ended OK, up to k of its workers per executor stay warm (their
+    imports loaded, holding no resources) and the next run of this shape from this driver
+    starts in them at once; without it every run starts fresh processes."""
 
     def __init__(self, size: int, options: dict):
         self.size = size
@@ -749,7 +752,7 @@ class Gang:
         o = self._options
         return _client().submit(P.GANG, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
                                 memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
-                                label=o["name"] or rf._name, gang=self.size)
+                                label=o["name"] or rf._name, gang=self.size, min_warm=o["min_warm"])
 
 
 def gang(size: int, **options) -> Gang:

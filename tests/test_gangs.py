@@ -299,3 +299,63 @@ def test_a_gang_across_executors_reruns_when_one_leaves(tmp_path):
     finally:
         fabric.shutdown()
         lc.stop()
+
+
+def test_min_warm_starts_the_next_gang_in_the_same_warm_workers(cluster):
+    g = fabric.gang(2, cpus=1, min_warm=2)
+    first = fabric.get(g.run(rendezvous, "a"), timeout=60)
+    _check_gang(first, 2, "a")
+    second = fabric.get(g.run(rendezvous, "b"), timeout=60)
+    _check_gang(second, 2, "b")  # ranks, addresses and torchrun's variables are this gang's
+    assert {r["pid"] for r in second} == {r["pid"] for r in first}
+    ex = fabric.cluster_status()["executors"][0]
+    assert ex["free_cpus"] == ex["cpus"]  # kept workers hold nothing
+    assert fabric.get([square.remote(i) for i in range(4)], timeout=30) == [0, 1, 4, 9]
+    # a gang without min_warm starts fresh processes, as does a warm gang of another shape
+    third = fabric.get(fabric.gang(2, cpus=1).run(rendezvous, "c"), timeout=60)
+    assert not {r["pid"] for r in third} & {r["pid"] for r in first}
+    fourth = fabric.get(fabric.gang(2, cpus=0.5, min_warm=2).run(rendezvous, "d"), timeout=60)
+    assert not {r["pid"] for r in fourth} & {r["pid"] for r in first}
+
+
+def test_min_warm_keeps_no_worker_of_a_gang_that_failed(cluster):
+    g = fabric.gang(2, cpus=1, min_warm=2)
+    before = {r["pid"] for r in fabric.get(g.run(rendezvous, "a"), timeout=60)}
+    futs = g.run(raise_on_rank_one)  # runs in the kept workers, and fails
+    with pytest.raises(KeyError):
+        futs[1].result(timeout=30)
+    with pytest.raises(fabric.GangFailed):
+        futs[0].result(timeout=30)
+    assert wait_for(lambda: not any(psutil.pid_exists(p) for p in before), timeout=15)
+    after = {r["pid"] for r in fabric.get(g.run(rendezvous, "b"), timeout=60)}
+    assert not after & before
+
+
+WARM_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import fabric
+from test_gangs import rendezvous
+fabric.init(address={address!r})
+g = fabric.gang(2, cpus=1, min_warm=2)
+pids = [r["pid"] for r in fabric.get(g.run(rendezvous, 1), timeout=60)]
+again = [r["pid"] for r in fabric.get(g.run(rendezvous, 2), timeout=60)]
+print(json.dumps({{"pids": pids, "again": again}}))
+fabric.shutdown()
+"""
+
+
+def test_min_warm_workers_stop_when_their_driver_leaves():
+    import json
+
+    from conftest import run_script
+
+    fabric.shutdown()  # a cluster of this test's own: a test above may have stopped the module's
+    info = fabric.init(num_cpus=2)
+    code = WARM_DRIVER.format(tests=os.path.dirname(os.path.abspath(__file__)), address=info["address"])
+    r = run_script(code, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert sorted(out["pids"]) == sorted(out["again"])
+    assert wait_for(lambda: not any(psutil.pid_exists(p) for p in out["pids"]), timeout=15)
+    _check_gang(fabric.get(fabric.gang(2, cpus=1, min_warm=2).run(rendezvous, "x"), timeout=60), 2, "x")

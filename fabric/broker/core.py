@@ -115,6 +115,7 @@ class Broker(GangScheduling):
         self.names: dict[tuple, dict] = {}          # (namespace, name) -> a named instance (NAME)
         self.actor_names: dict[bytes, tuple] = {}   # instance id -> its (namespace, name)
         self.gang_queue: deque[Gang] = deque()      # gangs ready to start, FIFO
+        self.warm_gang: dict[tuple, list] = {}      # (driver, executor, shape) -> workers kept (min_warm)
         self.dead_actors: OrderedDict[bytes, list] = OrderedDict()  # id -> the failure its calls get
         self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
         self.code: dict[bytes, object] = {}         # code hash -> code frame
@@ -503,7 +504,7 @@ class Broker(GangScheduling):
     def admit(self, call, dep_ids):
         """Track an accepted call: wait for its Future arguments, or queue it."""
         kind = call.kind
-        if call.maxc or call.warm:
+        if (call.maxc or call.warm) and kind != P.GANG:  # a gang's min_warm keeps its workers (gangs.py)
             self.register_fn(call)
         self.calls[call.id] = call
         self.stats["submitted"] += 1
@@ -727,6 +728,8 @@ class Broker(GangScheduling):
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.actors.values() if a.driver == rid and not self.detached(a.id)]:
             self.kill_actor(a, b"its driver left")
+        if self.warm_gang:
+            self.expire_warm(0.0, driver=rid)
         for h, fn in list(self.fns.items()):  # min_warm holds while a driver that uses it is here
             fn.drivers.discard(did)
             if not fn.drivers and not fn.running and not fn.capped:
@@ -1037,6 +1040,8 @@ class Broker(GangScheduling):
         w.ex.workers.pop(w.ident, None)
         self.idle.pop(w, None)
         self.partial.pop(w, None)
+        if w.spare is not None:
+            self.drop_warm(w)
         if w.gang is not None:  # a gang member's process: the whole gang reruns or fails
             (g, rank), w.gang = w.gang, None
             w.inflight.clear()
@@ -1224,7 +1229,8 @@ class Broker(GangScheduling):
         for ex in self.executors.values():
             if not ex.fits(shape):
                 continue
-            n = sum(1 for w in ex.workers.values() if w.actor is None and not w.gpus and w.gang is None)
+            n = sum(1 for w in ex.workers.values() if w.actor is None and not w.gpus and w.gang is None
+                    and w.spare is None)
             n += sum(1 for sp in self.spawns.values() if sp[0] is ex and isinstance(sp[2], Call))
             if n >= max(1, int((ex.cpus + 1e-9) / shape[0])):
                 continue
@@ -1572,6 +1578,8 @@ class Broker(GangScheduling):
                 self.lose_executor(ex, f"no heartbeat for {now - ex.last_seen:.1f}s")
         if self.gang_queue:
             self.gang_queue = deque(g for g in self.gang_queue if g.state == QUEUED)
+        if self.warm_gang:
+            self.expire_warm(now)
         if self.executors or not (any(self.queues.values()) or self.pending_actors or self.gang_queue):
             self.no_executor_since = now  # the grace counts from when calls began to wait with no executor
         elif now - self.no_executor_since > NO_EXECUTOR_GRACE:

@@ -5,6 +5,12 @@ takes them in one go: never part of a gang while waiting for the rest, so two ga
 halves of each other's places. Members get their rank, the world size and every member's
 address in their CALL; a member's crash reruns the whole gang (its retries), its error stops
 the others (docs/gangs.md, protocol.md §6.11).
+
+Warm gang workers (``min_warm``): the workers of a CPU gang with ``min_warm`` that ended OK are
+not killed but kept, idle and holding no resources, for the next gang of the same shape from the
+same driver on the same executor, which then starts at once in processes that have its imports
+(no spawn, no interpreter start). They are stopped when their driver leaves or after
+``WARM_IDLE`` seconds unused.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from ..errors import ProtocolError
 from .state import DONE, HELD, QUEUED, RUNNING, SPAWNING, WAITING, Call, Gang, gpu_share, pick_gpus
 
 log = logging.getLogger("fabric.broker")
+
+WARM_IDLE = 300.0  # seconds a kept gang worker waits for its driver's next gang of its shape
 
 
 class GangScheduling:
@@ -126,13 +134,25 @@ class GangScheduling:
         return None
 
     def start_gang(self, g, plan):
-        """Reserve every member's place and spawn its worker; the CALLs go when all are READY."""
+        """Reserve every member's place and spawn its worker (or take a kept warm one); the CALLs
+        go when all are READY."""
         g.state = SPAWNING
+        warm = 0
         for rank, (ex, devices) in enumerate(plan):
             c = g.members[rank]
             c.state = SPAWNING
-            g.tokens.add(self.spawn(ex, self.reserve(ex, g.shape, devices), c, None))
-        log.info("gang %s: %d members placed on %d executors", g.id.hex(), len(plan), len({ex for ex, _ in plan}))
+            w = self.take_warm(g, ex) if g.warm and not devices else None
+            if w is None:
+                g.tokens.add(self.spawn(ex, self.reserve(ex, g.shape, devices), c, None))
+                continue
+            self.reserve(ex, g.shape, devices)
+            w.held = c.shape
+            self.gang_member(g, rank, w)
+            warm += 1
+        log.info("gang %s: %d members placed on %d executors (%d in warm workers)", g.id.hex(), len(plan),
+                 len({ex for ex, _ in plan}), warm)
+        if not g.tokens:
+            self.launch_gang(g)
 
     def gang_ready(self, w, c, token, info):
         g, rank = c.gang
@@ -141,13 +161,64 @@ class GangScheduling:
         if g.state != SPAWNING or c.state != SPAWNING:  # not this attempt's (its spawns are dropped)
             self.release_worker(w)
             return self.kill_worker(w)
-        w.gang = (g, rank)
-        c.worker = w
-        g.workers[rank] = w
         addr = info.get("addr")
-        g.addrs[rank] = addr if isinstance(addr, str) and 0 < len(addr) <= 256 else f"{w.ex.host}:0"
+        w.addr = addr if isinstance(addr, str) and 0 < len(addr) <= 256 else f"{w.ex.host}:0"
+        self.gang_member(g, rank, w)
         if not g.tokens and all(x is not None for x in g.workers):
             self.launch_gang(g)
+
+    def gang_member(self, g, rank, w):
+        w.gang = (g, rank)
+        g.members[rank].worker = w
+        g.workers[rank] = w
+        g.addrs[rank] = w.addr
+
+    # ---------------------------------------------------------------- warm gang workers (min_warm)
+    def take_warm(self, g, ex):
+        """A worker kept from this driver's earlier gang of ``g``'s shape on ``ex``, or None."""
+        key = (g.members[0].driver, ex.ident, g.shape)
+        kept = self.warm_gang.get(key)
+        while kept:
+            w = kept.pop()
+            w.spare = None
+            if not kept:
+                del self.warm_gang[key]
+            if w.ident in self.workers and not w.doomed:
+                return w
+            kept = self.warm_gang.get(key)
+        return None
+
+    def keep_warm_worker(self, g, w) -> bool:
+        """Keep ``w`` (idle, holding nothing) for its driver's next gang of this shape, up to
+        ``min_warm`` per executor. CPU gangs only: a GPU worker's devices are fixed at its start."""
+        if not g.warm or g.shape[1] or w.doomed or w.ident not in self.workers or w.addr is None:
+            return False
+        key = (g.members[0].driver, w.ex.ident, g.shape)
+        kept = self.warm_gang.setdefault(key, [])
+        if len(kept) >= g.warm:
+            return False
+        w.spare = (key, time.monotonic())
+        kept.append(w)
+        return True
+
+    def drop_warm(self, w):
+        """``w`` is no longer kept warm (it died, or is being stopped)."""
+        key = w.spare[0]
+        w.spare = None
+        kept = self.warm_gang.get(key)
+        if kept and w in kept:
+            kept.remove(w)
+        if not kept:
+            self.warm_gang.pop(key, None)
+
+    def expire_warm(self, now, driver=None):
+        """Stop kept gang workers unused for ``WARM_IDLE`` s, or all of ``driver``'s (it left)."""
+        for key, kept in list(self.warm_gang.items()):
+            for w in list(kept):
+                if (driver is not None and key[0] == driver) or (driver is None and now - w.spare[1] > WARM_IDLE):
+                    self.drop_warm(w)
+                    if w.ident in self.workers:
+                        self.kill_worker(w)
 
     def launch_gang(self, g):
         """Every member's worker is READY: send the n CALLs in this loop turn, each with its context."""
@@ -202,7 +273,7 @@ class GangScheduling:
             self.gangs.pop(g.id, None)
             for r, m in enumerate(g.members):
                 self.finish(m, P.OK, None, g.outcomes[r])
-            self.gang_release(g)
+            self.gang_release(g, keep=True)
 
     def gang_outcome(self, c, status, frames):
         """``finish`` gave member ``c`` an outcome (a failure, a cancel, a timeout, an argument that
@@ -265,8 +336,9 @@ class GangScheduling:
                 self.finish(c, status, text)
         self.gang_release(g)
 
-    def gang_release(self, g):
-        """Drop this attempt: its pending spawns, and its workers (killed), returning their places."""
+    def gang_release(self, g, keep=False):
+        """Drop this attempt: its pending spawns, and its workers (killed, or with ``keep`` after
+        an OK end kept warm if the gang asked: min_warm), returning their places."""
         for tok in g.tokens:
             sp = self.spawns.pop(tok, None)
             if sp is not None and sp[0].ident in self.executors:
@@ -281,6 +353,8 @@ class GangScheduling:
             w.gang = None
             w.inflight.clear()
             self.return_resources(w)
+            if keep and self.keep_warm_worker(g, w):
+                continue
             if w.ident in self.workers:
                 self.kill_worker(w)
         n = len(g.members)

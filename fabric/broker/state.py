@@ -129,7 +129,7 @@ class Executor:
 
 class Worker:
     __slots__ = ("ident", "ex", "inflight", "held", "gpus", "actor", "credit", "code_seen", "pid", "pool",
-                 "doomed", "killed", "gang")
+                 "doomed", "killed", "gang", "addr", "spare")
 
     def __init__(self, ident, ex, info):
         self.ident = ident
@@ -145,6 +145,8 @@ class Worker:
         self.doomed = False             # a kill was sent, or it is unreachable: never give it another call
         self.killed = False             # a kill was sent
         self.gang = None                # (Gang, rank) while it runs a member of a gang
+        self.addr = None                # "host:port" a gang member may listen on (a spawned worker's READY)
+        self.spare = None               # (key, since) while kept warm for its driver's next gang (min_warm)
 
 
 class Actor:
@@ -171,7 +173,7 @@ class Gang:
     worker is READY; outcomes are held until every member has one, so a crash can rerun the
     whole gang without a member having answered twice."""
     __slots__ = ("id", "members", "shape", "retries", "state", "workers", "addrs", "outcomes", "held",
-                 "tokens")
+                 "tokens", "warm")
 
     def __init__(self, lead, members):
         self.id = lead.id
@@ -185,6 +187,7 @@ class Gang:
         self.outcomes = [None] * n      # frames of members that finished OK, held until all have
         self.held = 0
         self.tokens = set()             # spawns of this attempt not READY yet
+        self.warm = lead.warm           # min_warm: its workers are kept for the next gang of its shape
 
 
 class FnInfo:
