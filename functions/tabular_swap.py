@@ -6,7 +6,8 @@
 The datasets, the preprocessor, the scaling and run configs, ``fit()``, the ``Result``, the
 checkpoint and the batch prediction are the same for every trainer; what changes is the trainer
 class (and, for the deep-learning ones, the loop that each worker runs: XGBoost needs none).
-TensorflowTrainer is tried too when tensorflow is installed (``pip install 'fabric-compute[tf]'``).
+TensorflowTrainer is tried too when tensorflow is installed (``pip install 'fabric-compute[tf]'``):
+plain Keras ``compile(); fit()`` under MultiWorkerMirroredStrategy on the same 2 workers.
 """
 from __future__ import annotations
 
@@ -55,16 +56,21 @@ def torch_loop(config):
 
 def tf_loop(config):
     import keras
+    import tensorflow as tf
 
     from fabric.ml.tensorflow import ReportCheckpointCallback
 
-    # Keras 3's model.fit does not build under MultiWorkerMirroredStrategy (docs/onnx.md): each worker
-    # fits on its shard here; a custom MWMS step is in tests/test_ml_tf.py
-    inp = keras.Input((len(FEATURES),), name="x")
-    model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Dense(32, activation="relu")(inp)))
-    model.compile(optimizer=keras.optimizers.Adam(config["lr"]), loss=keras.losses.BinaryCrossentropy(from_logits=True))
-    data = ml.get_dataset_shard("train").to_tf("x", LABEL, batch_size=128)
-    model.fit(data, epochs=config["epochs"], verbose=0, callbacks=[ReportCheckpointCallback(metrics=["loss"])])
+    # as in TensorFlow's multi-worker tutorial: build and compile in the strategy's scope, then fit
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        inp = keras.Input((len(FEATURES),), name="x")
+        model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Dense(32, activation="relu")(inp)))
+        model.compile(optimizer=keras.optimizers.Adam(config["lr"]),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    # the features stacked into one tensor, as the torch loop does
+    data = ml.get_dataset_shard("train").to_tf(FEATURES, LABEL, batch_size=128).map(
+        lambda f, y: (tf.stack([f[c] for c in FEATURES], axis=1), y))
+    model.fit(data, epochs=config["epochs"], verbose=0, callbacks=[ReportCheckpointCallback(metrics={"loss": "loss"})])
 
 
 # ---------------------------------------------------------------------- the swap
@@ -78,19 +84,10 @@ def trainers(common: dict) -> dict:
     }
     import importlib.util
 
-    if importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec(
-            "fabric.ml.trainers.tensorflow") is None:
-        return out
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from fabric.ml.predictors.tensorflow import TensorflowPredictor
-    from fabric.ml.trainers.tensorflow import TensorflowTrainer
-
-    # Keras takes one input tensor: the same scaler, then the features packed into "x"
-    tf_common = dict(common, preprocessor=ml.preprocessing.Chain(
-        common["preprocessor"], ml.preprocessing.Concatenator(FEATURES, output_column_name="x")),
-        metadata={"label_column": LABEL, "feature_columns": ["x"]})
-    out["tensorflow"] = (TensorflowTrainer(tf_loop, train_loop_config={"lr": 0.01, "epochs": 3}, **tf_common),
-                         TensorflowPredictor)
+    if importlib.util.find_spec("tensorflow") is not None:   # the [tf] extra
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        out["tensorflow"] = (ml.TensorflowTrainer(tf_loop, train_loop_config={"lr": 0.01, "epochs": 3}, **common),
+                             ml.TensorflowPredictor)
     return out
 
 

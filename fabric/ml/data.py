@@ -1100,10 +1100,16 @@ class Dataset:
             v = sample[c]
             return tf.TensorSpec(shape=(None,) + tuple(v.shape[1:]), dtype=tf.as_dtype(v.dtype))
 
+        def own(v):
+            # a block's columns are read-only views of shared memory; TF may take a numpy array's
+            # buffer as a tensor's and then reuse it for an op's output (buffer forwarding): a
+            # write into read-only memory, which killed Keras workers with SIGSEGV. TF gets a copy.
+            return v if v.flags.writeable else v.copy()
+
         def pack(cols, b):
             if isinstance(cols, str):
-                return b[cols]
-            return {c: b[c] for c in cols}
+                return own(b[cols])
+            return {c: own(b[c]) for c in cols}
 
         fspec = spec(feature_columns) if isinstance(feature_columns, str) else {c: spec(c) for c in feats}
         if label_columns is None:

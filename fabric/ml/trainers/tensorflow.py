@@ -1,6 +1,6 @@
 """``TensorflowTrainer``: a Keras/TensorFlow loop on a gang, with ``TF_CONFIG`` set from the gang's
-addresses before the loop, so ``tf.distribute.MultiWorkerMirroredStrategy()`` inside it finds its
-peers (each member's ``fabric.gang_context().addresses[rank]`` is a port free on its host).
+hosts before the loop, so ``tf.distribute.MultiWorkerMirroredStrategy()`` inside it finds its
+peers (each member's port is picked just before the loop: see ``fresh_addresses``).
 
 Inside the loop: ``ml.get_dataset_shard("train").to_tf(...)`` feeds ``model.fit``, and
 ``ml.tensorflow.ReportCheckpointCallback()`` reports Keras' logs and saves ``model.keras``
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 from .._deps import need
 from .base import DataParallelTrainer
@@ -21,6 +22,30 @@ __all__ = ["TensorflowTrainer", "tf_config"]
 def tf_config(addresses, rank: int) -> dict:
     """The TF_CONFIG of member ``rank`` of a gang whose members listen at ``addresses``."""
     return {"cluster": {"worker": [str(a) for a in addresses]}, "task": {"type": "worker", "index": int(rank)}}
+
+
+def fresh_addresses(ctx) -> list[str]:
+    """The gang's addresses with ports picked now, exchanged through the run's hub.
+
+    A gang address's port was free when its worker process started, which for a warm worker may be
+    minutes and many gangs ago; by now another process may hold it (seen here: "Could not start
+    gRPC server", TF binding 0.0.0.0:port, and TF's gRPC server does not share ports). Each member
+    binds a new port on its gang host and keeps it until all have theirs (so two members of one
+    host cannot draw the same one), then TF binds it a moment later. Outside a trainer's session
+    (or a gang of one) the gang's own addresses are used."""
+    from .. import session
+    from .base import REPORT_TIMEOUT
+
+    reporter = getattr(session.current(), "reporter", None)
+    sink, key = getattr(reporter, "sink", None), getattr(reporter, "key", None)
+    if ctx.world_size <= 1 or sink is None or not hasattr(sink, "allgather"):
+        return list(ctx.addresses)
+    host = ctx.address.rpartition(":")[0].strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        mine = f"[{host}]:{s.getsockname()[1]}" if ":" in host else f"{host}:{s.getsockname()[1]}"
+        addresses, _ = sink.allgather(key, ctx.rank, ctx.world_size, "tf_config", mine, REPORT_TIMEOUT)
+    return [str(a) for a in addresses]
 
 
 class TensorflowTrainer(DataParallelTrainer):
@@ -37,7 +62,7 @@ class TensorflowTrainer(DataParallelTrainer):
 
     def _setup_worker(self, ctx) -> None:
         cpus = max(1, int(self.scaling_config.num_cpus_per_worker))
-        os.environ["TF_CONFIG"] = json.dumps(tf_config(ctx.addresses, ctx.rank))
+        os.environ["TF_CONFIG"] = json.dumps(tf_config(fresh_addresses(ctx), ctx.rank))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         # two workers on two cores must not each start a pool of every core's threads
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(cpus))
