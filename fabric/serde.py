@@ -579,9 +579,10 @@ def spill(payload, bufs: list, threshold: int, store=None, keys_out: list | None
 def _unspill(refs, head, items):
     """Run where a spilled payload is unpickled: fetch its objects (once per host, mapped
     from the host's cache) and unpickle the original payload over them."""
+    from . import storage
     from .storage import objects
 
-    maps = [objects.fetch(r) for r in refs]
+    maps = [objects.fetch(r, storage.default) for r in refs]
 
     def view(w):
         k, off, n = w

@@ -72,8 +72,46 @@ def test_upper_layers_use_only_the_public_core(layer):
     assert _violations(lambda n: n.startswith(layer), internals) == []
 
 
+def _cycles(package, mods=None):
+    """Import cycles among the modules of ``package`` (lazy imports included), as name lists."""
+    mods = mods or {name: path for name, path in _modules() if name == package or name.startswith(package + ".")}
+    graph = {name: sorted({m for m, _ in _imports(name, path) if m in mods and m != name})
+             for name, path in mods.items()}
+    cycles, done = [], set()
+
+    def visit(name, stack):
+        if name in stack:
+            cycles.append(stack[stack.index(name):] + [name])
+            return
+        if name in done:
+            return
+        for nxt in graph[name]:
+            visit(nxt, stack + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return cycles
+
+
+def test_storage_has_no_import_cycles():
+    """store.py is the storage layer's one abstraction; objects.py and the package's default
+    store sit on it, and nothing below imports what sits above (not even lazily)."""
+    assert not _cycles("fabric.storage"), _cycles("fabric.storage")
+    store = dict(_modules())["fabric.storage.store"]
+    assert not [m for m, _ in _imports("fabric.storage.store", store) if m.startswith("fabric.storage")]
+
+
 def test_the_checker_sees_a_violation(tmp_path):
     """The check itself can fail: a lazy import inside a function is found."""
     p = tmp_path / "m.py"
     p.write_text("def f():\n    from ..broker import core\n")
     assert ("fabric.broker.core", 2) in set(_imports("fabric.ml.m", str(p)))
+
+
+def test_the_cycle_checker_sees_a_lazy_circle(tmp_path):
+    (tmp_path / "__init__.py").write_text("from .a import x\n")
+    (tmp_path / "a.py").write_text("x = 1\ndef f():\n    from . import b\n")
+    (tmp_path / "b.py").write_text("from .a import x\n")
+    mods = {"p": str(tmp_path / "__init__.py"), "p.a": str(tmp_path / "a.py"), "p.b": str(tmp_path / "b.py")}
+    assert ["p.a", "p.b", "p.a"] in _cycles("p", mods)

@@ -8,7 +8,7 @@ are on different hosts, and large ``fabric.put`` objects.
   that key already exists (same bytes, same key: an object is uploaded once however often it
   is sent) and returns a small reference ``(key, nbytes, store, host)``; the last two say
   where it was written, for error messages only.
-- ``fetch(ref)`` returns the object as a private (copy-on-write) memory map of a file in this
+- ``fetch(ref, store)`` returns the object as a private (copy-on-write) memory map of a file in this
   host's cache folder (``FABRIC_CACHE_DIR``; else ``$FABRIC_HOME/cache/objects`` when
   ``FABRIC_HOME`` is set; else ``$XDG_CACHE_HOME/fabric/objects`` or ``~/.cache/fabric/objects``). Only the first process of a host that asks for an object
   downloads it: the others wait on a lock file (``flock``) and then map the same file. A
@@ -19,8 +19,9 @@ are on different hosts, and large ``fabric.put`` objects.
   which every hit refreshes) are deleted. A process that still maps a deleted file keeps its
   mapping; the next process to ask downloads the object again.
 
-Only this module and ``store.py`` touch the backend; this module imports nothing of the
-runtime (the arrows point from ``serde`` to ``storage``).
+This module sits on ``Store``'s public methods (``exists``, ``put_bytes``, ``get_file``,
+``display``) and imports nothing of the runtime, nor the package's default store (the arrows
+point from ``serde`` to ``storage``, and from the package to this module).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def upload(store, data) -> tuple:
     key = key_of(mv)
     if not store.exists(key):
         store.put_bytes(key, mv)
-    return key, mv.nbytes, str(getattr(store, "_display", store)), socket.gethostname()
+    return key, mv.nbytes, store.display, socket.gethostname()
 
 
 def _digest_of(key: str) -> str:
@@ -93,9 +94,11 @@ def _digest_of(key: str) -> str:
     return digest
 
 
-def fetch(ref, store=None) -> mmap.mmap:
+def fetch(ref, store) -> mmap.mmap:
     """The object ``ref`` names, mapped privately from this host's cache (downloaded from
-    ``store``, default ``fabric.storage.default()``, by the first process that needs it)."""
+    ``store`` by the first process that needs it). ``store`` is a ``Store``, or a function
+    that returns one (``fabric.storage.default``), called only when the object must be
+    downloaded."""
     key, nbytes = ref[0], int(ref[1])
     digest = _digest_of(key)
     d = cache_dir()
@@ -108,10 +111,8 @@ def fetch(ref, store=None) -> mmap.mmap:
     with _flock(path + ".lock"):
         mm = _map(path, nbytes)  # another process may have fetched it while we waited
         if mm is None:
-            if store is None:
-                from . import default
-
-                store = default()
+            if callable(store):
+                store = store()
             _download(store, ref, digest, path)
             fetched = True
             mm = _map(path, nbytes)
@@ -152,7 +153,7 @@ def _download(store, ref, digest: str, path: str) -> None:
         try:
             store.get_file(key, tmp)
         except KeyNotFound:
-            raise KeyNotFound(key, str(getattr(store, "_display", store)),
+            raise KeyNotFound(key, store.display,
                               f"a large object {origin}; every driver and executor of a cluster must "
                               f"share one store: set FABRIC_STORE (and FABRIC_STORE_OPTIONS) to the "
                               f"same URL for all of them, and keep objects/ until its calls are done"
@@ -168,7 +169,7 @@ def _download(store, ref, digest: str, path: str) -> None:
                 size += len(chunk)
         if size != nbytes or h.hexdigest() != digest:
             raise CorruptObject(
-                f"large object {key!r} in store {getattr(store, '_display', store)} is corrupt: "
+                f"large object {key!r} in store {store.display} is corrupt: "
                 f"{size} bytes with hash {h.hexdigest()[:16]}..., expected {nbytes} bytes with the "
                 f"hash in its key ({origin}); delete it and send the object again")
         os.replace(tmp, path)

@@ -5,7 +5,19 @@ fsspec does the talking to each backend; this module adds what a cluster needs o
 - keys that mean the same thing on every backend (validated, ``/``-separated, relative);
 - atomic writes: a reader sees the old object or the new one, never a half-written one;
 - one error vocabulary (``KeyNotFound``, ``InvalidStoreURL``, ``StorageCredentialsError``)
-  instead of each backend's own, with no secret ever put into a message.
+  instead of each backend's own, with no secret ever put into a message;
+- whole directories (checkpoints) as one atomic object (``put_dir``/``get_dir``, below).
+
+This is the storage layer's one abstraction: ``objects.py`` (content-addressed large objects
+and their per-host cache) and the package's default store sit on top of ``Store``'s public
+methods, and nothing here imports them.
+
+Directories: an object store has no atomic multi-file write, so a directory is written in two
+steps: its files go under a fresh version prefix ``KEY/.fabric-v<version>/``, then a small
+manifest ``KEY/.fabric-dir`` naming that version is written atomically. Readers go through the
+manifest, so they see the old checkpoint or the new one, never a mix. The version the manifest
+named before is deleted once the new one is published; a reader still fetching it rereads the
+manifest and starts over.
 """
 from __future__ import annotations
 
@@ -15,6 +27,7 @@ import os
 import pickle
 import posixpath
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
@@ -66,6 +79,9 @@ class StorageCredentialsError(StorageError, PermissionError):
 INTERNAL = ".fabric-"
 _TMP = INTERNAL + "tmp-"
 DIR_MANIFEST = INTERNAL + "dir"
+_VERSION = INTERNAL + "v"  # KEY/.fabric-v<version>/: one version of a directory's files
+_DIR_FORMAT = 1
+_DIR_ATTEMPTS = 5  # reads of a directory that put_dir replaces meanwhile, before giving up
 
 # Backends where one PUT replaces an object atomically (multipart uploads included: the object
 # appears only when the upload completes). Anything else gets a temporary key and a move.
@@ -214,6 +230,11 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self._display!r})"
+
+    @property
+    def display(self) -> str:
+        """The store's URL with any credential masked: what messages and logs may show."""
+        return self._display
 
     __str__ = __repr__
 
@@ -469,21 +490,102 @@ class Store:
 
     def put_dir(self, key: str, local_dir: str | os.PathLike) -> None:
         """Store a whole local directory (a checkpoint) under ``key``, atomically."""
-        from .checkpoint import put_dir
+        validate_key(key)
+        local_dir = os.path.abspath(os.fspath(local_dir))
+        if not os.path.isdir(local_dir):
+            raise NotADirectoryError(f"put_dir needs a local directory, and {local_dir!r} is not one")
+        files, dirs = {}, []
+        for here, subdirs, names in os.walk(local_dir):
+            rel_here = os.path.relpath(here, local_dir)
+            for d in subdirs:
+                dirs.append(_rel(rel_here, d))
+            for name in names:
+                files[_rel(rel_here, name)] = os.path.getsize(os.path.join(here, name))
 
-        put_dir(self, validate_key(key), local_dir)
+        path = self._path(key)
+        previous = self._manifest(key, missing_ok=True)
+        version = f"{time.time_ns():x}-{uuid.uuid4().hex[:8]}"
+        prefix = f"{path}/{_VERSION}{version}"
+        with self._errors(key, writing=True):
+            if self._local:  # owner-only, whatever the umask: the version's folder first, then its files
+                config.private_dir(prefix)
+            if files:
+                rels = sorted(files)
+                self.fs.put([os.path.join(local_dir, *r.split("/")) for r in rels],
+                            [f"{prefix}/{r}" for r in rels])
+            if self._local:
+                _owner_only(prefix)
+        manifest = {"format": _DIR_FORMAT, "version": version, "files": files, "dirs": sorted(dirs)}
+        self._write_bytes(f"{path}/{DIR_MANIFEST}", json.dumps(manifest).encode(), key)
+        if previous and previous["version"] != version:
+            with self._errors(key):
+                try:
+                    self.fs.rm(f"{path}/{_VERSION}{previous['version']}", recursive=True)
+                except FileNotFoundError:
+                    pass
+                self._fresh(path)
 
     def get_dir(self, key: str, local_dir: str | os.PathLike) -> str:
-        """Download the directory stored under ``key`` into ``local_dir``; returns its path."""
-        from .checkpoint import get_dir
+        """Download the directory stored under ``key`` into ``local_dir``; returns its path.
+        A ``put_dir`` replacing it meanwhile makes it start over (a few times)."""
+        attempts = _DIR_ATTEMPTS
+        validate_key(key)
+        local_dir = os.path.abspath(os.fspath(local_dir))
+        path = self._path(key)
+        for attempt in range(attempts):
+            manifest = self._manifest(key)
+            prefix = f"{path}/{_VERSION}{manifest['version']}"
+            os.makedirs(local_dir, exist_ok=True)
+            for d in manifest["dirs"]:
+                os.makedirs(os.path.join(local_dir, *d.split("/")), exist_ok=True)
+            rels = sorted(manifest["files"])
+            lpaths = [os.path.join(local_dir, *r.split("/")) for r in rels]
+            for lp in lpaths:
+                os.makedirs(os.path.dirname(lp), exist_ok=True)
+            with self._errors(key):
+                try:
+                    if rels:
+                        self.fs.get([f"{prefix}/{r}" for r in rels], lpaths)
+                    return local_dir
+                except FileNotFoundError:  # a newer put_dir replaced this version: start over
+                    time.sleep(0.01 * 2**attempt)
+        raise StorageError(f"directory {key!r} of store {self._display} was replaced {attempts} "
+                           f"times while it was being read; try again")
 
-        return get_dir(self, validate_key(key), local_dir)
+    def _manifest(self, key: str, missing_ok: bool = False):
+        """The manifest of the directory under ``key`` (None if there is none and ``missing_ok``)."""
+        path = self._path(f"{key}/{DIR_MANIFEST}")
+        try:
+            with self._errors(key):
+                self._fresh(path)
+                manifest = json.loads(self.fs.cat_file(path))
+        except KeyNotFound:
+            if missing_ok:
+                return None
+            hint = ""
+            try:
+                if self.fs.isfile(self._path(key)):
+                    hint = "it holds a single object; read it with get/get_bytes"
+            except Exception:
+                pass
+            raise KeyNotFound(key, self._display, hint) from None
+        if manifest.get("format") != _DIR_FORMAT:
+            raise StorageError(f"directory {key!r} was written by a newer fabric (format "
+                               f"{manifest.get('format')!r}); upgrade fabric to read it")
+        return manifest
 
-    # --- internal helpers for checkpoint.py ------------------------------------------------
-    def _read_json(self, path: str, key: str):
-        with self._errors(key):
-            self._fresh(path)
-            return json.loads(self.fs.cat_file(path))
+
+def _owner_only(top: str) -> None:
+    """Folders 0700 and files 0600 under ``top`` (what fsspec's copy made under the umask)."""
+    for here, _, names in os.walk(top):
+        os.chmod(here, 0o700)
+        for name in names:
+            os.chmod(os.path.join(here, name), 0o600)
+
+
+def _rel(here: str, name: str) -> str:
+    rel = name if here == "." else os.path.join(here, name)
+    return rel.replace(os.sep, "/")
 
 
 def _parquet():
