@@ -204,7 +204,7 @@ _FN_OPTIONS["cache"] = False  # keep the result in the store under the code's an
 # num_returns: a call's n values as n Futures; backpressure: items a generator may run ahead of its consumer
 _FN_OPTIONS.update(num_returns=1, backpressure=64)
 _CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k not in ("retries", "cache", "num_returns", "backpressure")},
-                "concurrency": 1}
+                "concurrency": 1, "max_restarts": 0, "max_task_retries": 0}
 
 
 def _check_number(name, v, minimum=0.0, maximum=1e6):
@@ -238,6 +238,9 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
     mc = o["max_containers"]
     if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= 65535):
         raise ValueError(f"max_containers must be a whole number from 1 to 65535, or None, got {mc!r}")
+    for k in ("max_restarts", "max_task_retries"):  # -1: no limit, as in Ray
+        if k in o and (isinstance(o[k], bool) or not isinstance(o[k], int) or not -1 <= o[k] <= 10000):
+            raise ValueError(f"{k} must be a whole number from 0 to 10000, or -1 for no limit, got {o[k]!r}")
     if "concurrency" in o:
         c = o["concurrency"]
         if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 255:
@@ -524,7 +527,7 @@ class RemoteClass:
             if found is not None:
                 return found
         ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, actor_id=aid, cpus=o["cpus"], gpus=o["gpus"],
-                              memory=o["memory_bytes"], retries=0, flags=o["concurrency"],
+                              memory=o["memory_bytes"], retries=_no_limit(o["max_restarts"]), flags=o["concurrency"],
                               label=f"{self._name}.__init__", max_containers=o["max_containers"],
                               min_warm=o["min_warm"])
         return InstanceHandle(self, aid, ready, client, owner=named is None or not named["detached"])
@@ -553,6 +556,10 @@ class RemoteClass:
 
 
 _INSTANCE_OPTIONS = ("name", "namespace", "lifetime", "get_if_exists")
+
+
+def _no_limit(n):
+    return 32767 if n < 0 else n  # the header's retries field is an int16
 
 
 def _check_instance(where, o):
@@ -683,6 +690,7 @@ class InstanceMethod:
         self._rclass, self._id, self._client = handle._rclass, handle._id, handle._client
         self._name, self._sig = name, sig
         self._label = f"{handle._rclass._name}.{name}"
+        self._retries = _no_limit(handle._rclass._options.get("max_task_retries", 0))
         attr = getattr(handle._rclass._cls, name, None)
         if inspect.isgeneratorfunction(attr) or inspect.isasyncgenfunction(attr):
             self.remote = self._remote_stream  # a generator method: .remote() streams its items
@@ -704,7 +712,7 @@ class InstanceMethod:
         client = self._client or _client()
         o = self._rclass._options
         return client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
-                             cpus=0.0, gpus=0.0, memory=0, retries=0, timeout=o["timeout"] or 0.0,
+                             cpus=0.0, gpus=0.0, memory=0, retries=self._retries, timeout=o["timeout"] or 0.0,
                              label=self._label)
 
 

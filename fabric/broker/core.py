@@ -31,6 +31,7 @@ to ``retries`` and requeues the calls it had prefetched without charging them.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import heapq
 import itertools
@@ -114,6 +115,7 @@ class Broker(GangScheduling):
         self.gangs: dict[bytes, Gang] = {}          # gangs without an outcome yet, by rank 0's call id
         self.names: dict[tuple, dict] = {}          # (namespace, name) -> a named instance (NAME)
         self.actor_names: dict[bytes, tuple] = {}   # instance id -> its (namespace, name)
+        self.restarts: dict[bytes, list] = {}       # instance id -> [restarts left, its ACTOR_NEW, max_restarts]
         self.gang_queue: deque[Gang] = deque()      # gangs ready to start, FIFO
         self.warm_gang: dict[tuple, list] = {}      # (driver, executor, shape) -> workers kept (min_warm)
         self.dead_actors: OrderedDict[bytes, list] = OrderedDict()  # id -> the failure its calls get
@@ -1073,7 +1075,14 @@ class Broker(GangScheduling):
             a = w.actor
             a.worker = None
             if a.id in self.actors:  # not already ended on purpose (kill, failed __init__)
-                msg = f"the instance's process died ({why})".encode()
+                r = self.restarts.get(a.id) if self.restarts else None
+                if r is not None and r[0] > 0 and a.failure is None:
+                    self.return_resources(w)
+                    return self.restart_actor(a, calls, why)
+                msg = f"the instance's process died ({why})"
+                if r is not None:
+                    msg += f" and its max_restarts={r[2]} restarts are spent"
+                msg = msg.encode()
                 for c in calls:
                     self.finish(c, P.ACTOR_DIED, msg)
                 self.kill_actor(a, msg)
@@ -1378,6 +1387,8 @@ class Broker(GangScheduling):
     def new_actor(self, call):
         a = Actor(call.actor, call.driver, call.shape)
         self.actors[a.id] = a
+        if call.retries:  # an ACTOR_NEW's retries are its class's max_restarts
+            self.restarts[a.id] = [call.retries, call, call.retries]
         a.queue.append(call)
         why = self.unschedulable(a.shape)
         if why:
@@ -1431,6 +1442,37 @@ class Broker(GangScheduling):
         if a.release_when_idle and not q and not w.inflight:
             self.kill_actor(a, b"released")
 
+    def restart_actor(self, a, calls, why):
+        """max_restarts: the instance's worker died; build it again on a new worker (its
+        ``__init__`` and ``@enter`` run anew, from its original arguments). The calls it had been
+        sent run again on the new instance while they have retries (max_task_retries), in their
+        order, else fail with ``ActorDied``; calls not sent yet wait for it."""
+        r = self.restarts[a.id]
+        r[0] -= 1
+        k = r[2] - r[0]
+        log.warning("instance %s died (%s): restarting it (%d of %d)", a.id.hex(), why, k, r[2])
+        msg = (f"the instance's process died ({why}); it is being restarted ({k} of {r[2]}), and this "
+               f"call's retries (max_task_retries) are spent").encode()
+        again = []
+        for c in calls:
+            if c.state == DONE or c.kind == P.ACTOR_NEW:
+                continue  # (a constructor cut off is run again below)
+            c.retries -= 1
+            if c.retries < 0:
+                self.finish(c, P.ACTOR_DIED, msg)
+            else:
+                c.state, c.worker, c.started = QUEUED, None, 0.0
+                again.append(c)
+        ctor = r[1]  # the ACTOR_NEW once more: same id, header, code, arguments
+        if ctor.state == DONE:  # (its outcome was given: this run's is not sent to anyone)
+            ctor = copy.copy(ctor)
+            ctor.driver = b""
+        ctor.state, ctor.worker, ctor.started = QUEUED, None, 0.0
+        a.queue.extendleft(reversed([ctor] + again))
+        a.ex, a.devices = None, ()
+        if not self.place_actor(a):
+            self.pending_actors.append(a)
+
     def on_kill_actor(self, ident, head, f):
         a = self.actors.get(f[0].bytes)
         if a is None or (a.driver[1:] != ident[1:] and not (a.id in self.actor_names and f[1].bytes == b"1")):
@@ -1473,6 +1515,8 @@ class Broker(GangScheduling):
         self.actors.pop(a.id, None)
         if self.actor_names:
             self.names.pop(self.actor_names.pop(a.id, None), None)  # its name is free again
+        if self.restarts:
+            self.restarts.pop(a.id, None)
         fn, a.fn = a.fn, None
         if fn is not None:  # its class has max_containers or min_warm
             if a in fn.capped:
