@@ -359,8 +359,7 @@ class RemoteFunction:
             if self._options.get("cache"):  # the worker runs a shim that looks in the store first
                 from . import cache
 
-                blob, h = serde.code_blob(functools.partial(cache.run_cached, cache.stage_prefix(self._name, h),
-                                                            self._func))
+                blob, h = serde.code_blob(cache.shim(cache.stage_prefix(self._name, h), self._func))
             self._code[:] = blob, h
         return self._code
 

@@ -11,6 +11,7 @@ Layout in the store: ``cache/<function name>-<code hash>/<arguments hash>``.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import pickle
@@ -52,6 +53,16 @@ def args_key(args: tuple, kwargs: dict) -> str:
 def stage_prefix(name: str, code_hash: bytes) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
     return f"{PREFIX}/{safe}-{code_hash.hex()[:16]}"
+
+
+def shim(prefix: str, func):
+    """What the worker runs for a cached stage: ``run_cached`` bound to it, named as the user's
+    function (so ``fabric status`` and the output prefix, ``(prepare pid=..)``, say its name)."""
+    p = functools.partial(run_cached, prefix, func)
+    p.__name__ = getattr(func, "__name__", "fn")
+    p.__qualname__ = getattr(func, "__qualname__", p.__name__)
+    p.__module__ = getattr(func, "__module__", None) or "?"
+    return p
 
 
 def run_cached(prefix: str, func, *args, **kwargs):

@@ -291,10 +291,7 @@ def status(address, as_json):
     if as_json:
         click.echo(json.dumps({**st, "autoscaler": decisions, "serve": gateways}, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
+    con, Table = _tables()
     con.print(f"[bold]fabric cluster[/] {st['address']}  broker pid {st['pid']}  up {st['uptime_s']}s  "
               f"drivers {st['drivers']}  pending calls {st['calls_pending']}  instances {st['instances']}")
     hosts: dict = {}
@@ -358,6 +355,23 @@ def status(address, as_json):
     s = st["stats"]
     con.print(f"calls submitted {s['submitted']}  completed {s['completed']}  retried {s['retried']}  "
               f"refused messages {s['refused']}")
+
+
+def _tables():
+    """(console, Table class) for the CLI's tables, so no value is ever cut to ``88e…``: piped
+    (not a terminal), as wide as the tables need, one line per row; in a terminal narrower than
+    a table, cells wrap (long values fold) instead of ending in an ellipsis."""
+    from rich.console import Console
+    from rich.table import Table
+
+    class _Table(Table):
+        def add_column(self, *args, **kw):
+            kw.setdefault("overflow", "fold")
+            return super().add_column(*args, **kw)
+
+    if sys.stdout.isatty():
+        return Console(), _Table
+    return Console(width=10_000, no_color=True, highlight=False), _Table
 
 
 def _serve_gateways(address):
@@ -639,9 +653,18 @@ def apps_cmd(as_json):
     for n in reg.names():
         cur = reg.current(n)
         man = reg.manifest(n, cur["version"])
+        warm = {}
+        if not cur.get("stopped"):  # min_warm: what the reconciler's keeper last saw up
+            from .apps.warm import read_status
+
+            ws = read_status(reg.store, n, cur["version"]) or {}
+            for t in ("functions", "classes"):
+                for fn, o in sorted(man[t].items()):
+                    if o.get("min_warm"):
+                        warm[fn] = {"min_warm": o["min_warm"], "warm": ((ws.get(t) or {}).get(fn) or {}).get("warm", 0)}
         rows.append({"name": n, "version": cur["version"], "stopped": cur.get("stopped", False),
                      "deployed_at": man["deployed_at"], "functions": sorted(man["functions"]),
-                     "classes": sorted(man["classes"]), "endpoints": man["deployments"]})
+                     "classes": sorted(man["classes"]), "endpoints": man["deployments"], "warm": warm})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -654,6 +677,9 @@ def apps_cmd(as_json):
         click.echo(f"  functions: {', '.join(r['functions']) or '-'}")
         click.echo(f"  classes:   {', '.join(r['classes']) or '-'}")
         click.echo(f"  endpoints: {', '.join(f'{k} {v}' for k, v in r['endpoints'].items()) or '-'}")
+        if r["warm"]:
+            warm = ", ".join(f"{k} {w['warm']}/{w['min_warm']}" for k, w in r["warm"].items())
+            click.echo(f"  warm:      {warm}")
 
 
 @main.group()
@@ -741,31 +767,45 @@ def app_reconcile(address):
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="keep printing new lines")
 def logs(name, follow):
-    """The output of app NAME's functions and classes, from the executors' logs."""
+    """The output of app NAME's functions and classes, from this host's executor logs: each line
+    starts with the function (or Class.method) and the worker, as ``(score pid=1234) ...``."""
+    import re
+
     reg = _registry()
     cur = reg.current(name)
     if cur is None:
         raise click.ClickException(f"no app named {name!r} is deployed (apps: {', '.join(reg.names()) or 'none'})")
-    man = reg.manifest(name, cur["version"])
-    labels = tuple(f"({n} pid=" for n in [*man["functions"], *man["classes"], *man["deployments"]])
+    names = set()
+    for v in reg.versions(name):  # a version's calls may still run, or print, after a redeploy
+        man = reg.manifest(name, v)
+        names |= {n.lower() for n in [*man.get("log_names", []), *man["functions"], *man["classes"]]}
+    # "(score pid=12) ", "(Cart.add pid=12) ", "(train[rank 1] pid=12) "
+    source = re.compile(r"\(([^\s.\[\]()]+)[^\s()]* pid=\d+\) ")
     root = os.path.join(config.data_dir(), "logs")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".log"))
+
+    def files():
+        return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".log"))
+
     pos: dict = {}
     while True:
-        for path in files:
+        for path in files():
             try:
                 with open(path, errors="replace") as fh:
                     fh.seek(pos.get(path, 0))
-                    for line in fh:
-                        if line.startswith(labels):
+                    while True:
+                        line = fh.readline()
+                        if not line.endswith("\n"):  # a line still being written: next round
+                            break
+                        m = source.match(line)
+                        if m and m.group(1).lower() in names:
                             click.echo(line.rstrip("\n"))
-                    pos[path] = fh.tell()
+                        pos[path] = fh.tell()
             except OSError:
                 continue
         if not follow:
             return
         time.sleep(0.5)
-        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if f.endswith(".log"))
+
 
 @main.group()
 def cache():

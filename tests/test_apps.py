@@ -2,6 +2,7 @@
 a redeploy under load with no failed call, and the registry surviving a broker restart."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,7 +88,9 @@ def test_deploy_lookup_redeploy_history_rollback_and_stop(started, tmp_path):
     path = write_app(app_dir, "v1", 2)
     r = fabric_cli(started, "deploy", path)
     assert r.returncode == 0, r.stderr
-    assert "deployed app shop version 1" in r.stdout
+    # what was deployed, and how long it took
+    assert re.search(r"^deployed app shop version 1 in \d+\.\ds$", r.stdout, re.M), r.stdout
+    assert "functions:   score\n" in r.stdout and "classes:     cart\n" in r.stdout
     # a client that has none of the app's files (run from /) finds it by name, local module included
     assert json.loads(client(started, LOOKUP)) == {"version": "v1", "total": 20}
     cart = client(started, '''
@@ -131,6 +134,8 @@ def test_deploy_lookup_redeploy_history_rollback_and_stop(started, tmp_path):
     assert out.returncode != 0 and "app 'shop' is stopped" in out.stderr
     assert fabric_cli(started, "app", "rollback", "shop", "3").returncode == 0  # back again
     assert json.loads(client(started, LOOKUP))["version"] == "v1"
+    r = fabric_cli(started, "app", "rollback", "shop")  # no version: the one before the current
+    assert r.returncode == 0 and "version 5 is version 3 again" in r.stdout, r.stderr
 
 
 def test_bad_deploys_and_lookups_are_refused_clearly_and_the_app_keeps_serving(started, tmp_path):
@@ -175,9 +180,42 @@ try:
     fabric.lookup("nosuchapp", "x")
 except fabric.FabricError as e:
     print("ERR", e)
+try:
+    fabric.lookup("shop", "score", version=999)
+except fabric.FabricError as e:
+    print("ERR", e)
+try:
+    fabric.lookup("shop", "score", version="1")
+except ValueError as e:
+    print("ERR", e)
 '''], env=started["env"], capture_output=True, text=True, timeout=120, cwd="/")
     assert "has no function or class named 'nosuch'; it has: cart, score" in out.stdout, out.stderr
-    assert "no app named 'nosuchapp' is deployed" in out.stdout
+    assert "no app named 'nosuchapp' is deployed on this cluster (apps: shop)" in out.stdout
+    assert re.search(r"app 'shop' has no version 999; its versions: 1, 2, 3(, \d+)*$", out.stdout, re.M), out.stdout
+    assert "version must be a whole number >= 1, got '1'" in out.stdout
+
+
+def test_the_app_file_runs_locally_on_the_embedded_cluster(tmp_path):
+    path = write_app(tmp_path / "local", "v1", 2)
+    r = subprocess.run([sys.executable, path], env=dict(os.environ, FABRIC_HOME=str(tmp_path / "h")),
+                       capture_output=True, text=True, timeout=120, cwd=str(tmp_path / "local"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "{'version': 'v1', 'total': 20}"
+
+
+def test_deploy_with_name_deploys_under_that_name(started, tmp_path):
+    path = write_app(tmp_path / "named", "v1", 2)
+    r = fabric_cli(started, "deploy", path, "--name", "shop-copy")
+    assert r.returncode == 0 and "deployed app shop-copy version 1" in r.stdout, r.stderr
+    out = client(started, '''
+        import fabric, json
+        fabric.init(address="auto")
+        print(json.dumps(fabric.lookup("shop-copy", "score").remote({"total": 10}).result()))
+    ''')
+    assert json.loads(out) == {"version": "v1", "total": 20}
+    r = fabric_cli(started, "deploy", path, "--name", "Shop Copy")
+    assert r.returncode == 1 and "cannot be used in a route" in r.stderr and "Traceback" not in r.stderr
+    assert fabric_cli(started, "app", "stop", "shop-copy").returncode == 0
 
 
 def test_deploy_to_an_address_where_no_cluster_listens(tmp_path):
@@ -230,3 +268,71 @@ def test_the_registry_survives_a_broker_restart(started):
     listed = json.loads(fabric_cli(started, "apps", "--json").stdout)
     assert "shop" in [a["name"] for a in listed]
     assert json.loads(client(started, LOOKUP))["version"] in ("v1", "v2")
+
+
+LOGSHOP = '''
+import fabric
+app = fabric.App("logshop")
+
+@app.fn
+def score(x):
+    print("scoring", x, flush=True)
+    return x
+
+@app.fn(cache=True)
+def prepare(x):
+    print("preparing", x, flush=True)
+    return x
+
+@app.cls()
+class Cart:
+    def add(self, item):
+        print("adding", item, flush=True)
+        return 1
+'''
+
+
+def test_logs_show_the_apps_output_with_function_and_worker_and_follow(started, tmp_path):
+    (tmp_path / "logshop.py").write_text(LOGSHOP)
+    assert fabric_cli(started, "deploy", str(tmp_path / "logshop.py")).returncode == 0
+    client(started, '''
+        import fabric
+        fabric.init(address="auto")
+        fabric.lookup("logshop", "score").remote("first-token").result()
+        fabric.lookup("logshop", "prepare").remote("cached-token").result()
+        c = fabric.lookup("logshop", "cart").remote()
+        c.add.remote("pen-token").result()
+    ''')
+
+
+    def got():
+        return fabric_cli(started, "logs", "logshop").stdout.splitlines()
+
+    assert wait_for(lambda: len(got()) >= 3, timeout=30)
+    lines = got()
+    assert any(re.fullmatch(r"\(score pid=\d+\) scoring first-token", ln) for ln in lines), lines
+    assert any(re.fullmatch(r"\(prepare pid=\d+\) preparing cached-token", ln) for ln in lines), lines
+    assert any(re.fullmatch(r"\(Cart\.add pid=\d+\) adding pen-token", ln) for ln in lines), lines
+    r = fabric_cli(started, "logs", "nosuchapp")
+    assert r.returncode == 1 and "no app named 'nosuchapp'" in r.stderr
+
+    follow = subprocess.Popen(FABRIC + ["logs", "logshop", "-f"], env=started["env"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        client(started, '''
+            import fabric
+            fabric.init(address="auto")
+            fabric.lookup("logshop", "score").remote("later-token").result()
+        ''')
+        deadline = time.monotonic() + 60
+        seen = []
+        while time.monotonic() < deadline:
+            line = follow.stdout.readline()
+            seen.append(line)
+            if "later-token" in line:
+                break
+        assert re.fullmatch(r"\(score pid=\d+\) scoring later-token\n", seen[-1]), seen
+        assert follow.poll() is None  # -f keeps following
+    finally:
+        follow.kill()
+        follow.wait(10)

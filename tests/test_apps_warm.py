@@ -31,6 +31,8 @@ def score(x):
 class Model:
     @fabric.enter
     def load(self):
+        if {fail}:
+            raise RuntimeError("cannot load the {tag} model")
         with open(os.path.join({marks!r}, "{tag}-%d" % os.getpid()), "w") as f:
             f.write("loaded")
 
@@ -58,26 +60,31 @@ def cli(cluster, *args, timeout=240):
                           timeout=timeout, cwd=REPO)
 
 
-def write_app(cluster, d, tag):
+def write_app(cluster, d, tag, fail=False):
     d.mkdir(exist_ok=True)
-    (d / "warmshop.py").write_text(APP.format(tag=tag, marks=cluster["marks"]))
+    (d / "warmshop.py").write_text(APP.format(tag=tag, marks=cluster["marks"], fail=fail))
     return str(d / "warmshop.py")
 
 
-def status(cluster):
+def status(cluster, must=True):
     r = cli(cluster, "status", "--json", timeout=60)
+    if not must and r.returncode != 0:  # the broker restarting
+        return None
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
 def warm(cluster, version):
-    """name -> the broker's entry, for this app version's functions and classes."""
+    """name -> the broker's entry, for this app version's functions and classes (None: no broker)."""
     prefix = f"fabric_app_warmshop_v{version}."
-    return {f["name"][len(prefix):]: f for f in status(cluster)["functions"] if f["name"].startswith(prefix)}
+    st = status(cluster, must=False)
+    if st is None:
+        return None
+    return {f["name"][len(prefix):]: f for f in st["functions"] if f["name"].startswith(prefix)}
 
 
 def warm_is(cluster, version, fn, cls):
-    w = warm(cluster, version)
+    w = warm(cluster, version) or {}
     return (w.get("score", {}).get("warm"), w.get("Model", {}).get("warm")) == (fn, cls)
 
 
@@ -91,6 +98,32 @@ def executor_workers(cluster):
              and "fabric.executor" in " ".join(psutil.Process(p).cmdline())]
     assert execs
     return [c for e in execs for c in e.children()]
+
+
+def in_a_terminal(cluster, args, columns):
+    """What the command prints to a terminal ``columns`` wide (a pty)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {k: v for k, v in cluster["env"].items() if k not in ("COLUMNS", "LINES")}
+    p = subprocess.Popen(FABRIC + args, env=env, stdin=slave, stdout=slave, stderr=slave, cwd=REPO)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(60)
+    os.close(master)
+    return out.decode("utf-8", "replace")
 
 
 LOOKUP = '''
@@ -113,7 +146,22 @@ def test_deploy_keeps_min_warm_containers_up_and_a_dead_one_comes_back(cluster, 
     assert (w["score"]["kind"], w["score"]["min_warm"], w["score"]["warm"]) == ("fn", 2, 2)
     assert (w["Model"]["kind"], w["Model"]["min_warm"], w["Model"]["warm"]) == ("cls", 1, 1)
     assert w["score"]["running"] == 0  # nothing ran: the registering call never started
-    assert len(loaded(cluster, "v1")) == 1  # the warm instance's @enter ran, once
+    # fabric status, piped (80 columns), shows them whole: names, hashes and ids, no "…"
+    plain = cli(cluster, "status", timeout=60)
+    assert plain.returncode == 0 and "…" not in plain.stdout, plain.stdout
+    assert "fabric_app_warmshop_v1.score" in plain.stdout and "fabric_app_warmshop_v1.Model" in plain.stdout
+    ex = status(cluster)["executors"][0]
+    assert ex["id"][:8] in plain.stdout and f"{ex['memory'] >> 20}MiB" in plain.stdout
+    listed = cli(cluster, "apps")
+    assert "  warm:      score 2/2, model 1/1" in listed.stdout, listed.stdout
+    assert json.loads(cli(cluster, "apps", "--json").stdout)[0]["warm"] == {
+        "score": {"min_warm": 2, "warm": 2}, "model": {"min_warm": 1, "warm": 1}}
+    narrow = in_a_terminal(cluster, ["status"], columns=50)
+    assert "…" not in narrow and "fabric cluster" in narrow, narrow
+    # @enter ran twice: the deploy's check (an instance started and stopped before the switch)
+    # and the warm instance, which stays
+    assert len(loaded(cluster, "v1")) == 2
+    assert wait_for(lambda: status(cluster)["instances"] == 1, timeout=30, every=0.5)
 
     # a lookup from another client is served by the same code the workers hold warm
     r = subprocess.run([sys.executable, "-c", LOOKUP], env=cluster["env"], capture_output=True, text=True,
@@ -131,7 +179,7 @@ def test_deploy_keeps_min_warm_containers_up_and_a_dead_one_comes_back(cluster, 
     assert wait_for(lambda: not warm_is(cluster, 1, 2, 1), timeout=30, every=0.2)
     assert wait_for(lambda: warm_is(cluster, 1, 2, 1), timeout=120, every=0.5), warm(cluster, 1)
     assert not {p.pid for p in executor_workers(cluster)} & {p.pid for p in victims}
-    assert len(loaded(cluster, "v1")) == 2  # a new instance, its @enter run again
+    assert len(loaded(cluster, "v1")) == 3  # a new instance, its @enter run again
 
 
 def test_a_redeploy_moves_the_warm_containers_and_stop_drops_them(cluster, tmp_path):
@@ -140,11 +188,30 @@ def test_a_redeploy_moves_the_warm_containers_and_stop_drops_them(cluster, tmp_p
     assert "warm:        score 2/2, model 1/1" in r.stdout, r.stdout
     assert wait_for(lambda: warm_is(cluster, 2, 2, 1), timeout=60, every=0.5)
     assert wait_for(lambda: warm(cluster, 1) == {}, timeout=60, every=0.5), warm(cluster, 1)  # v1's dropped
-    assert len(loaded(cluster, "v2")) == 1
+    assert len(loaded(cluster, "v2")) == 2  # the check's and the warm one's
     # an unchanged deploy keeps version 2 and its warm containers
     r = cli(cluster, "deploy", write_app(cluster, tmp_path / "b", "v2"))
     assert r.returncode == 0 and "version 2 (unchanged)" in r.stdout, r.stdout
-    assert warm_is(cluster, 2, 2, 1) and len(loaded(cluster, "v2")) == 1
+    assert warm_is(cluster, 2, 2, 1) and len(loaded(cluster, "v2")) == 2
+
+    # a new version whose warm class cannot start: refused before the switch, v2 stays warm
+    r = cli(cluster, "deploy", write_app(cluster, tmp_path / "c", "v3", fail=True))
+    assert r.returncode == 1, r.stdout
+    assert "class 'model' of app 'warmshop' did not start" in r.stderr, r.stderr
+    assert "the old version keeps serving" in r.stderr and "cannot load the v3 model" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert [a["version"] for a in json.loads(cli(cluster, "apps", "--json").stdout)] == [2]
+    assert warm_is(cluster, 2, 2, 1) and warm(cluster, 3) == {}
+
+    # the broker dies and its supervisor restarts it: the keeper registers score again, and makes
+    # a new instance (instances do not outlive a broker)
+    before = status(cluster)["pid"]
+    os.kill(before, signal.SIGKILL)
+    assert wait_for(lambda: (status(cluster, must=False) or {}).get("pid", before) != before, timeout=60, every=1)
+    assert wait_for(lambda: warm_is(cluster, 2, 2, 1), timeout=120, every=1), warm(cluster, 2)
+    # the journal's replay registers v1's old calls again, for their driver (v1's keeper, gone):
+    # the broker drops them when that driver's silence ends it
+    assert wait_for(lambda: warm(cluster, 1) == {}, timeout=120, every=1), warm(cluster, 1)
 
     r = cli(cluster, "app", "stop", "warmshop")
     assert r.returncode == 0, r.stderr

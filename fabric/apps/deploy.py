@@ -48,7 +48,10 @@ def manifest_of(app: App, entry: str, bundle_hash: str, source: str) -> dict:
     return {"app": app.name, "entry": entry, "bundle": bundle_hash, "source": source,
             "functions": {n: _options(f) for n, f in sorted(app.functions.items())},
             "classes": {n: _options(c) for n, c in sorted(app.classes.items())},
-            "deployments": {n: d["route_prefix"] for n, d in sorted(app.deployments.items())}}
+            "deployments": {n: d["route_prefix"] for n, d in sorted(app.deployments.items())},
+            # the names its calls' output lines start with in the executors' logs (fabric logs)
+            "log_names": sorted({getattr(f._func, "__name__", n) for n, f in app.functions.items()} |
+                                {getattr(c._cls, "__name__", n) for n, c in app.classes.items()})}
 
 
 @fabric.fn(retries=0, timeout=300)
@@ -74,7 +77,10 @@ def deploy(path: str, *, name: str | None = None, check: bool = True, log=print)
     if name is not None:
         from .app import check_name
 
-        check_name(name)
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise AppError(f"--name: {e}") from None
         if len(apps) > 1:
             match = [a for a in apps if a.name == name]
             if not match:
@@ -106,6 +112,7 @@ def deploy(path: str, *, name: str | None = None, check: bool = True, log=print)
         if why:
             raise AppError(f"{entry} does not import on the cluster, so nothing was deployed "
                            f"(the old version keeps serving):\n{why}")
+        _check_warm_classes(app, os.path.dirname(os.path.realpath(path)))
     # deployments first: a deployment whose replicas cannot start (a failing @enter) leaves
     # the registry, and so the version lookups resolve, as it was
     _apply_deployments(app, log)
@@ -145,6 +152,38 @@ def wait_warm(store, man: dict, timeout: float = 120.0) -> dict:
     elif not out["ready"]:
         out["note"] = f"not all warm after {timeout:g}s; the reconciler keeps starting them"
     return out
+
+
+def _check_warm_classes(app: App, folder: str) -> None:
+    """Start one instance of each class with ``min_warm`` (what the reconciler will keep) and
+    stop it: an ``__init__`` or ``@fabric.enter`` that fails fails the deploy before the switch."""
+    warm = {n: c for n, c in app.classes.items() if c._options.get("min_warm")}
+    if not warm:
+        return
+    bundle.ship_by_value(folder)  # this process imported the file under a name workers lack
+    for n, rc in warm.items():
+        why = "the old version keeps serving" if Registry(storage.default()).current(app.name) else "nothing was deployed"
+        try:
+            inst = rc.options(min_warm=0).remote()
+        except TypeError as e:
+            raise AppError(f"class {n!r} of app {app.name!r} has min_warm={rc._options['min_warm']}, so its warm "
+                           f"instances are made with no arguments, but: {e} ({why})") from None
+        try:
+            inst.ready().result(timeout=300)
+        except Exception as e:  # noqa: BLE001 - whatever __init__/@enter raised, named
+            raise AppError(f"class {n!r} of app {app.name!r} did not start (its __init__ or @fabric.enter raised), "
+                           f"so the app was not switched to the new version ({why}): "
+                           f"{type(e).__name__}: {_first_line(e)}") from None
+        finally:
+            try:
+                fabric.kill(inst)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
 
 
 def _endpoints(app: App) -> dict:
@@ -235,7 +274,8 @@ def rollback(name: str, version: int | None = None, log=print) -> int:
     if target.get("deployments"):
         app = _app_from_manifest(reg, target)
         _apply_deployments(app, log)
-    man = {k: target[k] for k in ("app", "entry", "bundle", "source", "functions", "classes", "deployments")}
+    man = {k: target[k] for k in ("app", "entry", "bundle", "source", "functions", "classes", "deployments",
+                                  "log_names") if k in target}
     man["rollback_of"] = int(version)
     v = reg.add_version(man)
     _drop_removed(name, reg.manifest(name, cur["version"]), target.get("deployments") or {})

@@ -132,14 +132,30 @@ class OutputChannel:
 
 
 class _Tee:
-    """sys.stdout/sys.stderr replacement: the log file gets everything, the driver its share."""
+    """sys.stdout/sys.stderr replacement: the log file gets everything, the driver its share.
+    In the log, a call's lines start with its source, as the driver shows them (``(score
+    pid=12) ...``): ``fabric logs APP`` finds an app's output by it."""
 
     def __init__(self, stream, channel):
         self.stream, self.channel = stream, channel
+        self.bol = True  # the log is at the start of a line
 
     def write(self, s):
         self.channel.write(s)
-        return self.stream.write(s)
+        ctx = getattr(self.channel.local, "ctx", None)
+        if ctx is None or not s:
+            if s:
+                self.bol = s.endswith("\n")
+            return self.stream.write(s)
+        prefix = f"({ctx[1].decode('utf-8', 'replace')}) "
+        out = []
+        for piece in s.splitlines(keepends=True):
+            if self.bol:
+                out.append(prefix)
+            out.append(piece)
+            self.bol = piece.endswith(("\n", "\r"))
+        self.stream.write("".join(out))
+        return len(s)
 
     def flush(self):
         self.stream.flush()
