@@ -1066,8 +1066,8 @@ class Broker(GangScheduling):
             c = cut
             calls.remove(c)
             cut = None
-            self.finish(c, P.OUT_OF_MEMORY, (f"the worker running this call was stopped: {why} "
-                                             f"(memory={c.shape[2] >> 20} MiB)").encode())
+            limit = f"memory={c.shape[2] >> 20} MiB" if c.shape[2] else "no memory= limit set"
+            self.finish(c, P.OUT_OF_MEMORY, f"the worker running this call was stopped: {why} ({limit})".encode())
             charge = False  # what it had prefetched never ran
             if w.actor is not None:
                 why = f"stopped for memory: {why}"

@@ -42,6 +42,80 @@ MEMORY_RESERVE = settings.get().memory_reserve
 RUN_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def _read_int(path):
+    try:
+        with open(path) as f:
+            v = f.read().strip()
+        return int(v)
+    except (OSError, ValueError):  # absent, or "max"
+        return None
+
+
+def _stat_field(path, key):
+    try:
+        with open(path) as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k == key:
+                    return int(v)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def memory_cgroup():
+    """The files of the tightest memory limit on this process's cgroup or its ancestors (a
+    container, a Kubernetes pod, a systemd slice): (limit, usage, stat, inactive-file key, OOM
+    events), or None without one. Under such a limit the kernel's OOM killer acts at the limit whatever the
+    host has free, so the limit is this executor's "host memory". cgroup v2 and v1."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    best, best_limit = None, 1 << 60  # v1 says "no limit" with a number near 2**63
+    for line in lines:
+        _, ctrls, path = line.split(":", 2)
+        if ctrls == "":
+            roots, names = ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), \
+                ("memory.max", "memory.current", "memory.stat", "inactive_file", "memory.events")
+        elif "memory" in ctrls.split(","):
+            roots, names = ("/sys/fs/cgroup/memory",), \
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file",
+                         "memory.oom_control")
+        else:
+            continue
+        for root in roots:
+            d = os.path.normpath(root + path)
+            while d.startswith(root):
+                limit = _read_int(os.path.join(d, names[0]))
+                if limit is not None and limit < best_limit and os.path.exists(os.path.join(d, names[1])):
+                    best_limit = limit
+                    best = (os.path.join(d, names[0]), os.path.join(d, names[1]), os.path.join(d, names[2]), names[3],
+                            os.path.join(d, names[4]))
+                if d == root:
+                    break
+                d = os.path.dirname(d)
+    return best
+
+
+def memory_left(cg):
+    """(limit, available) of a memory cgroup from :func:`memory_cgroup` (available: the limit
+    less what its processes use, page cache that can be dropped not counted), or None."""
+    limit, used = _read_int(cg[0]), _read_int(cg[1])
+    if limit is None or used is None:
+        return None
+    return limit, limit - max(0, used - _stat_field(cg[2], cg[3]))
+
+
+def oom_kills(cg=None):
+    """The kernel's count of processes its out-of-memory killer has killed: in the memory cgroup
+    ``cg`` (from :func:`memory_cgroup`), else on the whole host (/proc/vmstat); None where it is
+    not kept."""
+    path = cg[4] if cg else "/proc/vmstat"
+    return _stat_field(path, "oom_kill") if os.path.exists(path) else None
+
+
 class ExecutorDaemon:
     def __init__(self, broker: str, cpus=None, gpus=None, memory=None, labels=None, parent_pid=0,
                  log_file=None, prefetch=None, ident: bytes | None = None):
@@ -49,17 +123,24 @@ class ExecutorDaemon:
         self.id = ident or P.new_id()
         self.cpus = float(cpus if cpus is not None else (os.cpu_count() or 1))
         self.gpus = list(gpus) if gpus is not None else detect_gpus()
+        self.cgroup = memory_cgroup()       # a container's (or slice's) memory limit, if any
         if memory is None:
             import psutil
 
             memory = psutil.virtual_memory().total
+            left = memory_left(self.cgroup) if self.cgroup else None
+            if left is not None:
+                memory = min(memory, left[0])  # what this executor may use: its limit, not the host's
         self.memory = int(memory)
         self.labels = dict(labels or {})
         self.parent_pid = parent_pid
         self.log_file = log_file
         self.prefetch = int(prefetch or settings.get().prefetch)
         self.procs: dict[int, tuple] = {}   # n -> (Popen, kind, token)
-        self.oom_killed: set[int] = set()   # workers stopped because the host ran low on memory
+        self.oom_killed: dict[int, str] = {}  # workers stopped because the host ran low on memory: why
+        self.killed: set[int] = set()       # workers killed on the broker's word (KILL_WORKER, a rejoin)
+        # the kernel's OOM kill count 2-4 s ago and 0-2 s ago: (when, count), for kernel_oom_killed
+        self.oom_seen = [(time.monotonic(), oom_kills(self.cgroup))] * 2
         self.rejoined = 0.0                 # when this executor last joined a restarted broker
         self.next_memory_check = 0.0
         self.counter = itertools.count(1)
@@ -138,6 +219,7 @@ class ExecutorDaemon:
             wid = frames[1]
             for n, (p, _, _) in self.procs.items():
                 if P.worker_id(self.id, n) == wid:
+                    self.killed.add(n)
                     p.kill()
         elif c == P.EXEC_SHUTDOWN:
             self.running = False
@@ -150,7 +232,8 @@ class ExecutorDaemon:
             if "EXEC_HELLO" in msg and time.monotonic() - self.rejoined > 5 * HEARTBEAT_EVERY:
                 self.rejoined = time.monotonic()
                 self.hello()
-                for p, _, _ in list(self.procs.values()):
+                for n, (p, _, _) in list(self.procs.items()):
+                    self.killed.add(n)
                     p.kill()  # reaped below; pool workers are replaced and say READY afresh
 
     def start_worker(self, kind, token=None, gpus=()):
@@ -208,6 +291,9 @@ class ExecutorDaemon:
         return "" if not any(cid) else cid.hex()
 
     def reap(self):
+        now = time.monotonic()
+        if now - self.oom_seen[1][0] >= 2.0:  # (one read of the count every 2 s)
+            self.oom_seen = [self.oom_seen[1], (now, oom_kills(self.cgroup))]
         for n, (p, kind, token) in list(self.procs.items()):
             rc = p.poll()
             if rc is None:
@@ -224,19 +310,36 @@ class ExecutorDaemon:
             if rc == P.EXIT_MEMORY:
                 info["memory"] = "it used more memory than its call's memory= limit"
             elif n in self.oom_killed:
-                info["memory"] = "this host ran low on memory and it was the largest worker"
-            self.oom_killed.discard(n)
+                info["memory"] = self.oom_killed[n]
+            elif rc == -signal.SIGKILL and n not in self.killed and self.kernel_oom_killed():
+                info["memory"] = ("the kernel's out-of-memory killer stopped it: this host (or this executor's "
+                                  "memory cgroup) ran out of memory")
+            self.oom_killed.pop(n, None)
+            self.killed.discard(n)
             log.info("worker %d (pid %d) exited with %s", n, p.pid, rc)
             self.sock.send_multipart([P.C[P.WORKER_DIED], P.worker_id(self.id, n), P.dumps_json(info)])
             if kind == "pool":
                 self.start_worker("pool")
 
+    def kernel_oom_killed(self) -> bool:
+        """Whether the kernel's OOM killer killed a process in the last 2-4 s (in this executor's
+        memory cgroup if it has one, else on the host; a process it kills may take a while to
+        exit): a worker dead of a SIGKILL fabric did not send was then most likely that process."""
+        before, now = self.oom_seen[0][1], oom_kills(self.cgroup)
+        return before is not None and now is not None and now > before
+
     def guard_memory(self):
-        """Host memory nearly gone: stop the worker using most, so the host stays responsive."""
+        """Host memory nearly gone: stop the worker using most, so the host stays responsive.
+        Under a memory cgroup limit (a container), that limit is the host: the kernel kills there."""
         import psutil
 
         vm = psutil.virtual_memory()
-        if vm.available >= MEMORY_RESERVE * vm.total:
+        total, available, where = vm.total, vm.available, "this host ran low on memory"
+        left = memory_left(self.cgroup) if self.cgroup else None
+        if left is not None and left[1] < available:
+            total, available = min(total, left[0]), left[1]
+            where = f"this executor's memory cgroup (limit {left[0] >> 20} MiB) ran low"
+        if available >= MEMORY_RESERVE * total:
             return
         biggest, size = None, 0
         for n, (p, _, _) in self.procs.items():
@@ -247,9 +350,9 @@ class ExecutorDaemon:
             if rss > size and n not in self.oom_killed:
                 biggest, size = n, rss
         if biggest is not None:
-            log.warning("host memory low (%d MiB of %d MiB available): stopping worker %d (%d MiB)",
-                        vm.available >> 20, vm.total >> 20, biggest, size >> 20)
-            self.oom_killed.add(biggest)
+            log.warning("memory low (%d MiB of %d MiB available): stopping worker %d (%d MiB)",
+                        available >> 20, total >> 20, biggest, size >> 20)
+            self.oom_killed[biggest] = f"{where} and it was the largest worker ({size >> 20} MiB)"
             self.procs[biggest][0].kill()
 
     def stop(self):
