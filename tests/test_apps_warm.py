@@ -220,3 +220,22 @@ def test_a_redeploy_moves_the_warm_containers_and_stop_drops_them(cluster, tmp_p
     r = cli(cluster, "app", "rollback", "warmshop", "1")  # back: v3 == v1, warm again
     assert r.returncode == 0 and "version 3 is version 1 again" in r.stdout, r.stderr
     assert wait_for(lambda: warm_is(cluster, 3, 2, 1), timeout=90, every=0.5), warm(cluster, 3)
+
+    # the reconciler dies: its keeper goes with it (the broker drops v3's warm state); a new
+    # reconciler, with nothing but the registry in the store, brings them back
+    rec = json.load(open(os.path.join(cluster["home"], "cluster.json")))
+    recon = [p for p in rec["pids"] if psutil.pid_exists(p)
+             and "fabric.apps.reconciler" in " ".join(psutil.Process(p).cmdline())]
+    assert len(recon) == 1
+    os.kill(recon[0], signal.SIGKILL)
+    assert wait_for(lambda: warm(cluster, 3) == {}, timeout=60, every=0.5), warm(cluster, 3)
+    again = subprocess.Popen([sys.executable, "-m", "fabric.apps.reconciler", "--address", cluster["address"],
+                              "--interval", "1", "--broker-pid", str(rec["broker_pid"])],
+                             env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: warm_is(cluster, 3, 2, 1), timeout=120, every=0.5), warm(cluster, 3)
+    finally:
+        again.terminate()
+        out = again.communicate(timeout=60)[0]
+    assert "keeping its min_warm containers" in out, out
+    assert wait_for(lambda: warm(cluster, 3) == {}, timeout=60, every=0.5)  # a stopped reconciler ends its keepers
