@@ -2,9 +2,9 @@
 
     pip install -e '.[quickstart]' && python functions/quickstart.py
 
-    prepare data -> preprocess -> train with XGBoost, then PyTorch, through one trainer interface
-    -> tune -> export the best model to ONNX -> serve it behind the Open Inference Protocol -> one
-    real HTTP request (functions/tabular_swap.py swaps in TensorflowTrainer the same way)
+    prepare data -> preprocess -> train with XGBoost, then PyTorch (then TensorFlow/Keras where the
+    [tf] extra is installed) through one trainer interface -> tune -> export the best model to ONNX
+    -> serve it behind the Open Inference Protocol -> one real HTTP request
 
 Every stage is cached in the cluster's store: a second run skips the work whose code and inputs
 did not change and takes seconds. The same file runs unchanged against a running cluster
@@ -14,6 +14,7 @@ did not change and takes seconds. The same file runs unchanged against a running
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -70,6 +71,27 @@ def torch_loop(config):
         ml.report({"train-logloss": total / max(n, 1), "epoch": epoch})
 
 
+def tf_loop(config):
+    """The same MLP in Keras, as in TensorFlow's multi-worker tutorial: TensorflowTrainer sets
+    TF_CONFIG from the gang, so MultiWorkerMirroredStrategy all-reduces the gradients."""
+    import keras
+    import tensorflow as tf
+
+    from fabric import ml
+    from fabric.ml.tensorflow import ReportCheckpointCallback
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        inp = keras.Input((len(FEATURES),))
+        model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Dense(32, activation="relu")(inp)))
+        model.compile(optimizer=keras.optimizers.Adam(config["lr"]),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    data = ml.get_dataset_shard("train").to_tf(FEATURES, LABEL, batch_size=512).map(
+        lambda f, y: (tf.stack([f[c] for c in FEATURES], axis=1), y))
+    model.fit(data, epochs=config["epochs"], verbose=0,
+              callbacks=[ReportCheckpointCallback(metrics={"train-logloss": "loss"}, checkpoint_on="train_end")])
+
+
 def staged(name: str, build, *key):
     """A driver-side stage kept in the store, keyed by this file's code and ``key``: trainers run
     gangs from the driver, so they are cached here rather than as a @fabric.fn(cache=True) call."""
@@ -111,6 +133,11 @@ def main():
         "torch": lambda: ml.TorchTrainer(torch_loop, train_loop_config={"lr": 0.01, "epochs": 2},
                                          run_config=ml.RunConfig(name="quickstart-torch"), **common),
     }
+    if importlib.util.find_spec("tensorflow") is not None:   # where the [tf] extra is installed
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        trainers["tensorflow"] = lambda: ml.TensorflowTrainer(
+            tf_loop, train_loop_config={"lr": 0.01, "epochs": 2},
+            run_config=ml.RunConfig(name="quickstart-tensorflow"), **common)
     for name, make in trainers.items():
         metrics, hit = staged(f"train-{name}", lambda: make().fit().metrics)
         say(t0, f"trained {name}: train-logloss {metrics.get('train-logloss', float('nan')):.4f}", hit)
