@@ -116,3 +116,26 @@ def test_a_checkpoint_argument_is_keyed_by_its_files_so_a_rewrite_in_place_is_a_
     (d / "w.txt").write_text("two")  # rewritten in place: the same path, other content
     assert ckpt_stage.remote(ck, marker).result(timeout=60) == "two"
     assert open(marker).read().count("ran") == 2
+
+
+@fabric.fn(cache=True)
+def ds_total(ds, marker):
+    with open(marker, "a") as f:
+        f.write("ran\n")
+    return float(ds.to_pandas()["x"].sum())
+
+
+def test_a_dataset_argument_is_keyed_by_its_blocks_content_not_their_files(cluster, tmp_path):
+    from fabric import ml
+
+    marker = str(tmp_path / "ran.txt")
+    a = ml.from_items([{"x": float(i)} for i in range(50)])
+    b = ml.from_items([{"x": float(i)} for i in range(50)])  # equal rows, other block files
+    c = ml.from_items([{"x": float(i) * 2} for i in range(50)])
+    assert ds_total.remote(a, marker).result(timeout=120) == 1225.0
+    assert ds_total.remote(b, marker).result(timeout=120) == 1225.0
+    assert open(marker).read().count("ran") == 1  # b hit a's result
+    assert ds_total.remote(c, marker).result(timeout=120) == 2450.0
+    shifted = a.map_batches(lambda df: df.assign(x=df.x + 1))
+    assert ds_total.remote(shifted, marker).result(timeout=120) == 1275.0
+    assert open(marker).read().count("ran") == 3  # other content, another plan: misses

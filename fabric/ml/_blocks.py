@@ -82,6 +82,23 @@ class BlockRef:
     def __repr__(self):
         return f"<BlockRef {self.num_rows} rows {self.nbytes} B{' +base' if self.base else ''}>"
 
+    def __fabric_cache_key__(self) -> str:
+        """What ``@fabric.fn(cache=True)`` keys a block by: the hash of its file's bytes (the file
+        is named at random, so the path differs between runs of one flow), its row count and
+        columns, and its base's key; a Dataset argument thereby hits on equal content."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        if self.path:
+            if self.path.startswith(_STORE):
+                h.update(_store().get_bytes(self.path[len(_STORE):]))
+            else:
+                with open(self.path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+        base = None if self.base is None else (self.base[0].__fabric_cache_key__(), self.base[1])
+        return f"{h.hexdigest()}|{self.num_rows}|{self.order}|{base}"
+
     def schema(self):
         import pyarrow as pa
 
