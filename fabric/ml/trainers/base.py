@@ -344,6 +344,10 @@ class DataParallelTrainer:
 
     _framework: str | None = None        # names the files of its checkpoints ("torch", "xgboost", ...)
     _config_attr = "train_loop_config"   # what tune's overrides merge into
+    # whether the gang's processes may serve the next fit() (fabric.gang's min_warm): only where
+    # _teardown_worker leaves them clean (xgboost's collective, torch's process group); not for a
+    # framework that cannot set its collective up twice in one process (TensorFlow)
+    _warm_workers = False
 
     def __init__(self, train_loop_per_worker: Callable | None = None, *, train_loop_config: dict | None = None,
                  datasets: dict | None = None, scaling_config: ScalingConfig | None = None,
@@ -585,7 +589,9 @@ class _Run:
         hub = Hub.shared()
         sink = hub.sink()
         run_id = uuid.uuid4().hex[:12]
-        gang = fabric.gang(sc.num_workers, name=f"{type(t).__name__}:{self.name}", **sc.gang_options())
+        # min_warm: the next fit() of this shape starts at once in these workers, the framework imported
+        warm = {"min_warm": sc.num_workers} if t._warm_workers else {}
+        gang = fabric.gang(sc.num_workers, name=f"{type(t).__name__}:{self.name}", **warm, **sc.gang_options())
         failures, attempt = 0, 0
         checkpoint = resume
         try:

@@ -1,7 +1,9 @@
 """``TorchTrainer``: a training loop on ``torch.distributed`` over a gang (gloo on CPU, nccl on GPU).
 
-Each member joins one process group at rank 0's gang address (the TCPStore) before the loop and
-leaves it after; inside, ``ml.torch.prepare_model``/``prepare_data_loader`` do DDP and sharding.
+Each member joins one process group before the loop and leaves it after: rank 0 opens the TCPStore
+on its gang host (a port the OS picks) and the hub's allgather hands the port to the others, so no
+rank connects before the store listens (torch's client would retry after a back-off) and no port
+of an earlier run in a warm worker is bound again; inside, ``ml.torch.prepare_model``/``prepare_data_loader`` do DDP and sharding.
 Torch's intra-op threads are set to the worker's CPUs (as ``torchrun`` sets OMP_NUM_THREADS), so
 two workers on two cores do not fight over them.
 """
@@ -34,6 +36,7 @@ class TorchTrainer(DataParallelTrainer):
     scaling_config=..., datasets=..., run_config=..., preprocessor=...)``."""
 
     _framework = "torch"
+    _warm_workers = True
 
     def __init__(self, train_loop_per_worker, *, train_loop_config=None, torch_config: TorchConfig | None = None,
                  **kwargs):
@@ -62,9 +65,19 @@ class TorchTrainer(DataParallelTrainer):
         backend = self._backend()
         if backend == "nccl":
             torch.cuda.set_device(0)
-        dist.init_process_group(backend, init_method=f"tcp://{_host(ctx.master_addr)}:{ctx.master_port}",
-                                rank=ctx.rank, world_size=ctx.world_size,
-                                timeout=datetime.timedelta(seconds=self.torch_config.timeout_s))
+        from .. import session
+
+        timeout = datetime.timedelta(seconds=self.torch_config.timeout_s)
+        host, port, store = ctx.master_addr, None, None
+        if ctx.rank == 0:
+            store = dist.TCPStore(host, 0, ctx.world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+            port = store.port
+        p = session.current().reporter.p
+        port = p["sink"].allgather(p["key"], ctx.rank, ctx.world_size, "torch-store", port, 600)[0][0]
+        if store is None:
+            store = dist.TCPStore(host, port, ctx.world_size, is_master=False, timeout=timeout)
+        os.environ["MASTER_PORT"] = str(port)  # what the loop sees agrees with the group
+        dist.init_process_group(backend, store=store, rank=ctx.rank, world_size=ctx.world_size, timeout=timeout)
 
     def _teardown_worker(self) -> None:
         import torch.distributed as dist
@@ -72,6 +85,3 @@ class TorchTrainer(DataParallelTrainer):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _host(addr: str) -> str:
-    return f"[{addr}]" if ":" in addr else addr

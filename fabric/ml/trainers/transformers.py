@@ -121,6 +121,7 @@ class TransformersTrainer(TorchTrainer):
     :class:`RowDataset` s (the eval one from ``datasets["evaluation"]``, "valid" or "eval")."""
 
     _framework = "transformers"
+    _warm_workers = False  # accelerate keeps its distributed state in process-wide singletons
 
     def __init__(self, trainer_init_per_worker, *, trainer_init_config: dict | None = None, **kwargs):
         need("transformers", "hf", "TransformersTrainer")

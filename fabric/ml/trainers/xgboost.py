@@ -1,6 +1,7 @@
 """``XGBoostTrainer``: distributed XGBoost on a gang, over xgboost's own collective.
 
-Rank 0 starts a ``RabitTracker`` on its gang address; every member joins it through
+Rank 0 starts a ``RabitTracker`` on its gang host (a port the OS picks, handed to the others
+through the hub); every member joins it through
 ``xgboost.collective.CommunicatorContext`` (its task id is its rank, so ranks match the
 gang's), loads its shard into a ``QuantileDMatrix`` (``hist``) or ``DMatrix`` with ``nthread`` =
 its CPUs, and trains; xgboost all-reduces the histograms, so every member ends with the same
@@ -128,6 +129,48 @@ class _LazyCallback:
 ReportCallback = _LazyCallback()
 
 
+def _numeric(table, columns) -> bool:
+    import pyarrow as pa
+
+    t = pa.types
+    return all(t.is_integer(f.type) or t.is_floating(f.type) or t.is_boolean(f.type)
+               for f in (table.schema.field(c) for c in columns))
+
+
+def _matrices(xgb, tables: dict, label: str, nthread: int, use_quantile: bool, dm_kwargs: dict):
+    """``[(DMatrix, name)]`` of every shard, ``"train"`` first (the others reference its bins),
+    and the feature names. Numeric columns go Arrow -> one float32 array -> DMatrix, with no
+    pandas frame in between; anything else (strings, categoricals) goes through pandas, which
+    xgboost reads with its own dtype handling."""
+    import numpy as np
+    import pyarrow as pa
+
+    train = tables["train"]
+    features = [c for c in train.column_names if c != label]
+    out, ref = [], None
+    for name in ["train"] + [n for n in tables if n != "train"]:
+        t = tables[name]
+        kw = dict(dm_kwargs) if name == "train" else {}
+        if _numeric(t, features + [label]):
+            x = np.empty((t.num_rows, len(features)), dtype=np.float32)
+            for j, c in enumerate(features):  # nulls become NaN: xgboost's missing value
+                x[:, j] = t.column(c).cast(pa.float32(), safe=False).to_numpy()
+            data, y = x, t.column(label).to_numpy()
+            kw.setdefault("feature_names", features)
+        else:
+            df = t.to_pandas()
+            data, y = df[features], df[label]
+        if use_quantile:
+            d = xgb.QuantileDMatrix(data, label=y, nthread=nthread, ref=ref, **kw)
+        else:
+            d = xgb.DMatrix(data, label=y, nthread=nthread, **kw)
+        if ref is None:
+            ref = d
+        out.append((d, name))
+        del data, y
+    return out, features
+
+
 def _default_loop(config: dict):
     """The AIR form's loop: each rank trains on its shards of every named dataset."""
     xgb = _xgb()
@@ -139,28 +182,12 @@ def _default_loop(config: dict):
     shards = session.current().shards
     if "train" not in shards:
         raise ValueError("XGBoostTrainer needs datasets['train']")
-    frames = {}
-    for name, ds in shards.items():
-        frames[name] = ds.to_pandas()
-    train_df = frames["train"]
-    features = [c for c in train_df.columns if c != label]
     use_quantile = params.get("tree_method", "hist") in ("hist", "approx", "gpu_hist") and \
         hasattr(xgb, "QuantileDMatrix")
     dm_kwargs = dict(config.get("dmatrix_params", {}).get("train", {}))
-    if use_quantile:
-        dtrain = xgb.QuantileDMatrix(train_df[features], label=train_df[label], nthread=nthread, **dm_kwargs)
-    else:
-        dtrain = xgb.DMatrix(train_df[features], label=train_df[label], nthread=nthread, **dm_kwargs)
-    evals = [(dtrain, "train")]
-    for name, df in frames.items():
-        if name == "train":
-            continue
-        if use_quantile:
-            d = xgb.QuantileDMatrix(df[features], label=df[label], nthread=nthread, ref=dtrain)
-        else:
-            d = xgb.DMatrix(df[features], label=df[label], nthread=nthread)
-        evals.append((d, name))
-    del frames, train_df
+    evals, features = _matrices(xgb, {name: ds.to_arrow() for name, ds in shards.items()}, label, nthread,
+                                use_quantile, dm_kwargs)
+    dtrain = evals[0][0]
     booster = None
     done_rounds = 0
     resume = session.get_checkpoint()
@@ -183,6 +210,7 @@ class XGBoostTrainer(DataParallelTrainer):
     preprocessor); ``result.checkpoint`` holds ``model.ubj`` (``XGBoostTrainer.get_model(ckpt)``)."""
 
     _framework = "xgboost"
+    _warm_workers = True
 
     def __init__(self, train_loop_per_worker=None, *, train_loop_config=None, params: dict | None = None,
                  label_column: str | None = None, num_boost_round: int = 10, dmatrix_params: dict | None = None,
@@ -250,17 +278,20 @@ class XGBoostTrainer(DataParallelTrainer):
 
         if ctx.world_size == 1:
             return
-        host, port = ctx.master_addr, ctx.master_port
+        host, port = ctx.master_addr, None
         if ctx.rank == 0:
             from xgboost.tracker import RabitTracker
 
-            self._tracker = RabitTracker(n_workers=ctx.world_size, host_ip=host, port=port, sortby="task",
+            # a port of the OS's choosing, not the gang's: a warm worker's gang port may still be in
+            # TIME_WAIT from its previous gang's tracker, and xgboost's tracker binds without SO_REUSEADDR
+            self._tracker = RabitTracker(n_workers=ctx.world_size, host_ip=host, port=0, sortby="task",
                                          timeout=600)
             self._tracker.start()
+            port = int(self._tracker.worker_args()["dmlc_tracker_port"])
         sess = session.current()
-        # every rank waits until rank 0's tracker listens (the hub's barrier: no probe connections)
+        # every rank learns the port once rank 0's tracker listens (the hub's allgather: no probe connections)
         p = sess.reporter.p
-        p["sink"].barrier(p["key"], ctx.rank, ctx.world_size, "xgboost-tracker", 600)
+        port = p["sink"].allgather(p["key"], ctx.rank, ctx.world_size, "xgboost-tracker", port, 600)[0][0]
         self._comm = collective.CommunicatorContext(dmlc_communicator="rabit", dmlc_tracker_uri=host,
                                                     dmlc_tracker_port=port, dmlc_task_id=str(ctx.rank),
                                                     dmlc_timeout=600)
