@@ -465,7 +465,7 @@ import faulthandler, json, os, fabric
 faulthandler.dump_traceback_later(40, exit=True)   # a hang shows where it hangs
 t0 = time.monotonic()
 try:
-    fabric.init(address=os.environ["FABRIC_ADDRESS"], connect_timeout=20)
+    fabric.init(address=os.environ["FABRIC_ADDRESS"], connect_timeout=600)
     out = {"connected": True}
 except fabric.FabricError as e:
     out = {"error": type(e).__name__, "message": str(e)}
@@ -486,8 +486,10 @@ print("PROBE " + json.dumps(out), flush=True)
     env_no_keys = {k: v for k, v in cluster.env(c).items() if k != "FABRIC_KEYS"}
     r = c.run([sys.executable, path], env={**env_no_keys, "FABRIC_ADDRESS": cluster.address}, timeout=60)
     no_keys = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("PROBE "))[6:])
+    # refused in the handshake, not left to time out: only its failure event makes this message
+    # (a timeout says "no fabric broker answered"), and the probe's connect_timeout (600 s) is far
+    # beyond its run's limit (60 s). No wall-clock bound: it flakes on a loaded machine
     assert no_keys.get("error") == "ConnectionFailed" and "requires CurveZMQ keys" in no_keys["message"], no_keys
-    assert no_keys["seconds"] < 15, no_keys  # refused in the handshake, not left to time out
 
     # a client key made for host c, allow-listed, then revoked by deleting its allow-list entry
     a = cluster.broker_host

@@ -141,6 +141,8 @@ def owned(tmp_path_factory, other):
             open(out_path).read()
         assert start.poll() is None, open(out_path).read()
         rec = json.load(open(os.path.join(home, "cluster.json")))
+        # its executor has joined (the tests count it; "running at" says only the broker answers)
+        assert wait_for(lambda: len(status(home)["executors"]) == 1, 120), open(out_path).read()
         marks = tempfile.mkdtemp(prefix="fabric-marks-")  # root's: the cluster (as root) writes here
         yield {"address": f"tcp://127.0.0.1:{port}", "port": port, "home": home, "log_dir": rec["log_dir"],
                "start_out": out_path, "marks": marks, "pids": rec["pids"]}
@@ -173,14 +175,16 @@ def test_the_owners_driver_and_cli_need_no_configuration(owned):
 def test_another_users_driver_is_refused_and_nothing_it_sent_ran(owned, other):
     before = status(owned["home"])["stats"]["submitted"]
     mark = os.path.join(owned["marks"], "intruder")
-    rc, out = probe(other, owned["address"], mark)
+    # refused by the handshake's failure event, not a timer: its connect timeout (600 s) is far
+    # beyond the probe's own limit (90 s), and a timeout would say "no fabric broker answered".
+    # No wall-clock bound: it flakes on a loaded machine
+    rc, out = probe(other, owned["address"], mark, CONNECT_TIMEOUT="600")
     assert rc == 3 and out["uid"] == other["uid"] and out["refused"] == "ConnectionFailed", out
     own_key = os.path.join(other["home"], "fabric", "keys", "client.key")
     public = open(own_key).read().split('public-key = "')[1].split('"')[0]
     # the message names what to do and which key to have allow-listed
     assert "requires CurveZMQ keys" in out["message"] and "fabric keys add-client" in out["message"], out
     assert own_key in out["message"] and public in out["message"], out
-    assert out["seconds"] < 10, out                                 # refused in the handshake, not timed out
     # the other user's keys are its own, private to it; the owner's are unreadable to it
     assert stat.S_IMODE(os.stat(os.path.dirname(own_key)).st_mode) == 0o700
     assert os.stat(own_key).st_uid == other["uid"]
