@@ -162,7 +162,7 @@ def test_nothing_is_left_behind(end):
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
     children = [int(p) for p in out["CHILDREN"].split()]
     assert len(children) >= 4  # broker, executor, 2 pool workers (+ the instance)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # (waits for an event; generous: a loaded host is slow, not wrong)
     while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                                               for p in children):
         time.sleep(0.1)
@@ -171,11 +171,11 @@ def test_nothing_is_left_behind(end):
     if not end.startswith("os._exit"):
         assert not os.path.exists(os.path.dirname(sock))
     else:  # killed: its processes are gone; the socket folder is swept by the broker on exit
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60
         while os.path.exists(sock) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not os.path.exists(sock)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     leftovers = lambda: [f for f in os.listdir("/dev/shm") if f.startswith(f"fabric-{out['PID']}-")]  # noqa: E731
     while leftovers() and time.monotonic() < deadline:
         time.sleep(0.1)
