@@ -256,8 +256,10 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
     return o
 
 
-def _ship_by_value(obj):
-    """Functions from the user's own modules travel by value: workers need not import them."""
+def ship_by_value(obj):
+    """Functions from the user's own modules travel by value: workers need not import them.
+    ``@fabric.fn``/``@fabric.cls`` do this for what they wrap; a library that pickles a user's
+    function itself (fabric.ml.tune's trainables) calls it too."""
     name = getattr(obj, "__module__", None)
     if not name or name == "__main__" or name.split(".")[0] in ("fabric", "cloudpickle"):
         return
@@ -354,7 +356,7 @@ class RemoteFunction:
 
     def _blob(self):
         if self._code[0] is None:
-            _ship_by_value(self._func)
+            ship_by_value(self._func)
             blob, h = serde.code_blob(self._func)
             if self._options.get("cache"):  # the worker runs a shim that looks in the store first
                 from . import cache
@@ -514,7 +516,7 @@ class RemoteClass:
         """Start one dedicated instance; returns its handle at once."""
         _bind(self._sig, self._name, args, kwargs)
         if self._code[0] is None:
-            _ship_by_value(self._cls)
+            ship_by_value(self._cls)
             self._code[:] = serde.code_blob(self._cls)
         blob, h = self._code
         o = self._options
@@ -862,3 +864,21 @@ def kill(handle) -> None:
     if not isinstance(handle, InstanceHandle):
         raise TypeError(f"fabric.kill expects an instance handle from Cls.remote(), got {type(handle).__name__}")
     (handle._client or _client()).kill_actor(handle._id, now=True)
+
+
+# --- for libraries on the core (fabric.ml, fabric.serve): public, documented, not in fabric.* --
+def flush() -> None:
+    """Send now the calls this driver holds back for a batch (a submit that follows another
+    within 50 us waits for the client's IO thread, 1-10 ms): for a caller that answers a
+    request, like the HTTP gateway, whose latency is that of one call."""
+    c = _state.client
+    if c is not None and _state.pid == os.getpid():
+        c.flush()
+
+
+def instance_id(handle: "InstanceHandle") -> str:
+    """The id (hex) of the instance ``handle`` names: the same in every copy of the handle, for
+    the instance's life. (A handle's attributes are its methods, so this is a function.)"""
+    if not isinstance(handle, InstanceHandle):
+        raise TypeError(f"instance_id expects an instance handle from Cls.remote(), got {type(handle).__name__}")
+    return handle._id.hex()

@@ -578,6 +578,13 @@ class Client:
         log.warning("the fabric broker at %s %s: re-sent %d pending calls and %d stored objects",
                     self.address, why, len(subs), len(puts))
 
+    def flush(self):
+        """Send the buffered submits now, not at the IO thread's next turn (``api.flush``)."""
+        if self.outq:
+            with self.lock:
+                if self.outq:
+                    self._flush_out()
+
     def _flush_out(self):
         """Send buffered submits (caller holds self.lock): one BATCH message for all of them."""
         q, self.outq = self.outq, []

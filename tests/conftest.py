@@ -81,3 +81,67 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- moto's standalone server over HTTP (S3, EC2, autoscaling): real HTTP clients talk to it --
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    # never reach a developer's real credentials or the EC2 metadata service
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+
+def start_moto(extra_env: dict | None = None):
+    """A moto server of its own on a free loopback port: ``(proc, endpoint)``, once it answers.
+    For a server with settings of its own (authentication, a request recording); most tests
+    share the session's (``moto_server``)."""
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **AWS_TEST_ENV, **(extra_env or {})})
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
+            return proc, endpoint
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"moto server did not start on {endpoint}")
+            time.sleep(0.1)
+
+
+def stop_moto(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def reset_moto(endpoint: str) -> None:
+    """Forget everything the server holds (buckets, instances, groups): a fresh account."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset", method="POST"), timeout=30).read()
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """The session's moto server: its endpoint. Each module keeps to its own bucket (or resets
+    the server first, where it counts EC2 instances); stopped when the session ends."""
+    pytest.importorskip("moto.server", reason="needs moto[server] (pip install 'fabric-compute[test]')")
+    proc, endpoint = start_moto()
+    try:
+        yield endpoint
+    finally:
+        stop_moto(proc)

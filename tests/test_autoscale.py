@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -18,7 +16,7 @@ from fabric.autoscale import Autoscaler, AwsProvider, Instance, Policy, Pool, de
     format_decisions, last_decisions
 from fabric.client import request
 from fabric.cluster import LocalCluster
-from conftest import REPO, wait_for
+from conftest import REPO, reset_moto, wait_for
 
 
 # ----------------------------------------------------------------------------------- policy
@@ -330,34 +328,16 @@ AWS_ENV = {
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint():
+def moto_endpoint(moto_server):
+    """The session's moto server, emptied first (the tests count instances and groups)."""
     pytest.importorskip("boto3")
-    pytest.importorskip("moto.server", reason="the AWS provider test needs moto[server]")
+    reset_moto(moto_server)
     with pytest.MonkeyPatch.context() as mp:
         for k, v in AWS_ENV.items():
             mp.setenv(k, v)
         for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
             mp.delenv(k, raising=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        endpoint = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"moto server did not start on {endpoint}")
-                    time.sleep(0.1)
-            yield endpoint
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        yield moto_server
 
 
 def _group(endpoint, name, min_size=0, max_size=4):

@@ -1,12 +1,9 @@
 """fabric.ml Dataset on the embedded cluster: real broker, executor and workers; S3 through a
-moto server over HTTP started here."""
+moto server over HTTP (the session's, tests/conftest.py)."""
 import gc
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 
 import numpy as np
@@ -391,43 +388,17 @@ def test_errors_are_clear_and_cluster_keeps_serving(tmp_path):
     assert ds.map_batches(lambda df: df.assign(c=df["a"] + df["b"])).to_pandas()["c"].tolist() == [4, 6]
 
 
-# --- S3: a moto server over HTTP --------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# --- S3: the session's moto server over HTTP (tests/conftest.py) -----------------------------
 @pytest.fixture(scope="module")
-def s3():
+def s3(moto_server):
     pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    port = _free_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.1)
+    endpoint = moto_server
     opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
             "client_kwargs": {"region_name": "us-east-1"}}
     import boto3
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket="ml-bucket")
-    try:
-        yield opts
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    return opts
 
 
 def test_s3_parquet_with_storage_options(s3):

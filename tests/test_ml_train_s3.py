@@ -1,13 +1,9 @@
-"""Training checkpoints through S3 (issue 11): a moto server over HTTP, started by this module, is
+"""Training checkpoints through S3 (issue 11): a moto server over HTTP (the session's) is
 the store. Checkpoints are written there by the gang's members, kept/deleted there by the driver,
 read back by predictors and by a run that resumes from one. Also the default storage: the
 cluster's store (``FABRIC_STORE=s3://...``) when ``RunConfig.storage_path`` is not given."""
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 
 import numpy as np
@@ -15,7 +11,7 @@ import pandas as pd
 import pytest
 
 import fabric
-from conftest import free_port
+from conftest import AWS_TEST_ENV as AWS_ENV
 from fabric import ml
 
 try:
@@ -27,29 +23,15 @@ except ImportError as e:  # pragma: no cover
     SKIP = f"needs s3fs, boto3 and moto[server] (pip install 'fabric-compute[test]'): {e}"
 
 BUCKET = "fabric-ml"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull,
-           "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(scope="module")
-def s3():
+def s3(moto_server):
     """A moto S3 server and, started after the AWS and store variables are set (so its workers
     inherit them), an embedded cluster whose default store is a bucket prefix there."""
     if SKIP:
         pytest.skip(SKIP)
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **AWS_ENV})
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.1)
+    endpoint = moto_server
     with pytest.MonkeyPatch.context() as mp:
         for k, v in AWS_ENV.items():
             mp.setenv(k, v)
@@ -67,8 +49,6 @@ def s3():
                    "options": {"endpoint_url": endpoint}}
         finally:
             fabric.shutdown()
-            proc.terminate()
-            proc.wait(10)
 
 
 def keys(s3, prefix):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from fabric import storage
 from fabric.storage import InvalidStoreURL, KeyNotFound, StorageCredentialsError, StorageError, Store
 
 from fabric.errors import FabricError, SerializationError
+from conftest import AWS_TEST_ENV, start_moto, stop_moto
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "fabric-test"
@@ -34,69 +33,24 @@ except ImportError as e:  # pragma: no cover - the [test] extra installs both
     S3_SKIP = f"S3 tests need s3fs and moto[server] (pip install 'fabric-compute[test]'): {e}"
 
 
-# --- a real S3 endpoint: moto's standalone server over HTTP -----------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto(extra_env: dict | None = None):
-    port = _free_port()
-    env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
-            return proc, endpoint
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not start on {endpoint}")
-            time.sleep(0.1)
-
-
-def _stop(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    # Never reach a developer's real credentials or the EC2 metadata service.
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
+# --- a real S3 endpoint: moto's standalone server over HTTP (tests/conftest.py) ---------------
+AWS_ENV = AWS_TEST_ENV
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint():
+def moto_endpoint(moto_server):
     if S3_SKIP:
         pytest.skip(S3_SKIP)
+    endpoint = moto_server
     with pytest.MonkeyPatch.context() as mp:
         for k, v in AWS_ENV.items():
             mp.setenv(k, v)
         for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(k, raising=False)
-        proc, endpoint = _start_moto()
-        try:
-            import boto3
+        import boto3
 
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-            yield endpoint
-        finally:
-            _stop(proc)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        yield endpoint
 
 
 @pytest.fixture
@@ -356,7 +310,7 @@ def test_no_credentials(aws_env, monkeypatch):
 
 def test_rejected_credentials(moto_endpoint):
     # A second moto server with authentication on: unknown keys are refused with a 403.
-    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    proc, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         store = Store(f"s3://{BUCKET}/p", endpoint_url=endpoint, key="AKIAUNKNOWN",
                       secret="very-secret-value", skip_instance_cache=True)
@@ -366,7 +320,7 @@ def test_rejected_credentials(moto_endpoint):
             assert "very-secret-value" not in str(info.value)
             assert "AWS_SECRET_ACCESS_KEY" in str(info.value)
     finally:
-        _stop(proc)
+        stop_moto(proc)
 
 
 def test_s3_endpoint_from_aws_env(aws_env, monkeypatch):

@@ -20,7 +20,8 @@ import pytest
 import fabric
 from fabric import protocol, serde, storage
 from fabric.storage import KeyNotFound, Store, objects
-from test_storage import AWS_ENV, BUCKET, S3_SKIP, _start_moto, _stop
+from conftest import start_moto, stop_moto
+from test_storage import AWS_ENV, BUCKET, S3_SKIP
 
 MB = 1 << 20
 
@@ -112,7 +113,7 @@ def env(request, tmp_path_factory):
                 mp.setenv(k, v)
             for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
                 mp.delenv(k, raising=False)
-            proc, endpoint = _start_moto({"MOTO_RECORDER_FILEPATH": str(tmp / "moto-recording.jsonl")})
+            proc, endpoint = start_moto({"MOTO_RECORDER_FILEPATH": str(tmp / "moto-recording.jsonl")})
             import boto3
 
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
@@ -128,7 +129,7 @@ def env(request, tmp_path_factory):
         finally:
             fabric.shutdown()
             if proc is not None:
-                _stop(proc)
+                stop_moto(proc)
 
 
 # --- through the store, end to end ---------------------------------------------------------

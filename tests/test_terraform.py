@@ -13,16 +13,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from fabric.autoscale.policy import KIND_LABEL, PROVIDER_LABEL
+from conftest import reset_moto
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "terraform"
@@ -121,36 +118,11 @@ def test_terraform_test_with_mock_provider(module_copy):
 
 
 # --- against moto -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def moto_endpoint():
-    pytest.importorskip("moto.server", reason="the apply test needs moto[server] (pip install 'fabric-compute[test]')")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto server did not start on {endpoint}")
-            time.sleep(0.1)
-    yield endpoint
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def moto_endpoint(moto_server):
+    """The session's moto server, emptied first: the test counts what its apply made."""
+    reset_moto(moto_server)
+    return moto_server
 
 
 ROOT = """

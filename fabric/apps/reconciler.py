@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from fabric import settings, storage
+from fabric import config, settings, storage
 
 from .registry import Registry
 from .warm import read_status, wants_warm
@@ -157,16 +157,6 @@ def reconcile_once(reg: Registry, log=print) -> list[str]:
     return done
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fabric.apps.reconciler",
                                  description="keep the serve gateway in line with the deployed apps")
@@ -209,7 +199,7 @@ def main(argv=None):
                 return
             deadline = time.monotonic() + a.interval
             while time.monotonic() < deadline:
-                if any(not _alive(p) for p in watched):  # the cluster is gone: so are we
+                if any(not config.pid_alive(p) for p in watched):  # the cluster is gone: so are we
                     return
                 time.sleep(0.2)
     except KeyboardInterrupt:

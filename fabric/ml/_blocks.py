@@ -23,7 +23,7 @@ import secrets
 import socket
 import threading
 
-from fabric import settings
+from fabric import config, settings
 
 _HOST = socket.gethostname()
 _swept = False
@@ -239,16 +239,6 @@ def owner_tag() -> int:
     return os.getpid()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep() -> None:
     d = block_dir()
     try:
@@ -261,7 +251,7 @@ def _sweep() -> None:
         if not pid.isdigit():
             continue
         if pid not in dead:
-            dead[pid] = not _alive(int(pid))
+            dead[pid] = not config.pid_alive(int(pid))
         if dead[pid]:
             try:
                 os.unlink(os.path.join(d, n))

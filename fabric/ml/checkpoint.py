@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 
-from fabric import settings
+from fabric import config, settings
 
 __all__ = ["Checkpoint", "save_preprocessor", "load_preprocessor", "METADATA_FILE", "PREPROCESSOR_FILE"]
 
@@ -51,24 +51,6 @@ def filesystem(path: str, storage_options: dict | None = None):
     return url_to_fs(path, **opts)
 
 
-def private_makedirs(path: str) -> None:
-    """``os.makedirs`` whose every new folder is owner-only (``makedirs``' mode covers only the leaf)."""
-    path = os.path.abspath(path)
-    missing = []
-    while path and not os.path.isdir(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for p in reversed(missing):
-        try:
-            os.mkdir(p, 0o700)
-        except FileExistsError:
-            if not os.path.isdir(p):
-                raise
-
-
 def join(base: str, *parts: str) -> str:
     if is_url(base):
         return "/".join([base.rstrip("/"), *parts])
@@ -80,7 +62,7 @@ def upload_dir(local_dir: str, dest: str, storage_options: dict | None = None) -
     unless overwritten: several ranks may add their files to one checkpoint)."""
     fs, root = filesystem(dest, storage_options)
     if fs.protocol in ("file", "local") or "file" in getattr(fs, "protocol", ()):
-        private_makedirs(root)
+        config.private_dir(root)
         shutil.copytree(local_dir, root, dirs_exist_ok=True)
         os.chmod(root, 0o700)  # copytree copied the source folder's mode
         return

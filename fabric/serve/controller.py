@@ -20,14 +20,10 @@ def err(msg: str) -> bytes:
 
 def _flush():
     """Send now what fabric's client buffered: it holds a submit that follows another within
-    50 us for a batch, which would make a request wait for the client's IO thread (~1-10 ms).
-    (Uses the client's internals until the core offers a public flush.)"""
+    50 us for a batch, which would make a request wait for the client's IO thread (~1-10 ms)."""
     from fabric import api
 
-    c = api._state.client
-    if c is not None and c.outq:
-        with c.lock:
-            c._flush_out()
+    api.flush()
 
 
 class Req:
@@ -176,7 +172,7 @@ class Runtime:
     def _start_replica(self):
         s = self.spec
         h = self.rclass.remote(s["target"], s["args"], s["kwargs"], s["is_class"], self.debug)
-        rid = h._id.hex()
+        rid = fabric.api.instance_id(h)
         self.replicas[rid] = Rep(h)
         h.ready().add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._ready, rid, f))
         self._gauge()

@@ -43,7 +43,7 @@ def read(port: int) -> dict | None:
             rec = json.load(f)
     except (OSError, ValueError):
         return None
-    return rec if _alive(rec.get("pid", 0)) else None
+    return rec if config.pid_alive(rec.get("pid", 0)) else None
 
 
 def gateways() -> list[dict]:
@@ -62,18 +62,6 @@ def gateways() -> list[dict]:
             if rec:
                 out.append(rec)
     return out
-
-
-def _alive(pid: int) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _by_value(obj) -> None:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 import fabric
 from fabric import settings
+from fabric.config import private_dir
 
 from .. import checkpoint as ck
 from ..checkpoint import Checkpoint
@@ -108,7 +109,7 @@ def _write_record(run_dir: str, opts, record: dict) -> None:
     root = root.rstrip("/")
     data = json.dumps(record, default=str).encode()
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        ck.private_makedirs(root)
+        private_dir(root)
         tmp = os.path.join(root, f".{RECORD}.{uuid.uuid4().hex[:8]}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -630,9 +630,9 @@ class _Sweep:
         if not self.t.is_trainer:
             self.hub = _HubMux.get()
             self.sink = self.hub.sinks
-            from fabric.api import _ship_by_value  # the user's module travels by value, as for @fabric.fn
+            from fabric.api import ship_by_value  # the user's module travels by value, as for @fabric.fn
 
-            _ship_by_value(self.t._fn)
+            ship_by_value(self.t._fn)
             entry = _TrialEntry(self.t._fn)
             opts = {k: v for k, v in self.res.items() if k in ("cpus", "gpus", "memory") and v is not None}
             mf = self.rc.failure_config.max_failures
