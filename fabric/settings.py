@@ -226,9 +226,9 @@ def variables() -> list[str]:
     return [f.metadata["env"] for f in fields(Settings)]
 
 
-def _shown(f: Field) -> str:
+def _shown(f: Field[Any]) -> str:
     if f.metadata["shown"]:
-        return f.metadata["shown"]
+        return str(f.metadata["shown"])
     v = f.default
     if v is None or v is False:
         return "unset"

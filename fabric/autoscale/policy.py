@@ -270,7 +270,7 @@ class Policy:
             kept = [pid for pid, ex in managed.items()
                     if now - self.idle_since.get(ex["id"], now) >= self.idle_s]
             if kept:  # idle past the window, kept because the pool is at its min
-                dec("hold", "at_min", f"at min {pool.min}: keeping {', '.join(sorted(kept))}, idle longer than "
+                dec("hold", "at_min", f"at min {pool.min}: keeping {', '.join(sorted(map(str, kept)))}, idle longer than "
                                       f"the idle window {self.idle_s:g}s; {demand}")
         elif current > desired:
             surplus = current - desired

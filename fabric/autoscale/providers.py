@@ -12,6 +12,7 @@ are never terminated by the autoscaler.
 """
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import secrets
@@ -41,7 +42,7 @@ class Provider:
     def list(self) -> list[str]:
         return [i.id for i in self.instances()]
 
-    def replace(self, ids) -> list[str]:
+    def replace(self, ids) -> builtins.list[str]:  # (`list` here is the method above)
         """Terminate these instances and start as many of the same kinds."""
         kinds = {i.id: i.kind for i in self.instances()}
         self.terminate(ids)

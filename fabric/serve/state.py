@@ -48,7 +48,7 @@ def read(port: int) -> dict | None:
 
 def gateways() -> list[dict]:
     """Every live gateway this user runs (stale records are skipped)."""
-    out = []
+    out: list[dict] = []
     try:
         names = os.listdir(folder())
     except OSError:
