@@ -21,10 +21,10 @@ import os
 import time
 
 from ..config import pid_alive
-from .policy import Decision, Instance, Policy, Pool
+from .policy import Decision, Instance, Machine, Policy, Pool
 from .providers import AwsProvider, LocalProvider, Provider
 
-__all__ = ["Autoscaler", "Policy", "Pool", "Decision", "Instance", "Provider", "LocalProvider", "AwsProvider",
+__all__ = ["Autoscaler", "Policy", "Pool", "Decision", "Machine", "Instance", "Provider", "LocalProvider", "AwsProvider",
            "last_decisions", "format_decisions", "decision_log_path", "DECISION_LOG"]
 
 log = logging.getLogger("fabric.autoscale")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .policy import Instance
+from .policy import Machine
 from .providers import Provider
 
 log = logging.getLogger("fabric.autoscale")
@@ -90,7 +90,7 @@ class KubernetesProvider(Provider):
             c.type == "Ready" and c.status == "True" for c in (pod.status.conditions or []))
 
     # --- the interface ------------------------------------------------------------------------
-    def instances(self) -> list[Instance]:
+    def instances(self) -> list[Machine]:
         now = time.time()
         out = []
         for kind, name in self.deployments.items():
@@ -99,9 +99,9 @@ class KubernetesProvider(Provider):
             for p in pods:
                 pid = p.metadata.name
                 t = self.first_seen.setdefault(pid, now)
-                out.append(Instance(pid, kind, t, "running" if self._ready(p) else "pending"))
+                out.append(Machine(pid, kind, t, "running" if self._ready(p) else "pending"))
             for k in range(max(0, replicas - len(pods))):
-                out.append(Instance(f"{name}#requested-{k}", kind, self.requested_at.get(name, now), "requested"))
+                out.append(Machine(f"{name}#requested-{k}", kind, self.requested_at.get(name, now), "requested"))
         live = {i.id for i in out}
         for pid in list(self.first_seen):
             if pid not in live:

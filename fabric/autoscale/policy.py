@@ -59,12 +59,16 @@ class Pool:
 
 
 @dataclass
-class Instance:
-    """One instance of a provider (a process, a VM): what the policy needs to know about it."""
+class Machine:
+    """One machine a provider started (a process, a VM, a pod): what the policy needs to know
+    about it. (The cloud calls it an instance; in fabric an instance is a ``@fabric.cls`` object.)"""
     id: str
     kind: str = "cpu"
     launched_at: float = 0.0     # time.time() when launched (or first seen)
     state: str = "pending"       # pending | running | requested (capacity asked for, no id yet)
+
+
+Instance = Machine  # the name fabric.autoscale exported first
 
 
 @dataclass
@@ -287,7 +291,7 @@ class Policy:
             chosen = candidates[:surplus]
             if chosen:
                 requested = {i.id for i in pending if i.state == "requested"}  # their ids are not stable
-                self._terminated([Instance(c[2]) for c in chosen if c[2] not in requested], now)
+                self._terminated([Machine(c[2]) for c in chosen if c[2] not in requested], now)
                 left = current - len(chosen)
                 if over_max:
                     code, head = "above_max", f"above max {pool.max}"

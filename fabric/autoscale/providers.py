@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from .policy import KIND_LABEL, PROVIDER_LABEL, Instance
+from .policy import KIND_LABEL, PROVIDER_LABEL, Machine
 
 log = logging.getLogger("fabric.autoscale")
 
@@ -36,7 +36,7 @@ class Provider:
     def terminate(self, ids) -> None:
         raise NotImplementedError
 
-    def instances(self) -> list[Instance]:
+    def instances(self) -> list[Machine]:
         raise NotImplementedError
 
     def list(self) -> list[str]:
@@ -150,9 +150,9 @@ class LocalProvider(Provider):
                 del self.procs[iid]
                 self.free_devices += devices
 
-    def instances(self) -> list[Instance]:
+    def instances(self) -> list[Machine]:
         self._reap()
-        return [Instance(iid, kind, t, "running") for iid, (p, kind, t, _) in self.procs.items()]
+        return [Machine(iid, kind, t, "running") for iid, (p, kind, t, _) in self.procs.items()]
 
     def pid(self, iid: str) -> int | None:
         entry = self.procs.get(iid)
@@ -221,7 +221,7 @@ class AwsProvider(Provider):
     def desired_capacity(self, kind: str = "cpu") -> int:
         return int(self._describe()[self.groups[kind]]["DesiredCapacity"])
 
-    def instances(self) -> list[Instance]:
+    def instances(self) -> list[Machine]:
         now = time.time()
         out = []
         for name, g in self._describe().items():
@@ -230,9 +230,9 @@ class AwsProvider(Provider):
             active = self._active(g)
             for iid in active:
                 t = self.first_seen.setdefault(iid, now)
-                out.append(Instance(iid, kind, t, "running" if states[iid] == "InService" else "pending"))
+                out.append(Machine(iid, kind, t, "running" if states[iid] == "InService" else "pending"))
             for k in range(max(0, int(g["DesiredCapacity"]) - len(active))):
-                out.append(Instance(f"{name}#requested-{k}", kind, self.requested_at.get(name, now), "requested"))
+                out.append(Machine(f"{name}#requested-{k}", kind, self.requested_at.get(name, now), "requested"))
         for iid in list(self.first_seen):
             if iid not in {i.id for i in out}:
                 del self.first_seen[iid]
