@@ -5,6 +5,8 @@
                   from Python (target < 1 ms)
   oip mlp         the same MLP exported to ONNX behind OIP infer, batching on (target >= 4,000/s)
   scale from zero time from the first request to its answer with no replica running
+  CPU per request the gateway's, and the whole cluster's (this process and its descendants), per
+                  request of each wrk run: steadier than requests/s on a shared machine
 
 Ray Serve's side: `/work/main/.venv-peers/bin/python /work/shared/bench/ray_ml.py serve`.
 
@@ -38,10 +40,39 @@ def lua(body):
     return p.name
 
 
+def _cpu_seconds(gateway_pid):
+    """CPU seconds so far of the gateway, and of this process with all its descendants (the
+    cluster: broker, executors, replicas, gateway): on a shared machine CPU per request says
+    more than requests/s."""
+    import psutil
+
+    me = psutil.Process()
+    total, gw = 0.0, 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+        if p.pid == gateway_pid:
+            gw = t.user + t.system
+    return gw, total
+
+
+GATEWAY_PID = None
+
+
 def wrk(url, script=None, seconds=10, conns=16):
     args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency"] + (["-s", script] if script else []) + [url]
+    before = _cpu_seconds(GATEWAY_PID) if GATEWAY_PID else None
     out = subprocess.run(args, capture_output=True, text=True).stdout
     got = {"non2xx": 0}
+    if before is not None:
+        after = _cpu_seconds(GATEWAY_PID)
+        n = next((int(line.split()[0]) for line in out.splitlines() if "requests in" in line), 0)
+        if n:
+            got["gateway_cpu_us_per_req"] = round((after[0] - before[0]) / n * 1e6, 1)
+            got["cluster_cpu_us_per_req"] = round((after[1] - before[1]) / n * 1e6, 1)
     for line in out.splitlines():
         s = line.split()
         if line.startswith("Requests/sec"):
@@ -103,6 +134,10 @@ def fabric_side(seconds, repeat=1):
     make_mlp_checkpoint(ckpt)
     serve.onnx(ckpt, name="mlp_onnx", max_batch_size=64, cpus=0.5)
     mlp_lua, oip_lua = lua(MLP_BODY), lua(OIP_BODY)
+    global GATEWAY_PID
+    from fabric.serve import state
+
+    GATEWAY_PID = state.read(port)["pid"]
     with httpx.Client(base_url=base) as c:   # warm every path once
         assert c.get("/noop").status_code == 200
         assert c.post("/mlp", content=MLP_BODY).status_code == 200
@@ -154,13 +189,16 @@ def peer_side():
 def table(rows):
     f = {r["route"]: r for r in rows if r["peer"] == "fabric"}
     ray = {r["route"]: r for r in rows if r["peer"] == "ray-serve"}
-    print(f"{'workload':<18}{'fabric req/s':>14}{'p50 ms':>9}{'p99 ms':>9}{'ray req/s':>12}{'ray p99':>9}{'ratio':>8}")
+    nan = float("nan")
+    print(f"{'workload':<18}{'fabric req/s':>14}{'p50 ms':>9}{'p99 ms':>9}{'ray req/s':>12}{'ray p99':>9}{'ratio':>8}"
+          f"{'gw CPU us/req':>15}{'cluster CPU us/req':>20}")
     for k in ("noop", "mlp", "oip-mlp"):
         a, b = f.get(k, {}), ray.get(k, {})
-        ratio = a.get("rps", 0) / b["rps"] if b.get("rps") else float("nan")
-        print(f"{k:<18}{a.get('rps', float('nan')):>14,.0f}{a.get('p50_ms', float('nan')):>9.2f}"
-              f"{a.get('p99_ms', float('nan')):>9.2f}{b.get('rps', float('nan')):>12,.0f}"
-              f"{b.get('p99_ms', float('nan')):>9.1f}{ratio:>7.1f}x")
+        ratio = a.get("rps", 0) / b["rps"] if b.get("rps") else nan
+        print(f"{k:<18}{a.get('rps', nan):>14,.0f}{a.get('p50_ms', nan):>9.2f}"
+              f"{a.get('p99_ms', nan):>9.2f}{b.get('rps', nan):>12,.0f}"
+              f"{b.get('p99_ms', nan):>9.1f}{ratio:>7.1f}x{a.get('gateway_cpu_us_per_req', nan):>15,.0f}"
+              f"{a.get('cluster_cpu_us_per_req', nan):>20,.0f}")
     c1 = f.get("noop c=1", {})
     print(f"added latency at c=1: HTTP p50 {c1.get('p50_ms', float('nan')):.3f} ms - handle p50 "
           f"{c1.get('handle_p50_ms', float('nan')):.3f} ms = {c1.get('added_p50_ms', float('nan')):.3f} ms (target < 1)")
