@@ -83,6 +83,7 @@ print(json.dumps(h.remote({"total": 10}).result()))
 '''
 
 
+@pytest.mark.timeout(600)  # several CLI runs and clients on a shared machine
 def test_deploy_lookup_redeploy_history_rollback_and_stop(started, tmp_path):
     app_dir = tmp_path / "app"
     path = write_app(app_dir, "v1", 2)
@@ -138,6 +139,7 @@ def test_deploy_lookup_redeploy_history_rollback_and_stop(started, tmp_path):
     assert r.returncode == 0 and "version 5 is version 3 again" in r.stdout, r.stderr
 
 
+@pytest.mark.timeout(600)  # several CLI runs and clients on a shared machine
 def test_bad_deploys_and_lookups_are_refused_clearly_and_the_app_keeps_serving(started, tmp_path):
     path = write_app(tmp_path / "good", "v1", 2)
     assert fabric_cli(started, "deploy", path).returncode == 0
@@ -226,6 +228,7 @@ def test_deploy_to_an_address_where_no_cluster_listens(tmp_path):
     assert r.returncode == 1 and "no fabric cluster answers at tcp://127.0.0.1:" in r.stderr, r.stderr
 
 
+@pytest.mark.timeout(600)  # several CLI runs and clients on a shared machine
 def test_a_redeploy_under_steady_load_fails_no_call(started, tmp_path):
     path = write_app(tmp_path / "load", "v1", 2)
     assert fabric_cli(started, "deploy", path).returncode == 0
@@ -292,6 +295,7 @@ class Cart:
 '''
 
 
+@pytest.mark.timeout(600)  # several CLI runs and clients on a shared machine
 def test_logs_show_the_apps_output_with_function_and_worker_and_follow(started, tmp_path):
     (tmp_path / "logshop.py").write_text(LOGSHOP)
     assert fabric_cli(started, "deploy", str(tmp_path / "logshop.py")).returncode == 0

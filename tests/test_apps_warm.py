@@ -136,6 +136,7 @@ print(json.dumps(out))
 '''
 
 
+@pytest.mark.timeout(600)  # a real cluster, several deploys, on a shared 2-CPU machine
 def test_deploy_keeps_min_warm_containers_up_and_a_dead_one_comes_back(cluster, tmp_path):
     r = cli(cluster, "deploy", write_app(cluster, tmp_path / "a", "v1"))
     assert r.returncode == 0, r.stderr
@@ -182,6 +183,7 @@ def test_deploy_keeps_min_warm_containers_up_and_a_dead_one_comes_back(cluster, 
     assert len(loaded(cluster, "v1")) == 3  # a new instance, its @enter run again
 
 
+@pytest.mark.timeout(900)
 def test_a_redeploy_moves_the_warm_containers_and_stop_drops_them(cluster, tmp_path):
     r = cli(cluster, "deploy", write_app(cluster, tmp_path / "b", "v2"))
     assert r.returncode == 0 and "version 2" in r.stdout, r.stderr
@@ -202,6 +204,16 @@ def test_a_redeploy_moves_the_warm_containers_and_stop_drops_them(cluster, tmp_p
     assert "Traceback" not in r.stderr
     assert [a["version"] for a in json.loads(cli(cluster, "apps", "--json").stdout)] == [2]
     assert warm_is(cluster, 2, 2, 1) and warm(cluster, 3) == {}
+
+    # a warm class whose __init__ needs arguments cannot be kept warm: refused, clearly
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "warmshop.py").write_text(APP.format(tag="v4", marks=cluster["marks"], fail=False).replace(
+        "    def predict(self, x):", "    def __init__(self, path):\n        self.path = path\n\n    def predict(self, x):"))
+    r = cli(cluster, "deploy", str(d / "warmshop.py"))
+    assert r.returncode == 1 and "class 'model' of app 'warmshop' has min_warm=1, so its warm instances are made " \
+        "with no arguments" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert [a["version"] for a in json.loads(cli(cluster, "apps", "--json").stdout)] == [2]
 
     # the broker dies and its supervisor restarts it: the keeper registers score again, and makes
     # a new instance (instances do not outlive a broker)
