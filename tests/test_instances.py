@@ -214,6 +214,49 @@ def test_cancel_in_a_concurrent_instance_drops_a_waiting_call_and_lets_a_running
     fabric.kill(g)
 
 
+def test_cancelling_a_generator_method_running_beside_another_call_stops_it(cluster, tmp_path):
+    """concurrency=2: a generator method runs beside a call that started before it, so it is not
+    the first call its worker holds: the broker asks (DROP), the worker answers that it runs it,
+    and, as for a generator method alone, it is stopped before its next item."""
+
+    @fabric.cls(concurrency=2)
+    class Both:
+        def hold(self, block):
+            open(block, "w").close()
+            while not os.path.exists(block + ".go"):
+                time.sleep(0.01)
+            return "finished"
+
+        def endless(self, folder):
+            i = 0
+            try:
+                while True:
+                    yield i
+                    i += 1
+            finally:
+                open(os.path.join(folder, "stopped"), "w").close()
+
+    b = Both.remote()
+    block = str(tmp_path / "block")
+    first = b.hold.remote(block)
+    assert wait_for(lambda: os.path.exists(block), timeout=60)
+    s = b.endless.remote(str(tmp_path))
+    assert s.next(timeout=60).result() == 0  # it runs, second in its worker
+    late = _late()
+    assert fabric.cancel(s) is True
+    assert wait_for(lambda: (tmp_path / "stopped").exists(), timeout=30)
+    assert _late() == late + 1  # the worker answered "running" (the path this test is for)
+    with pytest.raises(fabric.Cancelled):
+        s.future.result(timeout=30)
+    open(block + ".go", "w").close()
+    assert first.result(timeout=30) == "finished"  # the instance lives on
+    fabric.kill(b)
+
+
+def _late():
+    return fabric.cluster_status()["stats"]["drop_too_late"]
+
+
 def test_init_failure_reaches_every_call(cluster):
     b = BadInit.remote()
     with pytest.raises(RuntimeError, match="cannot start"):

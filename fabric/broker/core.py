@@ -639,12 +639,16 @@ class Broker(GangScheduling):
                     del self.dropping[call.id]  # no output socket: it runs, and its result is its outcome
             return
         if w.actor is not None:
-            if not call.frames[0][-1] & P.STREAM:
-                return  # an instance call that started runs to its end
-            # a generator method stops before its next item; the instance lives on
-            self.finish(call, P.CANCELLED, b"cancelled while running: the stream was closed", keep_slot=True)
-            return self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
+            return self.cancel_started_instance_call(call, w)
         self.cancel_running(call, w, force, recursive, seen)
+
+    def cancel_started_instance_call(self, call, w):
+        """An instance call that started runs to its end, but a generator method stops before
+        its next item; the instance lives on."""
+        if not call.frames[0][-1] & P.STREAM:
+            return
+        self.finish(call, P.CANCELLED, b"cancelled while running: the stream was closed", keep_slot=True)
+        self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
 
     def cancel_running(self, call, w, force, recursive, seen):
         if recursive:
@@ -679,11 +683,14 @@ class Broker(GangScheduling):
                 self.partial[w] = None
             return
         self.stats["drop_too_late"] += 1  # (it had started: running, or finished)
-        if answer == b"r" and w.actor is None:
-            if next(iter(w.inflight)) == cid:
-                self.cancel_running(call, w, how[0], how[1], {cid})
-            else:  # the DONE of the call ahead of it is still on its way: on_done cancels it
-                self.dropping[cid] = (how[0], how[1], True)
+        if answer != b"r":
+            return
+        if w.actor is not None:  # (a concurrent instance runs several calls at once)
+            self.cancel_started_instance_call(call, w)
+        elif next(iter(w.inflight)) == cid:
+            self.cancel_running(call, w, how[0], how[1], {cid})
+        else:  # the DONE of the call ahead of it is still on its way: on_done cancels it
+            self.dropping[cid] = (how[0], how[1], True)
 
     def cancel_children(self, w, force, seen):
         """The calls that worker ``w`` submitted (its nested driver says which worker it is in
