@@ -340,3 +340,17 @@ def test_logs_show_the_apps_output_with_function_and_worker_and_follow(started, 
     finally:
         follow.kill()
         follow.wait(10)
+
+
+def test_min_warm_without_a_reconciler_says_so(started, tmp_path):
+    (tmp_path / "warmless.py").write_text("import fabric\napp = fabric.App('warmless')\n\n"
+                                         "@app.fn(min_warm=1)\ndef f(x):\n    return x\n")
+    r = fabric_cli(started, "deploy", str(tmp_path / "warmless.py"))  # `fabric start` without --serve
+    assert r.returncode == 0, r.stderr
+    assert "warm:        no reconciler runs on this cluster" in r.stdout, r.stdout
+    out = client(started, '''
+        import fabric
+        fabric.init(address="auto")
+        print(fabric.lookup("warmless", "f").remote(41).result() + 1)
+    ''')
+    assert out.strip() == "42"  # it still runs: warm containers are an optimisation
