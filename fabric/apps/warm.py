@@ -28,7 +28,7 @@ import sys
 import time
 
 import fabric
-from fabric import settings, storage
+from fabric import config, settings, storage
 
 from .registry import Registry
 
@@ -170,16 +170,6 @@ class Holder:
         self.errors.clear()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fabric.apps.warm",
                                  description="keep one app version's min_warm containers up")
@@ -221,7 +211,7 @@ def main(argv=None):
                 holder.retry_failed()
             deadline = time.monotonic() + a.interval
             while time.monotonic() < deadline:
-                if a.parent_pid and not _alive(a.parent_pid):
+                if a.parent_pid and not config.pid_alive(a.parent_pid):
                     return
                 time.sleep(0.1)
     except (KeyboardInterrupt, SystemExit):
