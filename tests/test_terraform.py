@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fabric.autoscale.policy import KIND_LABEL, PROVIDER_LABEL
-from conftest import reset_moto
+from conftest import start_moto, stop_moto
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "terraform"
@@ -119,10 +119,15 @@ def test_terraform_test_with_mock_provider(module_copy):
 
 # --- against moto -------------------------------------------------------------------------------
 @pytest.fixture
-def moto_endpoint(moto_server):
-    """The session's moto server, emptied first: the test counts what its apply made."""
-    reset_moto(moto_server)
-    return moto_server
+def moto_endpoint():
+    """A moto server of its own: the apply makes a whole account's worth (VPC, groups, roles)
+    and the test counts what it made."""
+    pytest.importorskip("moto.server", reason="the apply test needs moto[server] (pip install 'fabric-compute[test]')")
+    proc, endpoint = start_moto()
+    try:
+        yield endpoint
+    finally:
+        stop_moto(proc)
 
 
 ROOT = """
