@@ -59,6 +59,9 @@ PUT_SPILL = settings.get().put_spill
 # to restart a broker and replay its journal, short enough that nobody waits for ever
 BROKER_TIMEOUT = 30.0
 HEARTBEAT_EVERY = 1.0  # seconds between a driver's HEARTBEATs (the broker answers each)
+# In a worker process, the worker (fabric.executor.worker): its block()/unblock() frame a wait of
+# a nested driver, so the broker lends the waiting call's CPUs out. None in a plain driver.
+blocking = None
 _NOTHING = object()
 
 
@@ -732,19 +735,25 @@ class Client:
     # (no thread hand-off on the sync path); the IO thread receives only while no user thread
     # has waited for USER_IDLE seconds, for callbacks, ``await`` and worker output.
     def wait(self, futures, num_returns, timeout):
-        deadline = None if timeout is None else time.monotonic() + timeout
         todo = [f for f in futures if f._state != _DONE]
         need = num_returns - (len(futures) - len(todo))
-        while need > 0:
-            if self.closed:
-                raise ConnectionFailed("the fabric client was shut down while waiting for results")
-            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-            if left <= 0:
-                return
-            self._wait_round(left, todo)
-            still = [f for f in todo if f._state != _DONE]
-            need -= len(todo) - len(still)
-            todo = still
+        # inside a call, its CPUs are lent out while it waits (docs/guarantees.md)
+        blocked = need > 0 and blocking is not None and (timeout is None or timeout > 0) and blocking.block()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while need > 0:
+                if self.closed:
+                    raise ConnectionFailed("the fabric client was shut down while waiting for results")
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    return
+                self._wait_round(left, todo)
+                still = [f for f in todo if f._state != _DONE]
+                need -= len(todo) - len(still)
+                todo = still
+        finally:
+            if blocked:
+                blocking.unblock()
 
     def _wait_round(self, left, todo=()):
         """One round of a user thread's waiting: send what is buffered, release what can be,

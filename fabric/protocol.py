@@ -69,6 +69,9 @@ ITEM = 64         # [cmd+result-hdr+index, payload, *buffers]   one item of a st
 WLOG = 62         # [cmd, driver-id, source, text]   (sent from the worker's log socket)
 DROPPED = 63      # [cmd, call-id, b"d"|b"r"|b"f"]   (from the log socket) the answer to DROP: d dropped
                   # (it will never run), r running now, f finished (its DONE is sent or on its way)
+BLOCKED = 65      # [cmd, call-id]                   the call it runs waits for calls it submitted (fabric.get,
+                  # .result(), fabric.wait): the broker lends its CPUs out and prefetches nothing onto it
+UNBLOCKED = 66    # [cmd, call-id]                   that call runs again: it takes its CPUs back
 # broker -> worker
 CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *dep-blobs]
                   # dep-blob: [result-hdr, payload, *buffers], one per id in deps, in that order

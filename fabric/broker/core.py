@@ -65,6 +65,8 @@ ACTOR_PIPELINE = _S.actor_pipeline
 # the most calls the broker holds for all drivers together; beyond it, submits are refused (each
 # driver also slows itself at FABRIC_MAX_PENDING, so only many drivers at once reach this)
 MAX_CALLS = _S.max_calls
+# self.dropping's mark for a call prefetched behind one that BLOCKED: DROP sent to take it back
+TAKE_BACK = tuple([None, None, False])
 DEP_ASKS = 4  # rejoins asked for one missing Future argument before a call needing it is refused
 
 class _NeedCode(Exception):
@@ -130,6 +132,7 @@ class Broker(GangScheduling):
         self.to_workers: dict[Worker, list] = {}    # calls dispatched this loop turn, per worker
         # cancelled calls whose worker was sent DROP: id -> (force, recursive, it answered "running")
         self.dropping: dict[bytes, tuple] = {}
+        self.blocked = 0                            # workers whose call waits on its own calls (BLOCKED)
         self._seq = itertools.count()
         self.running = True
         self.refused = 0
@@ -142,6 +145,7 @@ class Broker(GangScheduling):
             P.BYE: self.on_bye, P.STATUS: self.on_status, P.NAME: self.on_name, P.SHUTDOWN: self.on_shutdown,
             P.EXEC_HELLO: self.on_exec_hello, P.HEARTBEAT: self.on_heartbeat,
             P.WORKER_DIED: self.on_worker_died, P.EXEC_BYE: self.on_exec_bye,
+            P.BLOCKED: self.on_blocked, P.UNBLOCKED: self.on_unblocked,
             P.READY: self.on_ready, P.DONE: self.on_done, P.ITEM: self.on_item, P.CONSUMED: self.on_consumed, P.WLOG: self.on_wlog, P.DROPPED: self.on_dropped,
         }
         # which identity prefixes may send which commands
@@ -151,7 +155,7 @@ class Broker(GangScheduling):
             ord("r"): {P.HELLO},
             ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN, P.NAME},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
-            ord("w"): {P.READY, P.DONE, P.ITEM, P.WLOG},
+            ord("w"): {P.READY, P.DONE, P.ITEM, P.WLOG, P.BLOCKED, P.UNBLOCKED},
             ord("l"): {P.WLOG, P.DROPPED},
         }
         if journal:
@@ -633,7 +637,9 @@ class Broker(GangScheduling):
             # sent to its worker behind another call (prefetched, or queued in an instance's
             # worker): only the worker knows whether it started it, so it is asked to drop it
             # and says which; the outcome waits for that answer (on_dropped)
-            if call.id not in self.dropping:
+            if self.dropping.get(call.id) is TAKE_BACK:  # its DROP is sent: the answer cancels it
+                self.dropping[call.id] = (force, recursive, False)
+            elif call.id not in self.dropping:
                 self.dropping[call.id] = (force, recursive, False)
                 if not self.send([b"l" + w.ident[1:], P.C[P.DROP], call.id]):
                     del self.dropping[call.id]  # no output socket: it runs, and its result is its outcome
@@ -674,12 +680,20 @@ class Broker(GangScheduling):
         call = self.calls.get(cid)
         if how is None or call is None or call.worker is not w or call.state != RUNNING:
             return
+        if how is TAKE_BACK:  # prefetched behind a call that blocked (on_blocked)
+            if answer == b"d" and w.inflight.pop(cid, None) is not None:
+                self.requeue([call])
+                if not w.inflight:  # the blocked call ended meanwhile: the worker is free
+                    self.release_worker(w)
+                elif len(w.inflight) < w.credit and not w.doomed and w.lent is None:
+                    self.partial[w] = None
+            return
         if answer == b"d":
             self.stats["dropped"] += 1  # (cancelled calls a worker held and never started)
             self.finish(call, P.CANCELLED, b"cancelled before it ran")
             if w.actor is not None:
                 self.pump_actor(w.actor)
-            elif w.inflight and len(w.inflight) < w.credit and not w.doomed:
+            elif w.inflight and len(w.inflight) < w.credit and not w.doomed and w.lent is None:
                 self.partial[w] = None
             return
         self.stats["drop_too_late"] += 1  # (it had started: running, or finished)
@@ -992,6 +1006,37 @@ class Broker(GangScheduling):
                 del self.dropping[nxt.id]
                 self.cancel_running(nxt, w, how[0], how[1], {nxt.id})
 
+    def on_blocked(self, ident, head, f):
+        """BLOCKED [call id]: the call ``ident`` runs waits for calls it submitted. Its CPUs are
+        lent out (another worker may run on them, a new one started if none is idle), and the
+        calls prefetched behind it are taken back (DROP; requeued on a ``d``): they may be the
+        very calls it waits for. A stale one (that call is not the one running) is ignored."""
+        w = self.workers.get(ident)
+        if (w is None or len(f) != 1 or w.lent is not None or w.held is None or w.actor is not None
+                or w.gang is not None or next(iter(w.inflight), None) != f[0].bytes):
+            return
+        w.lent = w.held[0]
+        w.ex.free_cpus += w.lent
+        self.blocked += 1
+        self.partial.pop(w, None)
+        for c in list(w.inflight.values())[1:]:
+            if c.id not in self.dropping:
+                self.dropping[c.id] = TAKE_BACK
+                if not self.send([b"l" + w.ident[1:], P.C[P.DROP], c.id]):
+                    del self.dropping[c.id]
+
+    def on_unblocked(self, ident, head, f):
+        """UNBLOCKED [call id]: the call runs again and takes its CPUs back, even if they are
+        in use meanwhile (its executor is oversubscribed until calls end, as in Ray)."""
+        w = self.workers.get(ident)
+        if w is None or w.lent is None or len(f) != 1 or next(iter(w.inflight), None) != f[0].bytes:
+            return
+        w.ex.free_cpus -= w.lent
+        w.lent = None
+        self.blocked -= 1
+        if len(w.inflight) < w.credit and not w.doomed:
+            self.partial[w] = None
+
     def on_item(self, ident, head, f):
         """ITEM: one item of a generator call, forwarded as it came to the call's driver, in
         this loop turn's messages for it (so before the call's RESULT). Not kept: a stream's
@@ -1033,6 +1078,10 @@ class Broker(GangScheduling):
     def return_resources(self, w):
         if w.held is not None:
             cpus, gpus, mem = w.held
+            if w.lent is not None:  # lent out already (BLOCKED)
+                cpus -= w.lent
+                w.lent = None
+                self.blocked -= 1
             ex = w.ex
             ex.free_cpus += cpus
             ex.free_mem += mem
@@ -1116,6 +1165,9 @@ class Broker(GangScheduling):
         worker was asked to drop it is not requeued: its outcome is Cancelled."""
         if self.dropping:
             for c in [c for c in calls if c.id in self.dropping]:
+                if self.dropping[c.id] is TAKE_BACK:  # it was being taken back anyway
+                    del self.dropping[c.id]
+                    continue
                 calls.remove(c)
                 self.finish(c, P.CANCELLED, b"cancelled; its worker ended before it said whether the call had started")
         for c in reversed(calls):
@@ -1180,8 +1232,8 @@ class Broker(GangScheduling):
                     continue
                 w = self.pick_worker(call)
                 if w is None:
-                    if 0 < shape[0] < 1 and self.spawn_extra(call):
-                        q.popleft()  # a fraction of a CPU: one more worker shares the core
+                    if (0 < shape[0] < 1 or self.blocked) and self.spawn_extra(call):
+                        q.popleft()  # a fraction of a CPU, or lent ones: one more worker
                         continue
                     break
                 q.popleft()
@@ -1248,7 +1300,10 @@ class Broker(GangScheduling):
             n = sum(1 for w in ex.workers.values() if w.actor is None and not w.gpus and w.gang is None
                     and w.spare is None)
             n += sum(1 for sp in self.spawns.values() if sp[0] is ex and isinstance(sp[2], Call))
-            if n >= max(1, int((ex.cpus + 1e-9) / shape[0])):
+            most = max(1, int((ex.cpus + 1e-9) / shape[0])) if shape[0] else max(1, int(ex.cpus))
+            if self.blocked:  # a worker whose call is BLOCKED does not count: its CPUs are lent
+                n -= sum(1 for w in ex.workers.values() if w.lent is not None and not w.gpus)
+            if n >= most:
                 continue
             self.reserve(ex, shape)
             call.state = SPAWNING

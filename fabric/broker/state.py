@@ -129,7 +129,7 @@ class Executor:
 
 class Worker:
     __slots__ = ("ident", "ex", "inflight", "held", "gpus", "actor", "credit", "code_seen", "pid", "pool",
-                 "doomed", "killed", "gang", "addr", "spare")
+                 "doomed", "killed", "gang", "addr", "spare", "lent")
 
     def __init__(self, ident, ex, info):
         self.ident = ident
@@ -147,6 +147,7 @@ class Worker:
         self.gang = None                # (Gang, rank) while it runs a member of a gang
         self.addr = None                # "host:port" a gang member may listen on (a spawned worker's READY)
         self.spare = None               # (key, since) while kept warm for its driver's next gang (min_warm)
+        self.lent = None                # CPUs of its call lent out while that call waits on its own (BLOCKED)
 
 
 class Actor:

@@ -216,6 +216,9 @@ class Worker:
         self.begun = bytearray(P.ID_LEN * BEGUN_KEEP)  # ring of the ids of the last calls started
         self.begun_at = 0
         self.output.on_drop = self.drop
+        self.blocked, self.blocked_cid = 0, None  # waits in progress of the call on the main thread
+        from .. import client as _client
+        _client.blocking = self  # a nested driver's waits call block()/unblock()
         os.environ["FABRIC_WORKER_ID"] = self.ident.hex()  # a nested driver names its worker in HELLO
         s = settings.reload()
         sys.stdout = _Tee(sys.stdout, self.output)
@@ -416,6 +419,28 @@ class Worker:
         if self.current == cid:
             self.interrupted = cid
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def block(self) -> bool:
+        """A nested driver in this process is about to wait for results (fabric.get, .result(),
+        fabric.wait). If it waits in the plain call on the main thread, tell the broker
+        (BLOCKED): it lends this call's CPUs to other work and prefetches nothing onto this
+        worker meanwhile, so calls waiting on calls cannot exhaust the cluster. True: told;
+        then ``unblock()`` follows. Waits on other threads or in instances keep their CPUs."""
+        cid = self.current
+        if cid is None or self.pool is not None or threading.current_thread() is not threading.main_thread():
+            return False
+        self.blocked += 1
+        if self.blocked == 1:
+            self.blocked_cid = cid
+            self.sock.send_multipart([P.C[P.BLOCKED], cid])
+        return True
+
+    def unblock(self):
+        """The wait ``block()`` announced is over: the call takes its CPUs back (UNBLOCKED)."""
+        self.blocked -= 1
+        if self.blocked == 0:
+            cid, self.blocked_cid = self.blocked_cid, None
+            self.sock.send_multipart([P.C[P.UNBLOCKED], cid])
 
     def _on_sigusr1(self, signum, frame):
         cid, self.interrupted = self.interrupted, None
