@@ -6,11 +6,11 @@
   value as it comes. fabric: a generator ``@fabric.fn`` and its ``Stream``; Ray: a generator task
   (``num_returns="streaming"``, Ray's streaming generator) and ``ray.get`` of each ref.
 - ``fanout2_calls_per_s``: 100 calls, each submitting 10 calls and waiting for them (1,100 calls);
-  the figure is all calls over the wall time. On fabric a call waiting for its children keeps its
-  CPU (fabric does not release it yet, unlike Ray), so the parents are ``cpus=0.5,
-  max_containers=cpus//2``: on 2 CPUs one parent holds half a CPU and its children (``cpus=0.25``,
-  another shape, so the broker never prefetches one behind the parent waiting for it) have the
-  rest; with ``cpus=1`` parents on 2 CPUs the children could never start.
+  the figure is all calls over the wall time. On fabric the parents are ``cpus=0.5,
+  max_containers=cpus//2`` and the children ``cpus=0.25``: shapes chosen when a call waiting for
+  its children kept its CPU (with ``cpus=1`` parents on 2 CPUs the children could not start),
+  kept so the row compares with earlier runs. A waiting call now lends its CPU out, and equal
+  shapes finish too (tests/test_nested.py; docs/guarantees.md).
 
 Each side runs in its own interpreter (Ray only in the peers' venv: this file imports ray only
 when run as ``--side ray``), on a cluster of ``--cpus`` CPUs started for it; medians over
@@ -40,7 +40,7 @@ def fabric_side(cpus: int, repeat: int) -> dict:
         for i in range(n):
             yield i
 
-    @fabric.fn(cpus=0.25)  # not the parents' shape: never prefetched behind a parent that waits for it
+    @fabric.fn(cpus=0.25)  # the shapes of earlier runs (see the docstring)
     def child(i):
         return i
 
