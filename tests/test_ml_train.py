@@ -169,6 +169,15 @@ def killer(pid_file, killed):
     return t
 
 
+def _scratch_dirs():
+    """The checkpoint folders fabric's helpers make in the temporary folder (workers share it)."""
+    import glob
+    import tempfile
+
+    return {p for pre in ("fabric-xgb-", "fabric-torch-", "fabric-run-")
+            for p in glob.glob(os.path.join(tempfile.gettempdir(), pre + "*"))}
+
+
 def test_xgboost_two_workers_reports_every_dataset_and_checkpoints(cluster, tmp_path):
     df = frame(600)
     ds = ml.from_pandas(df)
@@ -179,8 +188,11 @@ def test_xgboost_two_workers_reports_every_dataset_and_checkpoints(cluster, tmp_
         label_column="y", num_boost_round=8, datasets={"train": train, "valid": valid},
         scaling_config=ml.ScalingConfig(num_workers=2),
         preprocessor=ml.preprocessing.StandardScaler(["f0", "f1"]), run_config=run_cfg(tmp_path, "xgb"))
+    before = _scratch_dirs()
     result = trainer.fit()
     assert result.error is None
+    # the members' local checkpoint folders went with their run (report uploaded them)
+    assert _scratch_dirs() - before == set()
     hist = result.metrics_dataframe
     assert list(hist["training_iteration"]) == list(range(1, 9))
     for col in ("train-logloss", "valid-logloss", "train-error", "valid-error"):
@@ -200,9 +212,11 @@ def test_xgboost_two_workers_reports_every_dataset_and_checkpoints(cluster, tmp_
 
 def test_torch_two_workers_ddp_shards_and_checkpoints(cluster, tmp_path):
     df = frame(512)
+    before = _scratch_dirs()
     result = ml.TorchTrainer(torch_loop, train_loop_config={"epochs": 3}, datasets={"train": ml.from_pandas(df)},
                              scaling_config=ml.ScalingConfig(num_workers=2),
                              run_config=run_cfg(tmp_path, "torch")).fit()
+    assert _scratch_dirs() - before == set()  # save_checkpoint's folders were removed after upload
     hist = result.metrics_dataframe
     assert list(hist["epoch"]) == [0, 1, 2] and set(hist["world"]) == {2}
     assert set(hist["rows"]) == {4}  # each rank saw its half: 256 rows in batches of 64

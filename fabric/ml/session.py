@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +92,7 @@ class Session:
     checkpoint: Any = None
     shards: dict = field(default_factory=dict)
     iteration: int = 0
+    scratch: str | None = None  # folder of the checkpoints fabric's helpers write; removed at the end
 
 
 _session: Session | None = None
@@ -104,6 +107,23 @@ def bind(sess: Session):
         yield sess
     finally:
         _session = prev
+        if sess.scratch is not None:  # report() uploaded what the run needed from it
+            shutil.rmtree(sess.scratch, ignore_errors=True)
+            sess.scratch = None
+
+
+def checkpoint_dir(prefix: str = "fabric-ckpt-") -> str:
+    """A new folder for a checkpoint that fabric's helpers write (``ml.torch.save_checkpoint``
+    without a directory, the XGBoost callback). Inside a run it lies in the session's scratch
+    folder, which goes when the loop ends: ``report`` has uploaded its files to the run's storage
+    by then, so long runs leave no folder per checkpoint behind in /tmp. Outside a run: a plain
+    temporary folder, the caller's to keep."""
+    sess = _session
+    if sess is None:
+        return tempfile.mkdtemp(prefix=prefix)
+    if sess.scratch is None:
+        sess.scratch = tempfile.mkdtemp(prefix="fabric-run-")
+    return tempfile.mkdtemp(prefix=prefix, dir=sess.scratch)
 
 
 def current() -> Session | None:

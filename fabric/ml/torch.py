@@ -9,7 +9,6 @@ its share, reshuffled every epoch) and moves its batches to the device; ``get_de
 from __future__ import annotations
 
 import os
-import tempfile
 
 from ._deps import need
 
@@ -143,7 +142,10 @@ def save_checkpoint(model, directory: str | None = None, *, metadata: dict | Non
     torch = _torch()
     from .checkpoint import Checkpoint
 
-    directory = directory or tempfile.mkdtemp(prefix="fabric-torch-")
+    if directory is None:
+        from . import session
+
+        directory = session.checkpoint_dir("fabric-torch-")
     os.makedirs(directory, exist_ok=True)
     m = unwrap(model)
     torch.save(m.state_dict(), os.path.join(directory, "model.pt"))

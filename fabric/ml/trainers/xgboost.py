@@ -16,7 +16,6 @@ loop calls ``xgboost.train`` itself, inside the collective, with ``ReportCallbac
 from __future__ import annotations
 
 import os
-import tempfile
 
 from .. import session
 from .._deps import need
@@ -46,7 +45,7 @@ def load_model(checkpoint: Checkpoint):
 
 
 def _save(booster, label_column, feature_columns, extra=None) -> Checkpoint:
-    d = tempfile.mkdtemp(prefix="fabric-xgb-")
+    d = session.checkpoint_dir("fabric-xgb-")
     booster.save_model(os.path.join(d, MODEL_FILE))
     ckpt = Checkpoint.from_directory(d)
     meta = {"framework": "xgboost", "num_boosted_rounds": booster.num_boosted_rounds()}
