@@ -380,7 +380,8 @@ def dying_driver_loop(config):
             wait_for_record = time.time() + 60
             while time.time() < wait_for_record:
                 try:
-                    if json.load(open(record)).get("latest", "").endswith("checkpoint_000002"):
+                    # the record exists before the first checkpoint, with "latest": null
+                    if (json.load(open(record)).get("latest") or "").endswith("checkpoint_000002"):
                         break
                 except (OSError, ValueError):
                     pass
