@@ -1,0 +1,221 @@
+"""Big numpy arguments through shared memory, on one host.
+
+A driver whose broker is on its host copies each numpy argument of ``FABRIC_SHM_THRESHOLD``
+bytes or more into a file under ``/dev/shm`` instead of sending it over the sockets; the worker
+maps it privately (copy-on-write). This module is the whole allocator of those files: their
+names (``fabric-<driver pid>-<random>``), the driver's pool that reuses them, the worker's side
+that maps them and reports whether it let go, and the clean-up of a dead driver's files.
+It imports no pickler: ``fabric.serde.pickling`` decides which arrays come here.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import threading
+
+from .. import settings
+from ..errors import SerializationError
+
+SHM_THRESHOLD = settings.get().shm_threshold
+SHM_ARENA = settings.get().shm_arena  # pre-faulted shared memory per driver
+HOST = socket.gethostname()
+
+# --- the worker's side: map, and after the call say whether the files can be reused -------
+_mapped = threading.local()
+
+
+def track_mappings() -> None:
+    """Before unpickling a call's arguments: start the list ``release_mappings`` empties."""
+    _mapped.maps = []
+
+
+def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool, nbytes: int):
+    import numpy as np
+
+    if host != HOST:
+        raise SerializationError(f"array in shared memory on host {host!r} cannot be read on {HOST!r}")
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    maps = getattr(_mapped, "maps", None)
+    if maps is not None:
+        maps.append(mm)
+    arr = np.frombuffer(mm, dtype=np.dtype(dtype))
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def release_mappings() -> bool:
+    """After a call: unmap its shared-memory arguments. False if user code still holds one
+    (then the driver must not reuse the file)."""
+    maps = getattr(_mapped, "maps", None)
+    if not maps:
+        return False
+    free = True
+    for mm in maps:
+        try:
+            mm.close()
+        except BufferError:  # an array still views it (kept in an instance, returned, ...)
+            free = False
+    maps.clear()
+    return free
+
+
+# --- the driver's side ---------------------------------------------------------------------
+def to_shm(arr, pool, used: list):
+    """The reduction of a numpy array through ``pool``: copied into a file, which ``used``
+    records for the driver to give back when the call is done."""
+    import numpy as np
+
+    fortran = arr.flags.f_contiguous and not arr.flags.c_contiguous
+    if not (arr.flags.c_contiguous or fortran):
+        arr = np.ascontiguousarray(arr)
+    seg = pool.take(arr.nbytes)
+    used.append(seg)
+    flat = arr.reshape(-1, order="F" if fortran else "C").view(np.uint8)
+    np.copyto(np.frombuffer(seg[2], dtype=np.uint8, count=arr.nbytes), flat)
+    return _shm_ndarray, (HOST, seg[1], arr.dtype.str, arr.shape, fortran, arr.nbytes)
+
+
+class ShmPool:
+    """The driver's shared-memory files, reused when the worker is done with them.
+
+    Fresh tmpfs pages are slow to get (on a VM, ~70 ms per 100 MB to allocate and map, several
+    times the copy itself), so the pool starts with one arena of ``FABRIC_SHM_ARENA`` bytes
+    (default 128 MiB, 0 for none) allocated and mapped in a background thread, with the GIL
+    released: the first large argument finds its pages ready, as later ones find reused ones."""
+
+    def __init__(self, directory: str, keep_bytes: int = settings.get().shm_pool,
+                 arena: int | None = None):
+        self.dir, self.keep = directory, keep_bytes
+        self.free: list[tuple[int, str, mmap.mmap]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        self.arena_path: str | None = None
+        self.arena_thread: threading.Thread | None = None
+        if arena is None:  # a worker making nested calls is a driver too, but a short-lived one
+            arena = 0 if settings.get().executor_pid else SHM_ARENA
+        sweep_shm(directory)
+        if arena > 0:
+            self.arena_path = path = self._path()
+            self.arena_thread = threading.Thread(target=self._make_arena, args=(arena, path), name="fabric-shm-arena",
+                                                 daemon=True)
+            self.arena_thread.start()
+
+    def _path(self):
+        return os.path.join(self.dir, f"fabric-{os.getpid()}-{os.urandom(6).hex()}")
+
+    def _new(self, nbytes: int, path: str, prefault: bool = False):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if prefault:
+                os.posix_fallocate(fd, 0, nbytes)  # the pages now (the GIL is released meanwhile)
+            else:
+                os.ftruncate(fd, nbytes)
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        if prefault:
+            _populate(mm, nbytes)
+        return nbytes, path, mm
+
+    def _make_arena(self, nbytes: int, path: str):
+        try:
+            seg = self._new(nbytes, path, prefault=True)
+        except OSError:  # no room in /dev/shm: go without
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return
+        with self.lock:
+            if not self.closed:
+                self.free.append(seg)
+                return
+        _discard(seg[1], seg[2])
+
+    def take(self, nbytes: int):
+        with self.lock:
+            for i, (size, path, mm) in enumerate(self.free):
+                if nbytes <= size and (size <= 2 * nbytes + (1 << 20) or path == self.arena_path):
+                    return self.free.pop(i)
+        t = self.arena_thread
+        if t is not None and t.is_alive() and nbytes <= SHM_ARENA:  # nearly ready: cheaper than fresh pages
+            t.join()
+            return self.take(nbytes)
+        return self._new(nbytes, self._path())
+
+    def give_back(self, segments, reuse: bool):
+        drop = [] if reuse else list(segments)
+        if reuse:
+            with self.lock:
+                self.free.extend(segments)
+                while sum(s for s, _, _ in self.free) > self.keep:
+                    drop.append(self.free.pop(0))
+        for _, path, mm in drop:
+            _discard(path, mm)
+
+    def close(self):
+        if self.arena_thread is not None:
+            self.arena_thread.join(5)
+        with self.lock:
+            self.closed = True
+            free, self.free = self.free, []
+        for _, path, mm in free:
+            _discard(path, mm)
+
+
+def sweep_shm(directory: str = "/dev/shm") -> int:
+    """Remove shared-memory files of drivers that died without cleaning up (SIGKILL): files are
+    named ``fabric-<pid>-<random>``, so a dead pid's are nobody's. Returns how many went."""
+    from ..config import pid_alive
+
+    n = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    me = os.getuid()
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "fabric" or not parts[1].isdigit():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid != me or pid_alive(int(parts[1])):
+                continue
+            os.unlink(path)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+
+
+def _populate(mm, nbytes: int) -> None:
+    """Map every page of ``mm`` now. Through ctypes, which releases the GIL (mmap's own
+    MAP_POPULATE holds it for the whole time); an older kernel just skips it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        buf = (ctypes.c_char * nbytes).from_buffer(mm)
+        try:
+            libc.madvise(ctypes.addressof(buf), nbytes, _MADV_POPULATE_WRITE)
+        finally:
+            del buf
+    except (OSError, AttributeError, TypeError, ValueError):
+        pass
+
+
+def _discard(path, mm):
+    try:
+        mm.close()
+    except BufferError:
+        pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
