@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from fabric import config, settings, storage
 
@@ -45,6 +46,21 @@ def reconciler_running(store, within: float = 15.0) -> bool:
     return bool(hb) and time.time() - hb.get("at", 0) < within
 
 
+def running(reg: Registry) -> Iterator[tuple[str, int, dict]]:
+    """(name, current version, its manifest) of each app that is not stopped: what both the
+    warm keepers and the deployments follow. A manifest that will not read (a version being
+    written right now) is skipped: the next round sees it."""
+    for n in reg.names():
+        cur = reg.current(n)
+        if not cur or cur.get("stopped"):
+            continue
+        try:
+            man = reg.manifest(n, cur["version"])
+        except Exception:  # noqa: BLE001 - being written; next round
+            continue
+        yield n, cur["version"], man
+
+
 class WarmKeeper:
     """The ``fabric.apps.warm`` processes: one per running app version with ``min_warm``."""
 
@@ -55,18 +71,8 @@ class WarmKeeper:
 
     @staticmethod
     def wanted(reg: Registry) -> dict[str, int]:
-        out = {}
-        for n in reg.names():
-            cur = reg.current(n)
-            if not cur or cur.get("stopped"):
-                continue
-            try:
-                man = reg.manifest(n, cur["version"])
-            except Exception:  # noqa: BLE001 - being written; next round
-                continue
-            if wants_warm(man):
-                out[n] = cur["version"]
-        return out
+        """app name -> the current version, for running apps with ``min_warm`` somewhere."""
+        return {n: v for n, v, man in running(reg) if wants_warm(man)}
 
     def _spawn(self, name, version):
         cmd = [sys.executable, "-m", "fabric.apps.warm", "--app", name, "--version", str(version),
@@ -116,18 +122,7 @@ class WarmKeeper:
 
 def wanted(reg: Registry) -> dict[str, dict]:
     """app name -> the current manifest, for running apps that have deployments."""
-    out = {}
-    for n in reg.names():
-        cur = reg.current(n)
-        if not cur or cur.get("stopped"):
-            continue
-        try:
-            man = reg.manifest(n, cur["version"])
-        except Exception:  # noqa: BLE001 - a version being written right now; next round
-            continue
-        if man.get("deployments"):
-            out[n] = man
-    return out
+    return {n: man for n, _, man in running(reg) if man.get("deployments")}
 
 
 def reconcile_once(reg: Registry, log=print) -> list[str]:
