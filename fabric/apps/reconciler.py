@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from fabric import config, settings, storage
 
 from .registry import Registry
-from .warm import read_status, wants_warm
+from .warm import read_status, shutdown_quietly, wants_warm
 
 HEARTBEAT = "apps/_reconciler.json"
 WARM_HANDOVER_S = 60.0  # an old version's warm containers stay at most this long after a switch
@@ -200,11 +200,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         pass
     finally:
-        keeper.close()
-        try:
-            fabric.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        shutdown_quietly(keeper.close)
 
 
 if __name__ == "__main__":

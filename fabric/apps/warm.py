@@ -170,6 +170,17 @@ class Holder:
         self.errors.clear()
 
 
+def shutdown_quietly(*first) -> None:
+    """The end of an apps process (this one, the reconciler): each of ``first``, then
+    ``fabric.shutdown()`` (its BYE is what drops this driver's ``min_warm``). Each step's error
+    is ignored (the store or the broker may be gone already at exit), so none skips the BYE."""
+    for step in (*first, fabric.shutdown):
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fabric.apps.warm",
                                  description="keep one app version's min_warm containers up")
@@ -217,14 +228,7 @@ def main(argv=None):
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
-        try:
-            store.delete(key, missing_ok=True)
-        except Exception:  # noqa: BLE001
-            pass
-        try:
-            fabric.shutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        shutdown_quietly(lambda: store.delete(key, missing_ok=True))
 
 
 if __name__ == "__main__":
