@@ -1,4 +1,5 @@
 """Shared fixtures: every test runs against real processes (broker, executors, workers)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,6 +57,29 @@ def cluster():
     info = fabric.init(num_cpus=2)
     yield info
     fabric.shutdown()
+
+
+@contextlib.contextmanager
+def broker_alone(cpus=2):
+    """A local cluster with a broker and no executor, yielded once the broker answers STATUS:
+    for tests that play the executor and workers themselves, or send it what used to kill it."""
+    from fabric import protocol as P
+    from fabric.client import request
+    from fabric.cluster import LocalCluster
+
+    c = LocalCluster(cpus=cpus).start(executor=False)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request(c.address, P.STATUS, timeout=1.0)
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert time.monotonic() < deadline, "the broker did not start"
+                time.sleep(0.05)
+        yield c
+    finally:
+        c.stop()
 
 
 def wait_for(pred, timeout=10.0, every=0.02):

@@ -7,7 +7,6 @@ test_errors.py::test_a_cancelled_prefetched_call_gives_cancelled_and_never_runs 
 instance tests in test_instances.py."""
 import json
 import os
-import time
 
 import pytest
 import zmq
@@ -16,8 +15,7 @@ import fabric
 from fabric import protocol as P
 from fabric import serde
 from fabric.client import request
-from fabric.cluster import LocalCluster
-from conftest import wait_for
+from conftest import broker_alone, wait_for
 
 
 @fabric.fn(retries=0)
@@ -30,26 +28,16 @@ def played():
     """A broker with no executor of its own, a driver connected to it, and the test's executor
     and pool worker (credit 4) registered on it."""
     fabric.shutdown()
-    c = LocalCluster(cpus=1).start(executor=False)
-    ctx = zmq.Context()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                request(c.address, P.STATUS, timeout=1.0)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                assert time.monotonic() < deadline, "the broker did not start"
-                time.sleep(0.05)
-        x = os.urandom(8)
-        p = Played(ctx, c.address, x)
-        fabric.init(address=c.address)
-        p.warm()
-        yield p
-    finally:
-        fabric.shutdown()
-        ctx.destroy(linger=0)
-        c.stop()
+    with broker_alone(cpus=1) as c:
+        ctx = zmq.Context()
+        try:
+            p = Played(ctx, c.address, os.urandom(8))
+            fabric.init(address=c.address)
+            p.warm()
+            yield p
+        finally:
+            fabric.shutdown()
+            ctx.destroy(linger=0)
 
 
 class Played:

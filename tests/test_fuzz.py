@@ -49,7 +49,7 @@ from fabric import protocol as P
 from fabric.client import request
 from fabric.cluster import LocalCluster
 from fabric.errors import ProtocolError
-from conftest import wait_for
+from conftest import broker_alone, wait_for
 
 FUZZ_SECONDS = 30.0        # the fuzzing phase stops sending after this long, whatever is left
 MAX_EXAMPLES = 400
@@ -155,19 +155,8 @@ def one_worker_cluster():
 @pytest.fixture
 def lone_broker():
     """A broker without executor, for messages that used to kill it."""
-    c = LocalCluster(cpus=2).start(executor=False)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                request(c.address, P.STATUS, timeout=1.0)
-                break
-            except Exception:  # noqa: BLE001 - not listening yet
-                assert time.monotonic() < deadline, "the broker did not start"
-                time.sleep(0.05)
+    with broker_alone(cpus=2) as c:
         yield c
-    finally:
-        c.stop()
 
 
 def _alive(c) -> bool:
