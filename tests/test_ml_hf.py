@@ -9,6 +9,7 @@ import pytest
 
 import fabric
 from fabric import ml
+from fabric.ml.result import TrainingFailedError
 
 if importlib.util.find_spec("transformers") is None:
     pytest.skip("the [hf] extra (transformers) is not installed", allow_module_level=True)
@@ -90,6 +91,8 @@ def test_init_that_returns_no_trainer_is_named(tmp_path):
                                      datasets={"train": ml.from_pandas(data(8)[1])},
                                      scaling_config=ml.ScalingConfig(num_workers=2),
                                      run_config=ml.RunConfig(name="hfbad", storage_path=str(tmp_path)))
-    with pytest.raises(Exception, match="must return a transformers.Trainer, got str"):
+    with pytest.raises(TrainingFailedError, match=r"TransformersTrainer: the training loop raised on rank [01] "
+                       r"of 2: TypeError: trainer_init_per_worker must return a transformers.Trainer, got str") as e:
         trainer.fit()
+    assert isinstance(e.value.__cause__, TypeError)
     assert fabric.fn(lambda: 2).remote().result(timeout=60) == 2

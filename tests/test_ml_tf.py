@@ -13,6 +13,7 @@ import pytest
 import fabric
 from fabric import ml
 from fabric.ml import preprocessing as P
+from fabric.ml.result import TrainingFailedError
 
 if importlib.util.find_spec("tensorflow") is None:
     pytest.skip("the [tf] extra (tensorflow) is not installed", allow_module_level=True)
@@ -148,6 +149,8 @@ def test_a_loop_that_fails_names_the_error(tmp_path):
 
     trainer = ml.TensorflowTrainer(bad, scaling_config=ml.ScalingConfig(num_workers=2),
                                    run_config=ml.RunConfig(name="tfbad", storage_path=str(tmp_path)))
-    with pytest.raises(Exception, match="Densee"):
+    with pytest.raises(TrainingFailedError, match=r"TensorflowTrainer: the training loop raised on rank [01] of 2: "
+                       r"ValueError: no such layer: Densee") as e:
         trainer.fit()
+    assert isinstance(e.value.__cause__, ValueError)
     assert fabric.fn(lambda: 1).remote().result(timeout=60) == 1
