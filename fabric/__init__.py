@@ -15,6 +15,7 @@ from .api import (Future, Gang, GangContext, InstanceHandle, RemoteClass, Remote
                   nodes, cluster_resources, available_resources, cancel, Stream, get_instance)
 from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GangFailed, GetTimeout,
                      MemoryLimitExceeded, ProtocolError, RemoteError, RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
+from .errors import RuntimeEnvError, RuntimeEnvSetupError
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "w
            "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
            "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError",
            "gang", "Gang", "gang_context", "GangContext", "GangFailed", "MemoryLimitExceeded", "App", "lookup",
-           "nodes", "cluster_resources", "available_resources", "cancel", "Stream", "get_instance"]
+           "nodes", "cluster_resources", "available_resources", "cancel", "Stream", "get_instance",
+           "RuntimeEnvError", "RuntimeEnvSetupError"]

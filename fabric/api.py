@@ -37,6 +37,7 @@ _lock = threading.RLock()
 class _State:
     client: Client | None = None
     cluster = None
+    runtime_env: dict | None = None  # the job's, from fabric.init(runtime_env=...)
     pid = 0
     atexit_registered = False
 
@@ -46,7 +47,8 @@ _state = _State()
 
 # ---------------------------------------------------------------------- init / shutdown
 def init(address: str | None = None, *, store: str | None = None, num_cpus: float | None = None,
-         num_gpus=None, memory=None, log_to_driver: bool = True, connect_timeout: float = 10.0) -> dict:
+         num_gpus=None, memory=None, log_to_driver: bool = True, connect_timeout: float = 10.0,
+         runtime_env: dict | None = None) -> dict:
     """Connect this process to a cluster, starting an embedded one if no address is given.
 
     ``address``: ``tcp://host:port`` or ``ipc:///path`` of a running broker; ``"auto"`` reads
@@ -56,7 +58,12 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
     A ``tcp://`` connection uses CurveZMQ with this user's default keys (made on first use in
     fabric's data folder) or those of ``FABRIC_KEYS`` (docs/security.md); a broker that does not
     accept this process's key (another user's cluster) raises ``ConnectionFailed`` at once.
+    ``runtime_env``: the job's (docs/runtime_env.md), under every function's and class's own.
     """
+    if runtime_env is not None:
+        from . import runtime_env as _re
+
+        runtime_env = _re.validate("fabric.init()", runtime_env)
     if address is not None and address != "auto" and (
             not isinstance(address, str) or not address.startswith(("tcp://", "ipc://"))):
         raise ValueError(f"address must look like 'tcp://host:port' or 'ipc:///path', got {address!r}")
@@ -64,7 +71,7 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
         if _state.client is not None and _state.pid == os.getpid():
             if address is None or address == _state.client.address:
                 ignored = {k: v for k, v in (("store", store), ("num_cpus", num_cpus), ("num_gpus", num_gpus),
-                                             ("memory", memory)) if v is not None}
+                                             ("memory", memory), ("runtime_env", runtime_env)) if v is not None}
                 if ignored:
                     warnings.warn(f"fabric is already initialized (connected to {_state.client.address}); "
                                   f"fabric.init({', '.join(f'{k}={v!r}' for k, v in ignored.items())}) has no "
@@ -107,6 +114,7 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
             raise
         client.log_to_driver = log_to_driver
         _state.client, _state.cluster, _state.pid = client, cluster, os.getpid()
+        _state.runtime_env = runtime_env or None
         if store is not None:
             from . import storage
 
@@ -142,7 +150,7 @@ def shutdown():
             _state.client = _state.cluster = None
             return
         client, cluster = _state.client, _state.cluster
-        _state.client = _state.cluster = None
+        _state.client = _state.cluster = _state.runtime_env = None
         gone = client is not None and client.gone is not None
         if client is not None:
             client.close()
@@ -203,6 +211,7 @@ _FN_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 3, "timeout": No
 _FN_OPTIONS["cache"] = False  # keep the result in the store under the code's and arguments' hashes
 # num_returns: a call's n values as n Futures; backpressure: items a generator may run ahead of its consumer
 _FN_OPTIONS.update(num_returns=1, backpressure=64)
+_FN_OPTIONS["runtime_env"] = None  # env_vars, working_dir, pip: fabric/runtime_env.py
 _CLS_OPTIONS = {**{k: v for k, v in _FN_OPTIONS.items() if k not in ("retries", "cache", "num_returns", "backpressure")},
                 "concurrency": 1, "max_restarts": 0, "max_task_retries": 0}
 
@@ -253,7 +262,35 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
             raise ValueError(f"{k} must be a whole number from 1 to {top}, got {v!r}")
     if o["name"] is not None and not isinstance(o["name"], str):
         raise TypeError(f"name must be a string, got {type(o['name']).__name__}")
+    if o.get("runtime_env") is not None:
+        from . import runtime_env
+
+        o["runtime_env"] = runtime_env.validate(where, o["runtime_env"]) or None
     return o
+
+
+def _with_env(cache: dict, obj, code, options: dict):
+    """``code`` (frame, hash) of ``obj``, or, if it has a runtime_env (its own merged over the
+    job's), the frame of an EnvCall that carries it: made once per env (``cache``)."""
+    mine, job = options.get("runtime_env"), _state.runtime_env
+    if not mine and not job:
+        return code
+    from . import runtime_env as R
+
+    env = R.merge(job, mine)
+    if not env:
+        return code
+    key = R.digest(env)
+    hit = cache.get(key)
+    if hit is None:
+        kind = ("class" if inspect.isclass(obj) else "asyncgen" if inspect.isasyncgenfunction(obj) else
+                "generator" if inspect.isgeneratorfunction(obj) else
+                "async" if inspect.iscoroutinefunction(obj) else "function")
+        name = getattr(obj, "__name__", "fn")
+        ec = R.EnvCall(R.resolve(env), code[0], name, getattr(obj, "__qualname__", name),
+                       getattr(obj, "__module__", None) or "?", kind)
+        hit = cache[key] = serde.code_blob(ec)
+    return hit
 
 
 def ship_by_value(obj):
@@ -333,6 +370,7 @@ class RemoteFunction:
         self._options = options
         self._name = options.get("name") or getattr(func, "__name__", "fn")
         self._code = _code or [None, None]   # shared with .options() copies: pickled once
+        self._envs: dict = {}                # runtime_env digest -> code frame with the env
         self._sig = _signature(func)
         functools.update_wrapper(self, func)
         self._stream = inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func)
@@ -363,7 +401,7 @@ class RemoteFunction:
 
                 blob, h = serde.code_blob(cache.shim(cache.stage_prefix(self._name, h), self._func))
             self._code[:] = blob, h
-        return self._code
+        return _with_env(self._envs, self._func, self._code, self._options)
 
     def remote(self, *args, **kwargs) -> Future:
         """Run on the cluster; returns at once with a Future."""
@@ -499,6 +537,7 @@ class RemoteClass:
         self._options = options
         self._name = options.get("name") or klass.__name__
         self._code = _code or [None, None]
+        self._envs: dict = {}
         self._sig = _signature(klass.__init__, skip_self=True) if "__init__" in _own_attrs(klass) else None
         functools.update_wrapper(self, klass, updated=())
 
@@ -518,7 +557,7 @@ class RemoteClass:
         if self._code[0] is None:
             ship_by_value(self._cls)
             self._code[:] = serde.code_blob(self._cls)
-        blob, h = self._code
+        blob, h = _with_env(self._envs, self._cls, self._code, self._options)
         o = self._options
         client = _client()
         aid = client.new_id()

@@ -49,6 +49,17 @@ class Unschedulable(FabricError):
     """No executor of the cluster can ever satisfy the call's resource request."""
 
 
+class RuntimeEnvError(FabricError, ValueError):
+    """A ``runtime_env`` that cannot be shipped as given (a working_dir over the size limit),
+    raised by ``.remote()`` in the driver before anything reaches the cluster."""
+
+
+class RuntimeEnvSetupError(FabricError):
+    """An executor could not set up a call's ``runtime_env``: a ``pip`` install failed (the
+    message names the requirements and ends with pip's last lines), or the working_dir's
+    package is not in the executor's store. Every call of that env on that worker raises it."""
+
+
 class RemoteError(FabricError):
     """User code raised an exception whose type cannot be rebuilt on this side."""
 

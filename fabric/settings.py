@@ -76,7 +76,14 @@ class Settings:
     cache_bytes: str | None = _var(
         "FABRIC_CACHE_BYTES", None, "driver, workers", "bytes or a size (`10GiB`) the object cache holds "
         "before its least recently used objects go", shown="10 GiB", kind="size")
+    runtime_env_dir: str | None = _var(
+        "FABRIC_RUNTIME_ENV_DIR", None, "workers", "the per-host cache of runtime_env working dirs and pip "
+        "installs (runtime_env.md)", shown="`$FABRIC_HOME/cache/runtime_env`, else "
+        "`$XDG_CACHE_HOME/fabric/runtime_env` or `~/.cache/fabric/runtime_env`")
     # -- drivers -------------------------------------------------------------------------------
+    working_dir_limit: str | None = _var(
+        "FABRIC_WORKING_DIR_LIMIT", None, "driver", "bytes or a size: the most a runtime_env's working_dir "
+        "may hold, after its excludes (runtime_env.md)", shown="100 MiB", kind="size")
     max_pending: int = _var(
         "FABRIC_MAX_PENDING", 100_000, "driver", "calls pending per driver before `.remote()` waits "
         "(backpressure)")

@@ -1,0 +1,278 @@
+"""The executor's half of runtime environments: set up a call's ``runtime_env`` in the worker
+that runs it (the driver's half, and what travels, is ``fabric.runtime_env``).
+
+Design: the env is *applied and restored around each call* in the ordinary, reused workers,
+not given workers of its own. Env vars, the working folder, ``sys.path`` and the modules the
+env's folders provide are set just before the call and put back right after it, so the next
+call on that worker (another function, or none) sees the worker as it was. Why: the broker
+routes on resource shapes and stays blind to code, so per-env workers would need a new routing
+key in the broker and a process start (seconds of imports on a small host) at every new env;
+applied envs keep warm workers shared and need no broker change. A pool worker runs one plain
+call at a time on its main thread, so nothing else observes the env while it is set. A
+``@fabric.cls`` instance owns its worker for life: its env is applied once, when the instance is
+created, and kept (its concurrent method calls all share it).
+
+- ``working_dir``: fetched once per host from the cluster's store (``fabric.storage.default()``,
+  which works across hosts) under its content hash, unpacked into
+  ``<cache>/working_dir/<hash>``, put first on ``sys.path`` and made the current folder.
+- ``pip``: installed with ``pip install --target`` into ``<cache>/pip/<hash of the requirement
+  set>`` and put first on ``sys.path`` (ahead of the working_dir). ``--target`` rather than a venv
+  because a reused worker cannot switch interpreters: a folder on ``sys.path`` is what a running
+  process can take up and drop between calls; fabric and its dependencies stay importable since
+  the worker's own site-packages stay on the path behind it. pip's output streams to the
+  driver's log; a failed install raises ``RuntimeEnvSetupError`` with pip's last lines.
+- Modules: while a call runs, modules whose top-level name the env's folders provide come from
+  there (a module of that name the worker had already imported, from elsewhere, steps aside for
+  the call); after it, they are kept aside for the env's next call, so two envs with two
+  versions of a package each see their own. fabric itself and the standard library never step
+  aside. A compiled extension cannot be unloaded: two versions of one in one worker collide, as
+  they would in any Python process.
+
+A folder is made at most once per host: a file lock serialises concurrent first calls (the
+others wait, then find it made), and a folder appears under its final name only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from collections import deque
+
+from .. import config
+from .. import serde
+from .. import settings
+from ..errors import RuntimeEnvSetupError
+from ..runtime_env import EnvCall, pip_hash
+
+PIP_TAIL = 25  # lines of pip's output the error quotes
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep
+
+
+def cache_root() -> str:
+    """This host's folder of unpacked working dirs and pip installs."""
+    s = settings.get()
+    if s.runtime_env_dir:
+        return s.runtime_env_dir
+    if s.home:
+        return os.path.join(s.home, "cache", "runtime_env")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fabric", "runtime_env")
+
+
+@contextlib.contextmanager
+def _locked(final: str, what: str):
+    """Hold the lock of the folder ``final`` is to be (a file beside it) for as long as it is made."""
+    config.private_dir(os.path.dirname(final))
+    fd = os.open(final + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[runtime_env] waiting for another worker on this host to finish {what}", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+def working_dir(wd: dict) -> str:
+    """The local folder of a shipped working_dir (``{"hash", "key", "store"}``), unpacked on first use."""
+    final = os.path.join(cache_root(), "working_dir", wd["hash"])
+    if os.path.isdir(final):
+        return final
+    with _locked(final, f"unpacking working_dir {wd['hash'][:12]}"):
+        if os.path.isdir(final):
+            return final
+        from .. import storage
+
+        store = storage.default()
+        try:
+            data = store.get_bytes(wd["key"])
+        except KeyError:
+            raise RuntimeEnvSetupError(
+                f"the runtime_env's working_dir {wd['key']} is not in this executor's store {store.display}; "
+                f"the driver wrote it to {wd['store']}: give the driver and the cluster's processes the same "
+                f"store (FABRIC_STORE)") from None
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp, 0o700)
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for info in z.infolist():
+                path = z.extract(info, tmp)  # (zipfile keeps names inside tmp)
+                mode = (info.external_attr >> 16) & 0o777
+                if mode and not info.is_dir():
+                    os.chmod(path, mode)
+        os.rename(tmp, final)
+    return final
+
+
+def pip_target(reqs: list[str], cwd: str | None) -> str:
+    """The folder where ``reqs`` are installed (``pip install --target``), installing them on first use."""
+    final = os.path.join(cache_root(), "pip", pip_hash(reqs))
+    if os.path.isdir(final):
+        return final
+    with _locked(final, f"pip install {' '.join(reqs)}"):
+        if os.path.isdir(final):
+            return final
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "pip", "install", "--target", tmp, "--no-input",
+               "--disable-pip-version-check", "--no-warn-script-location", "--", *reqs]
+        print(f"[runtime_env] pip install {' '.join(reqs)}", flush=True)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        tail: deque = deque(maxlen=PIP_TAIL)
+        try:
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 cwd=cwd, env=env, text=True, errors="replace")
+        except OSError as e:
+            raise RuntimeEnvSetupError(f"runtime_env pip: could not start pip ({e})") from None
+        assert p.stdout is not None
+        for line in p.stdout:  # streamed: the driver sees the install as it goes
+            line = line.rstrip("\n")
+            tail.append(line)
+            print(f"[pip] {line}", flush=True)
+        rc = p.wait()
+        if rc != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            text = "\n".join(tail)
+            named = [r for r in reqs if r in text] or reqs
+            raise RuntimeEnvSetupError(
+                f"runtime_env pip install failed (exit {rc}) for {', '.join(repr(r) for r in named)}; "
+                f"pip's last lines:\n{text}")
+        os.makedirs(tmp, exist_ok=True)  # (an empty requirement set makes nothing)
+        os.rename(tmp, final)
+    return final
+
+
+class Setup:
+    """An env made ready on this worker: what to set around each call, and the modules it owns."""
+
+    def __init__(self, env: dict):
+        self.env_vars = dict(env.get("env_vars") or {})
+        self.cwd = working_dir(env["working_dir"]) if env.get("working_dir") else None
+        pip = pip_target(env["pip"], self.cwd) if env.get("pip") else None
+        self.paths = [p for p in (pip, self.cwd) if p]
+        self.tops = {n for p in self.paths for n in _top_names(p)}
+        self.modules: dict = {}  # this env's modules between its calls
+
+
+def _top_names(folder: str) -> set[str]:
+    out = set()
+    for name in os.listdir(folder):
+        if name.endswith((".dist-info", ".egg-info", ".pth")) or name in ("bin", "__pycache__") or name.startswith("."):
+            continue
+        base = name.split(".", 1)[0] if not os.path.isdir(os.path.join(folder, name)) else name
+        if base.isidentifier() and base != "fabric":
+            out.add(base)
+    return out
+
+
+def _movable(mod) -> bool:
+    f = getattr(mod, "__file__", None)
+    if f is None:  # a namespace package moves; a built-in module does not
+        return getattr(mod, "__path__", None) is not None
+    f = os.path.realpath(f)
+    return not f.startswith(_STDLIB) or "site-packages" in f or "dist-packages" in f
+
+
+def _take(tops) -> dict:
+    """Remove from ``sys.modules`` (and return) the modules under the top-level names ``tops``
+    (the standard library's stay)."""
+    taken = {}
+    for name, mod in list(sys.modules.items()):
+        if name.partition(".")[0] in tops and _movable(mod):
+            taken[name] = sys.modules.pop(name)
+    return taken
+
+
+@contextlib.contextmanager
+def applied(s: Setup, restore: bool = True):
+    """Set ``s`` up in this process; with ``restore``, put everything back afterwards."""
+    old_env = {k: os.environ.get(k) for k in s.env_vars}
+    old_cwd = os.getcwd() if s.cwd else None
+    old_path = list(sys.path)
+    os.environ.update(s.env_vars)
+    if s.cwd:
+        os.chdir(s.cwd)
+    sys.path[:0] = [p for p in s.paths if p not in sys.path[:len(s.paths)]]
+    aside = _take(s.tops) if s.tops else {}
+    sys.modules.update(s.modules)
+    try:
+        yield
+    finally:
+        if restore:
+            if s.tops:
+                s.modules = _take(s.tops)
+                sys.modules.update(aside)
+            sys.path[:] = old_path
+            if old_cwd is not None:
+                try:
+                    os.chdir(old_cwd)
+                except OSError:
+                    pass
+            for k, v in old_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def _ready(ec: EnvCall) -> Setup:
+    """``ec``'s env made ready on this worker (once), or the error it failed with."""
+    if ec.failed is not None:
+        raise RuntimeEnvSetupError(str(ec.failed))
+    setup = ec.setup
+    if not isinstance(setup, Setup):
+        try:
+            setup = ec.setup = Setup(ec.env)
+        except RuntimeEnvSetupError as e:
+            ec.failed = e  # remembered: each call of this env on this worker says the same, at once
+            raise
+        except OSError as e:
+            raise RuntimeEnvSetupError(f"runtime_env could not be set up on this executor: {e}") from e
+    return setup
+
+
+def _code(ec: EnvCall):
+    if ec.loaded is None:
+        ec.loaded = serde.load_code(ec.code)  # inside the env: its modules import from its folders
+    return ec.loaded
+
+
+def call(ec: EnvCall, args: tuple, kwargs: dict):
+    """Run ``ec``'s function (or build its class's instance) with its env in place."""
+    s = _ready(ec)
+    kind = ec.kind
+    if kind == "class":  # the instance owns this worker: the env stays for its life
+        with applied(s, restore=False):
+            return _code(ec)(*args, **kwargs)
+    if kind == "generator":
+        return _generator(ec, s, args, kwargs)
+    if kind == "asyncgen":
+        return _async_generator(ec, s, args, kwargs)
+    if kind == "async":
+        return _coroutine(ec, s, args, kwargs)
+    with applied(s):
+        return _code(ec)(*args, **kwargs)
+
+
+def _generator(ec, s, args, kwargs):
+    with applied(s):  # the worker runs a stream to its end before its next call
+        yield from _code(ec)(*args, **kwargs)
+
+
+async def _coroutine(ec, s, args, kwargs):
+    with applied(s):
+        return await _code(ec)(*args, **kwargs)
+
+
+async def _async_generator(ec, s, args, kwargs):
+    with applied(s):
+        async for item in _code(ec)(*args, **kwargs):
+            yield item
