@@ -1,7 +1,7 @@
 """docs/protocol.md and fabric/protocol.py cannot drift apart: every command has a section
 (``#### NAME (number)``), every command the doc names exists with that number, and the
-command frames it writes (``FB 02 xx``) carry this version and the section's own numbers.
-Reads files only: no cluster."""
+command frames it writes (``FB 02 xx``) carry this version and the section's own numbers, and
+every status code has its row, naming the exception a driver raises for it. No cluster."""
 import os
 import re
 
@@ -69,11 +69,18 @@ def test_command_frames_in_each_section_are_its_own():
 
 
 def test_status_codes_and_header_sizes():
+    from fabric.client import _ERRORS  # the exception a driver raises for each failed status
+
     text = _doc()
-    rows = re.findall(r"^\| (\d+) \| `([A-Z_]+)` \|", text, re.M)
+    rows = re.findall(r"^\| (\d+) \| `([A-Z_]+)` \|(.*)$", text, re.M)
     assert rows, "docs/protocol.md §4.4 lists no status codes"
-    wrong = [f"{name} {code}" for code, name in rows if getattr(P, name, None) != int(code)]
+    wrong = [f"{name} {code}" for code, name, _ in rows if getattr(P, name, None) != int(code)]
     assert not wrong, f"status codes in docs/protocol.md that fabric/protocol.py does not have: {wrong}"
+    listed = {int(code): rest for code, _, rest in rows}
+    missing = sorted({P.OK, P.USER_ERROR, *_ERRORS} - set(listed))
+    assert not missing, f"status codes without a row in docs/protocol.md §4.4: {missing}"
+    raised = [f"{c}: {e.__name__}" for c, e in _ERRORS.items() if f"`{e.__name__}`" not in listed[c]]
+    assert not raised, f"docs/protocol.md §4.4 names another exception than the driver raises for: {raised}"
     assert f"(FBP/{P.VERSION})" in text.splitlines()[0]
     for name in ("CALL_HDR", "RESULT_HDR"):
         st = getattr(P, name, None)
