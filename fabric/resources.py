@@ -1,4 +1,5 @@
-"""Resource requests: parsing and checking what a user asks for (cpus, gpus, memory)."""
+"""Resource requests and the resource ledger: parsing what a user asks for (cpus, gpus, memory),
+and one definition of what a shape takes from an executor and how many fit (``Ledger``)."""
 from __future__ import annotations
 
 
@@ -26,3 +27,112 @@ def parse_memory(value) -> int:
     if n is None or unit not in units or n < 0:
         raise ValueError(f"memory must be a size like '512MiB', '2GiB' or '1.5GB', got {value!r}")
     return int(n * units[unit])
+
+
+# ---------------------------------------------------------------------------- the resource ledger
+# One definition of what a call of a shape ``(cpus, gpus, memory)`` takes from an executor and
+# how many fit: the broker reserves and returns through it, and the autoscaler's policy asks it
+# how many calls one executor of a pool holds (it once recomputed this by itself and drifted on
+# fractional GPUs). A leaf: it imports nothing, so the policy can use it without the broker.
+EPS = 1e-6  # slack when comparing shares of a GPU device (0.1 + 0.2 ...)
+CPU_EPS = 1e-9  # slack when comparing CPUs (fractions add up to a whole one)
+
+
+def gpu_share(gpus):
+    """(devices, share of each) a request takes: a fraction below 1 shares one device, else whole ones."""
+    return (1, gpus) if gpus < 1 else (int(gpus), 1.0)
+
+
+def pick_gpus(free, gpus):
+    """Devices for ``gpus`` out of ``free`` (device -> free share, in device order), or None.
+
+    A fraction goes to the device with the least room that still holds it (best fit: partly
+    used devices fill up first, whole ones stay whole); whole devices are the first fully free."""
+    if gpus <= 0:
+        return []
+    n, share = gpu_share(gpus)
+    if share < 1:
+        best = None
+        for d, c in free.items():
+            if c + EPS >= share and (best is None or c < free[best]):
+                best = d
+        return None if best is None else [best]
+    whole = [d for d, c in free.items() if c >= 1 - EPS]
+    return whole[:n] if len(whole) >= n else None
+
+
+class Ledger:
+    """What one executor has (``cpus``, GPU ``gpus`` devices, ``memory`` bytes) and what of it is
+    not reserved. ``take(shape)`` and ``give(shape, devices)`` are the only ways resources move."""
+    __slots__ = ("cpus", "gpus", "memory", "free_cpus", "free_mem", "gpu_free")
+
+    def __init__(self, cpus, gpus=(), memory=0):
+        self.cpus = float(cpus)
+        self.gpus = list(dict.fromkeys(int(g) for g in gpus))
+        self.memory = int(memory)
+        self.free_cpus, self.free_mem = self.cpus, self.memory
+        self.gpu_free = {g: 1.0 for g in self.gpus}  # device -> share not reserved (1.0: wholly free)
+
+    @property
+    def free_gpus(self):
+        """Devices nothing holds any share of."""
+        return [d for d, c in self.gpu_free.items() if c >= 1 - EPS]
+
+    def fits(self, shape):
+        """Whether one call of ``shape`` fits in what is free now."""
+        cpus, gpus, mem = shape
+        return (cpus <= self.free_cpus + CPU_EPS and mem <= self.free_mem
+                and (gpus <= 0 or pick_gpus(self.gpu_free, gpus) is not None))
+
+    def could_ever_fit(self, shape):
+        """Whether one call of ``shape`` fits when nothing is reserved."""
+        cpus, gpus, mem = shape
+        return cpus <= self.cpus + CPU_EPS and mem <= self.memory and gpus <= len(self.gpus)
+
+    def room(self, shape, total=False):
+        """How many calls of ``shape`` fit side by side now (``total``: with nothing reserved)."""
+        cpus, gpus, mem = shape
+        fc, fm = (self.cpus, self.memory) if total else (self.free_cpus, self.free_mem)
+        k = 1 << 30
+        if cpus > 0:
+            k = min(k, int((fc + CPU_EPS) / cpus))
+        if mem > 0:
+            k = min(k, fm // mem)
+        if gpus > 0:
+            caps = [1.0] * len(self.gpus) if total else list(self.gpu_free.values())
+            n, share = gpu_share(gpus)
+            if share < 1:
+                k = min(k, sum(int((c + EPS) / share) for c in caps))
+            else:
+                k = min(k, sum(1 for c in caps if c >= 1 - EPS) // n)
+        return max(0, k)
+
+    def take(self, shape, devices=None):
+        """Reserve ``shape`` (its GPUs on ``devices``, else where ``pick_gpus`` chooses); returns
+        the devices taken. It does not check that it fits: callers ask ``fits`` first, and a call
+        that takes its lent CPUs back (UNBLOCKED) may oversubscribe on purpose."""
+        cpus, gpus, mem = shape
+        self.free_cpus -= cpus
+        self.free_mem -= mem
+        if gpus <= 0:
+            return []
+        if devices is None:
+            devices = pick_gpus(self.gpu_free, gpus) or []
+        share = gpu_share(gpus)[1]
+        for d in devices:
+            if d in self.gpu_free:
+                self.gpu_free[d] -= share
+        return list(devices)
+
+    def give(self, shape, devices=()):
+        """Return what ``take(shape)`` reserved on ``devices``."""
+        cpus, gpus, mem = shape
+        self.free_cpus += cpus
+        self.free_mem += mem
+        if gpus <= 0:
+            return
+        share = gpu_share(gpus)[1]
+        for d in devices:
+            if d in self.gpu_free:
+                c = self.gpu_free[d] + share
+                self.gpu_free[d] = 1.0 if c > 1 - EPS else c

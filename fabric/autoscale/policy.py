@@ -1,6 +1,7 @@
 """The autoscaling policy: from the broker's STATUS and the provider's instances to decisions.
 
-Pure in the sense that matters for testing: no sockets, no clock, no processes. ``decide``
+Pure in the sense that matters for testing: no sockets, no clock, no processes (of fabric it
+imports only ``fabric.resources``, the one definition of what fits on an executor). ``decide``
 takes the status dict (what ``fabric.client.request(address, STATUS)`` returns), the time and
 the provider's instances, and returns :class:`Decision` records, each with a reason. The
 only state kept between calls is what a window needs: since when each executor has been idle,
@@ -24,6 +25,8 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..resources import Ledger
+
 PROVIDER_LABEL = "provider_id"   # executor label that names the provider's instance
 KIND_LABEL = "kind"              # executor label: cpu | gpu
 
@@ -46,16 +49,15 @@ class Pool:
             raise ValueError("gpu pool: gpus per executor must be >= 1")
 
     def slots(self, cpus: float, gpus: float, memory: int = 0) -> int:
-        """How many calls of this shape one executor of this pool runs at once (0: never fits)."""
-        if cpus > self.cpus + 1e-9 or gpus > self.gpus + 1e-9:
-            return 0
-        if gpus > 0:  # GPU calls get whole devices on spawned workers; fractions share one
-            by_gpu = (self.gpus * math.floor(1 / gpus + 1e-9)) if gpus < 1 else self.gpus // math.ceil(gpus)
-            by_cpu = math.floor(self.cpus / cpus + 1e-9) if cpus > 0 else by_gpu
-            return max(0, min(by_gpu, by_cpu))
-        pool_workers = max(1, int(self.cpus))  # one call at a time per pool worker
-        by_cpu = math.floor(self.cpus / cpus + 1e-9) if cpus > 0 else pool_workers
-        return max(1, min(pool_workers, by_cpu))
+        """How many calls of this shape one executor of this pool runs at once (0: never fits).
+
+        What fits is the broker's own arithmetic (``fabric.resources.Ledger.room``: fractional
+        GPUs share a device, whole ones do not); memory is not counted, as a pool does not say
+        its executors' memory. CPU calls also take one pool worker each (one per whole CPU)."""
+        fit = Ledger(self.cpus, range(self.gpus)).room((cpus, gpus, 0), total=True)
+        if gpus > 0 or fit == 0:  # GPU calls run in workers spawned for them
+            return fit
+        return max(1, min(max(1, int(self.cpus)), fit))  # one call at a time per pool worker
 
 
 @dataclass

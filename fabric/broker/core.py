@@ -605,11 +605,10 @@ class Broker(GangScheduling):
         """Why no executor can ever run this shape, or None. With no executor yet, wait (grace)."""
         if not self.executors:
             return None
-        if any(ex.could_ever_fit(shape) for ex in self.executors.values()):
+        if any(ex.ledger.could_ever_fit(shape) for ex in self.executors.values()):
             return None
         cpus, gpus, mem = shape
-        have = ", ".join(f"{ex.host}: cpus={ex.cpus:g} gpus={len(ex.gpus)} memory={ex.memory >> 20}MiB"
-                         for ex in self.executors.values())
+        have = ", ".join(ex.describe() for ex in self.executors.values())
         return (f"no executor can ever run a call that needs cpus={cpus:g} gpus={gpus:g} "
                 f"memory={mem >> 20}MiB; executors: {have}")
 
@@ -768,10 +767,11 @@ class Broker(GangScheduling):
         now = time.monotonic()
         exs = []
         for ex in self.executors.values():
+            r = ex.ledger
             exs.append({
-                "id": ex.id.hex(), "host": ex.host, "cpus": ex.cpus, "free_cpus": round(ex.free_cpus, 3),
-                "gpus": ex.gpus, "free_gpus": ex.free_gpus, "memory": ex.memory, "free_memory": ex.free_mem,
-                "gpu_free": {str(d): round(c, 6) for d, c in ex.gpu_free.items()},
+                "id": ex.id.hex(), "host": ex.host, "cpus": r.cpus, "free_cpus": round(r.free_cpus, 3),
+                "gpus": r.gpus, "free_gpus": r.free_gpus, "memory": r.memory, "free_memory": r.free_mem,
+                "gpu_free": {str(d): round(c, 6) for d, c in r.gpu_free.items()},
                 "workers": len(ex.workers), "busy": sum(1 for w in ex.workers.values() if w.inflight),
                 "instances": sum(1 for w in ex.workers.values() if w.actor is not None),
                 "last_seen_s": round(now - ex.last_seen, 2), "labels": ex.info.get("labels", {}),
@@ -870,7 +870,7 @@ class Broker(GangScheduling):
             self.lose_executor(old, "re-registered")
         ex = self.executors[ident] = Executor(ident, info)
         log.info("executor %s joined from %s: cpus=%g gpus=%s memory=%dMiB", ex.id.hex(), ex.host,
-                 ex.cpus, ex.gpus, ex.memory >> 20)
+                 ex.ledger.cpus, ex.ledger.gpus, ex.ledger.memory >> 20)
         self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION})])
 
     def on_heartbeat(self, ident, head, f):
@@ -1016,7 +1016,7 @@ class Broker(GangScheduling):
                 or w.gang is not None or next(iter(w.inflight), None) != f[0].bytes):
             return
         w.lent = w.held[0]
-        w.ex.free_cpus += w.lent
+        w.ex.ledger.give((w.lent, 0, 0))
         self.blocked += 1
         self.partial.pop(w, None)
         for c in list(w.inflight.values())[1:]:
@@ -1031,7 +1031,7 @@ class Broker(GangScheduling):
         w = self.workers.get(ident)
         if w is None or w.lent is None or len(f) != 1 or next(iter(w.inflight), None) != f[0].bytes:
             return
-        w.ex.free_cpus -= w.lent
+        w.ex.ledger.take((w.lent, 0, 0))  # (it may oversubscribe: on purpose, see above)
         w.lent = None
         self.blocked -= 1
         if len(w.inflight) < w.credit and not w.doomed:
@@ -1082,10 +1082,7 @@ class Broker(GangScheduling):
                 cpus -= w.lent
                 w.lent = None
                 self.blocked -= 1
-            ex = w.ex
-            ex.free_cpus += cpus
-            ex.free_mem += mem
-            ex.give_gpus(w.gpus, gpus)
+            w.ex.ledger.give((cpus, gpus, mem), w.gpus)
             w.held = None
 
     def lose_worker(self, w, why, charge=True, memory=False, running=None):
@@ -1252,7 +1249,7 @@ class Broker(GangScheduling):
         fit = None
         h = call.code_hash
         for n, w in enumerate(reversed(self.idle)):
-            if w.ex.fits(shape):
+            if w.ex.ledger.fits(shape):
                 if h in w.code_seen:
                     return w
                 if fit is None:
@@ -1295,12 +1292,12 @@ class Broker(GangScheduling):
         (it stays, as a pool worker), up to ``cpus / call's cpus`` CPU workers on it."""
         shape = call.shape
         for ex in self.executors.values():
-            if not ex.fits(shape):
+            if not ex.ledger.fits(shape):
                 continue
             n = sum(1 for w in ex.workers.values() if w.actor is None and not w.gpus and w.gang is None
                     and w.spare is None)
             n += sum(1 for sp in self.spawns.values() if sp[0] is ex and isinstance(sp[2], Call))
-            most = max(1, int((ex.cpus + 1e-9) / shape[0])) if shape[0] else max(1, int(ex.cpus))
+            most = max(1, ex.ledger.room((shape[0], 0, 0), total=True)) if shape[0] else max(1, int(ex.ledger.cpus))
             if self.blocked:  # a worker whose call is BLOCKED does not count: its CPUs are lent
                 n -= sum(1 for w in ex.workers.values() if w.lent is not None and not w.gpus)
             if n >= most:
@@ -1328,11 +1325,9 @@ class Broker(GangScheduling):
                 out.extend(depv[d][1:])
             self.flush_worker(w)  # keep this worker's FIFO order; calls with deps travel alone
         idle = not w.inflight
-        if idle and w.actor is None and w.held is None:
-            cpus, gpus, mem = w.held = call.shape
-            ex = w.ex
-            ex.free_cpus -= cpus
-            ex.free_mem -= mem
+        if idle and w.actor is None and w.held is None:  # (a GPU worker: on the devices it is bound to)
+            w.held = call.shape
+            w.ex.ledger.take(call.shape, w.gpus)
             self.idle.pop(w, None)
         w.inflight[call.id] = call
         call.worker = w
@@ -1364,13 +1359,12 @@ class Broker(GangScheduling):
         gpus = shape[1]
         if gpus >= 1:
             for w in self.idle_gpu_workers(len_gpus=int(gpus)):
-                ex = w.ex
-                if ex.fits(shape) and all(ex.gpu_free.get(g, 0.0) >= 1 - EPS for g in w.gpus):
-                    ex.take_gpus(gpus, w.gpus)
-                    self.run_on(w, call)
+                r = w.ex.ledger
+                if r.fits(shape) and all(r.gpu_free.get(g, 0.0) >= 1 - EPS for g in w.gpus):
+                    self.run_on(w, call)  # (it takes the shape on the worker's devices)
                     return True
             for ex in self.executors.values():
-                if ex.fits(shape):
+                if ex.ledger.fits(shape):
                     devices = self.reserve(ex, shape)
                     call.state = SPAWNING
                     self.spawn(ex, devices, call, None)
@@ -1381,9 +1375,9 @@ class Broker(GangScheduling):
             idle.setdefault((w.ex, w.gpus[0]), w)
         best = None
         for ex in self.executors.values():
-            if shape[0] > ex.free_cpus + 1e-9 or shape[2] > ex.free_mem:
+            if not ex.ledger.fits((shape[0], 0, shape[2])):
                 continue
-            for d, c in ex.gpu_free.items():
+            for d, c in ex.ledger.gpu_free.items():
                 if c + EPS >= gpus:  # among equally full devices, one with an idle worker on it
                     key = (c, (ex, d) not in idle)
                     if best is None or key < best[0]:
@@ -1393,8 +1387,7 @@ class Broker(GangScheduling):
         _, ex, d = best
         w = idle.get((ex, d))
         if w is not None:
-            ex.take_gpus(gpus, [d])
-            self.run_on(w, call)
+            self.run_on(w, call)  # (it takes the shape on the worker's device, d)
         else:
             devices = self.reserve(ex, shape, [d])
             call.state = SPAWNING
@@ -1407,10 +1400,7 @@ class Broker(GangScheduling):
 
     def reserve(self, ex, shape, devices=None):
         """Take ``shape`` from ``ex`` (on ``devices``, if given); returns the devices taken."""
-        cpus, gpus, mem = shape
-        ex.free_cpus -= cpus
-        ex.free_mem -= mem
-        devices = ex.take_gpus(gpus, devices)
+        devices = ex.ledger.take(shape, devices)
         # idle GPU workers bound to these devices are replaced by the new one
         for w in list(ex.workers.values()):
             if w.gpus and not w.inflight and w.actor is None and w.gang is None and set(w.gpus) & set(devices):
@@ -1430,9 +1420,7 @@ class Broker(GangScheduling):
         ex, devices, what = sp
         shape = what.shape
         if ex.ident in self.executors:
-            ex.free_cpus += shape[0]
-            ex.free_mem += shape[2]
-            ex.give_gpus(devices, shape[1])
+            ex.ledger.give(shape, devices)
         if isinstance(what, Actor):
             self.kill_actor(what, why.encode())
         elif what.gang is not None:
@@ -1466,7 +1454,7 @@ class Broker(GangScheduling):
 
     def place_actor(self, a):
         for ex in self.executors.values():
-            if ex.fits(a.shape):
+            if ex.ledger.fits(a.shape):
                 a.ex = ex
                 a.devices = self.reserve(ex, a.shape)
                 self.spawn(ex, a.devices, None, a)
@@ -1570,10 +1558,7 @@ class Broker(GangScheduling):
             for tok, sp in list(self.spawns.items()):
                 if sp[2] is a:
                     del self.spawns[tok]
-                    ex = sp[0]
-                    ex.free_cpus += a.shape[0]
-                    ex.free_mem += a.shape[2]
-                    ex.give_gpus(sp[1], a.shape[1])
+                    sp[0].ledger.give(a.shape, sp[1])
         self.actors.pop(a.id, None)
         if self.actor_names:
             self.names.pop(self.actor_names.pop(a.id, None), None)  # its name is free again

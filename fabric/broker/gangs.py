@@ -88,13 +88,12 @@ class GangScheduling:
         if not self.executors:
             return None
         n = len(g.members)
-        fit = sum(ex.room(g.shape, total=True) for ex in self.executors.values())
+        fit = sum(ex.ledger.room(g.shape, total=True) for ex in self.executors.values())
         if fit >= n:
             return None
         cpus, gpus, mem = g.shape
         exs = list(self.executors.values())
-        have = ", ".join(f"{ex.host}: cpus={ex.cpus:g} gpus={len(ex.gpus)} memory={ex.memory >> 20}MiB"
-                         for ex in exs[:8]) + (f" and {len(exs) - 8} more" if len(exs) > 8 else "")
+        have = ", ".join(ex.describe() for ex in exs[:8]) + (f" and {len(exs) - 8} more" if len(exs) > 8 else "")
         return (f"a gang of {n} members with cpus={cpus:g} gpus={gpus:g} memory={mem >> 20}MiB each can never "
                 f"start: this cluster holds at most {fit} such members at once (executors: {have})")
 
@@ -117,10 +116,10 @@ class GangScheduling:
         need, gpus = len(g.members), g.shape[1]
         plan = []
         for ex in self.executors.values():
-            k = min(ex.room(g.shape), need - len(plan))
+            k = min(ex.ledger.room(g.shape), need - len(plan))
             if k <= 0:
                 continue
-            free = dict(ex.gpu_free)
+            free = dict(ex.ledger.gpu_free)
             share = gpu_share(gpus)[1] if gpus > 0 else 0.0
             for _ in range(k):
                 devices = pick_gpus(free, gpus)
@@ -342,10 +341,7 @@ class GangScheduling:
         for tok in g.tokens:
             sp = self.spawns.pop(tok, None)
             if sp is not None and sp[0].ident in self.executors:
-                ex = sp[0]
-                ex.free_cpus += g.shape[0]
-                ex.free_mem += g.shape[2]
-                ex.give_gpus(sp[1], g.shape[1])
+                sp[0].ledger.give(g.shape, sp[1])
         g.tokens = set()
         for w in g.workers:
             if w is None:

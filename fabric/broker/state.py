@@ -6,32 +6,10 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from ..resources import EPS, Ledger, gpu_share, pick_gpus  # noqa: F401 - EPS, gpu_share, pick_gpus: re-exported
+
 WAITING, QUEUED, SPAWNING, RUNNING, DONE = range(5)
 HELD = 5  # a gang member that finished OK: its outcome waits until its whole gang has finished
-EPS = 1e-6  # slack when comparing shares of a GPU device (0.1 + 0.2 ...)
-
-
-def gpu_share(gpus):
-    """(devices, share of each) a request takes: a fraction below 1 shares one device, else whole ones."""
-    return (1, gpus) if gpus < 1 else (int(gpus), 1.0)
-
-
-def pick_gpus(free, gpus):
-    """Devices for ``gpus`` out of ``free`` (device -> free share, in device order), or None.
-
-    A fraction goes to the device with the least room that still holds it (best fit: partly
-    used devices fill up first, whole ones stay whole); whole devices are the first fully free."""
-    if gpus <= 0:
-        return []
-    n, share = gpu_share(gpus)
-    if share < 1:
-        best = None
-        for d, c in free.items():
-            if c + EPS >= share and (best is None or c < free[best]):
-                best = d
-        return None if best is None else [best]
-    whole = [d for d, c in free.items() if c >= 1 - EPS]
-    return whole[:n] if len(whole) >= n else None
 
 
 class Call:
@@ -57,74 +35,23 @@ class Call:
 
 
 class Executor:
-    __slots__ = ("id", "ident", "host", "cpus", "gpus", "memory", "free_cpus", "free_mem",
-                 "gpu_free", "workers", "last_seen", "info")
+    """One executor daemon: its identity, its workers, and its resources (``ledger``: the one
+    place CPUs, memory and GPU shares are reserved and returned)."""
+    __slots__ = ("id", "ident", "host", "ledger", "workers", "last_seen", "info")
 
     def __init__(self, ident, info):
         self.ident = ident
         self.id = ident[1:9]
         self.info = info
         self.host = str(info.get("host", "?"))
-        self.cpus = float(info["cpus"])
-        self.gpus = list(dict.fromkeys(int(g) for g in info.get("gpus", [])))
-        self.memory = int(info.get("memory", 0))
-        self.free_cpus, self.free_mem = self.cpus, self.memory
-        self.gpu_free = {g: 1.0 for g in self.gpus}  # device -> share not reserved (1.0: wholly free)
+        self.ledger = Ledger(info["cpus"], info.get("gpus", []), info.get("memory", 0))
         self.workers = {}
         self.last_seen = time.monotonic()
 
-    @property
-    def free_gpus(self):
-        """Devices nothing holds any share of."""
-        return [d for d, c in self.gpu_free.items() if c >= 1 - EPS]
-
-    def fits(self, shape):
-        cpus, gpus, mem = shape
-        return (cpus <= self.free_cpus + 1e-9 and mem <= self.free_mem
-                and (gpus <= 0 or pick_gpus(self.gpu_free, gpus) is not None))
-
-    def could_ever_fit(self, shape):
-        cpus, gpus, mem = shape
-        return cpus <= self.cpus + 1e-9 and mem <= self.memory and gpus <= len(self.gpus)
-
-    def room(self, shape, total=False):
-        """How many calls of ``shape`` fit side by side on this executor now (``total``: when idle)."""
-        cpus, gpus, mem = shape
-        fc, fm = (self.cpus, self.memory) if total else (self.free_cpus, self.free_mem)
-        k = 1 << 30
-        if cpus > 0:
-            k = min(k, int((fc + 1e-9) / cpus))
-        if mem > 0:
-            k = min(k, fm // mem)
-        if gpus > 0:
-            caps = [1.0] * len(self.gpus) if total else list(self.gpu_free.values())
-            n, share = gpu_share(gpus)
-            if share < 1:
-                k = min(k, sum(int((c + EPS) / share) for c in caps))
-            else:
-                k = min(k, sum(1 for c in caps if c >= 1 - EPS) // n)
-        return max(0, k)
-
-    def take_gpus(self, gpus, devices=None):
-        """Reserve ``gpus`` (on ``devices``, else as ``pick_gpus`` chooses); returns the devices."""
-        if gpus <= 0:
-            return []
-        if devices is None:
-            devices = pick_gpus(self.gpu_free, gpus) or []
-        share = gpu_share(gpus)[1]
-        for d in devices:
-            if d in self.gpu_free:
-                self.gpu_free[d] -= share
-        return list(devices)
-
-    def give_gpus(self, devices, gpus):
-        if gpus <= 0:
-            return
-        share = gpu_share(gpus)[1]
-        for d in devices:
-            if d in self.gpu_free:
-                c = self.gpu_free[d] + share
-                self.gpu_free[d] = 1.0 if c > 1 - EPS else c
+    def describe(self):
+        """``host: cpus=.. gpus=.. memory=..MiB``, for messages saying why a call cannot run."""
+        r = self.ledger
+        return f"{self.host}: cpus={r.cpus:g} gpus={len(r.gpus)} memory={r.memory >> 20}MiB"
 
 
 class Worker:
