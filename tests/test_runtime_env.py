@@ -305,3 +305,27 @@ print("cwds", sorted(set(o[4] for o in out)))
         second.terminate()
         second.wait(10)
         subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, timeout=60)
+
+
+def test_a_driver_with_a_store_of_its_own(rt, tmp_path):
+    """fabric.init(store=...) in the driver only: workers read the zip from the store the driver
+    named; a store they cannot reach (the driver's memory://) is a clear error."""
+    wd = make_working_dir(tmp_path, "T")
+    try:
+        fabric.shutdown()
+        fabric.init(address=rt["address"], store=str(tmp_path / "own-store"))
+        f = fabric.fn(runtime_env={"working_dir": wd})(envd)
+        assert f.remote().result()["value"] == "T"
+        fabric.shutdown()
+        fabric.init(address=rt["address"], store="memory://runenv-test")
+        # (another content: the first is unpacked on this host already, and needs no store now)
+        g = fabric.fn(runtime_env={"working_dir": make_working_dir(tmp_path, "M")})(envd)
+        with pytest.raises(fabric.RuntimeEnvSetupError, match="memory://runenv-test"):
+            g.remote().result()
+    finally:
+        fabric.shutdown()
+        from fabric import storage
+
+        storage.set_default(None)
+        fabric.init(address=rt["address"])
+    assert plain.remote().result()["base"] == "base"

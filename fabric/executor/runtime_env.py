@@ -92,9 +92,12 @@ def working_dir(wd: dict) -> str:
         from .. import storage
 
         store = storage.default()
+        data: bytes | None
         try:
             data = store.get_bytes(wd["key"])
         except KeyError:
+            data = _from_drivers_store(wd)
+        if data is None:
             raise RuntimeEnvSetupError(
                 f"the runtime_env's working_dir {wd['key']} is not in this executor's store {store.display}; "
                 f"the driver wrote it to {wd['store']}: give the driver and the cluster's processes the same "
@@ -110,6 +113,21 @@ def working_dir(wd: dict) -> str:
                     os.chmod(path, mode)
         os.rename(tmp, final)
     return final
+
+
+def _from_drivers_store(wd: dict) -> bytes | None:
+    """The zip from the store the driver named, when it is not this process's default (a driver
+    that passed ``fabric.init(store=...)`` to an embedded cluster) and its URL is whole (no
+    credentials were masked in it; the worker's own ambient credentials apply)."""
+    from .. import storage
+
+    url = wd.get("store") or ""
+    if not url or "***" in url or url.startswith("memory:") or url == storage.default().display:
+        return None
+    try:
+        return storage.Store(url).get_bytes(wd["key"])
+    except (KeyError, storage.StorageError, OSError, ValueError):
+        return None
 
 
 def pip_target(reqs: list[str], cwd: str | None) -> str:
