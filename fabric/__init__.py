@@ -11,7 +11,7 @@
 See README.md and docs/ for the whole API.
 """
 from .api import (Future, Gang, GangContext, InstanceHandle, RemoteClass, RemoteFunction, cls, cluster_status, enter,
-                  fn, gang, gang_context, get, init, is_initialized, kill, put, shutdown, wait,
+                  method, fn, gang, gang_context, get, init, is_initialized, kill, put, shutdown, wait,
                   nodes, cluster_resources, available_resources, cancel, Stream, get_instance)
 from .errors import (ActorDied, Cancelled, ConnectionFailed, FabricError, GangFailed, GetTimeout,
                      MemoryLimitExceeded, ProtocolError, RemoteError, RemoteTraceback, SerializationError, TaskTimeout, Unschedulable, WorkerCrashed)
@@ -28,7 +28,7 @@ def __getattr__(name):
         return getattr(apps, name)
     raise AttributeError(f"module 'fabric' has no attribute {name!r}")
 
-__all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "get", "wait", "put", "kill",
+__all__ = ["init", "shutdown", "is_initialized", "fn", "cls", "enter", "method", "get", "wait", "put", "kill",
            "cluster_status", "Future", "RemoteFunction", "RemoteClass", "InstanceHandle", "FabricError",
            "WorkerCrashed", "ActorDied", "TaskTimeout", "GetTimeout", "Cancelled", "SerializationError",
            "Unschedulable", "RemoteError", "RemoteTraceback", "ConnectionFailed", "ProtocolError",

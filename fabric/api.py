@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import functools
 import inspect
 import json
@@ -26,7 +27,7 @@ from .errors import ConnectionFailed, FabricError, GetTimeout
 from .gangs import GangContext, gang_context
 from .resources import parse_memory
 
-__all__ = ["init", "shutdown", "fn", "cls", "enter", "get", "wait", "put", "kill", "is_initialized",
+__all__ = ["init", "shutdown", "fn", "cls", "enter", "method", "get", "wait", "put", "kill", "is_initialized",
            "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status", "gang", "Gang",
            "nodes", "cluster_resources", "available_resources", "cancel", "Stream", "get_instance",
            "gang_context", "GangContext"]
@@ -529,6 +530,30 @@ def enter(_method=None):
     return mark(_method) if _method is not None else mark
 
 
+def _check_num_returns(where, n):
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1000:
+        raise ValueError(f"{where}: num_returns must be a whole number from 1 to 1000, got {n!r}")
+    return n
+
+
+def method(_method=None, *, num_returns: int = 1):
+    """Options of one method of a ``@fabric.cls`` class (Ray's ``@ray.method``):
+    ``@fabric.method(num_returns=2)`` makes ``h.m.remote()`` return 2 Futures, one per value of
+    the tuple it returns (as ``@fabric.fn(num_returns=2)`` does for a function)."""
+    _check_num_returns("@fabric.method", num_returns)
+
+    def mark(m):
+        if not callable(m):
+            raise TypeError("@fabric.method decorates methods")
+        if num_returns != 1 and (inspect.isgeneratorfunction(m) or inspect.isasyncgenfunction(m)):
+            raise ValueError(f"{getattr(m, '__name__', m)} is a generator: .remote() streams its items, so "
+                             f"num_returns does not apply")
+        m.__fabric_method__ = {"num_returns": num_returns}
+        return m
+
+    return mark(_method) if _method is not None else mark
+
+
 class RemoteClass:
     """A class whose instances live in warm containers on the cluster: ``Cls.remote(*args)``."""
 
@@ -732,8 +757,21 @@ class InstanceMethod:
         self._label = f"{handle._rclass._name}.{name}"
         self._retries = _no_limit(handle._rclass._options.get("max_task_retries", 0))
         attr = getattr(handle._rclass._cls, name, None)
-        if inspect.isgeneratorfunction(attr) or inspect.isasyncgenfunction(attr):
+        self._stream = inspect.isgeneratorfunction(attr) or inspect.isasyncgenfunction(attr)
+        if self._stream:
             self.remote = self._remote_stream  # a generator method: .remote() streams its items
+        self._num_returns = (getattr(attr, "__fabric_method__", None) or {}).get("num_returns", 1)
+
+    def options(self, *, num_returns: int | None = None) -> "InstanceMethod":
+        """A copy for calls with other options: ``h.m.options(num_returns=2).remote()`` -> 2 Futures."""
+        m = copy.copy(self)
+        if num_returns is not None:
+            _check_num_returns(f"{self._label}.options()", num_returns)
+            if self._stream and num_returns != 1:
+                raise ValueError(f"{self._label} is a generator: .remote() streams its items, so num_returns "
+                                 f"does not apply")
+            m._num_returns = num_returns
+        return m
 
     def _remote_stream(self, *args, **kwargs) -> Stream:
         _bind(self._sig, self._label, args, kwargs)
@@ -751,9 +789,11 @@ class InstanceMethod:
         _bind(self._sig, self._label, args, kwargs)
         client = self._client or _client()
         o = self._rclass._options
-        return client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
-                             cpus=0.0, gpus=0.0, memory=0, retries=self._retries, timeout=o["timeout"] or 0.0,
-                             label=self._label)
+        fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
+                            cpus=0.0, gpus=0.0, memory=0, retries=self._retries, timeout=o["timeout"] or 0.0,
+                            label=self._label)
+        n = self._num_returns
+        return fut if n == 1 else [Part(fut, i, n) for i in range(n)]
 
 
 # ---------------------------------------------------------------------- fabric.gang
@@ -836,6 +876,8 @@ def get(futures, timeout: float | None = None):
     if isinstance(futures, Future):
         return futures.result(timeout)
     futures = _check_futures("fabric.get", futures)
+    for c in {f._client for f in futures if f._client is not None and f._client.unfetched}:
+        c._fetch([f for f in futures if f._client is c])  # Futures that came inside a value: one FETCH
     if timeout is not None and futures:
         done, _ = wait(futures, num_returns=len(futures), timeout=timeout)
         if len(done) < len(futures):

@@ -90,9 +90,18 @@ class Future:
         return f"<fabric.Future {self.label} {state}>"
 
     def __reduce__(self):
-        # Reached only when a Future is pickled outside a call's arguments (e.g. inside a result)
-        raise SerializationError("a fabric.Future can be passed as a call argument, but not stored inside "
-                                 "other pickled data; pass its result instead")
+        """Reached when a Future is pickled outside a call's arguments (which reference it):
+        inside a call's result or item it travels as its outcome, waited for here first, so a
+        Future returned inside a value resolves where it lands (the call ends when the Futures
+        it returns do). A fabric.put object cannot hold one (nothing would wait for it)."""
+        if getattr(_tls, "putting", False):
+            raise SerializationError("a fabric.Future is not stored inside other pickled data (fabric.put); "
+                                     "pass the Future to calls, or put its result")
+        try:
+            ok, v = True, self.result()
+        except Exception as e:  # noqa: BLE001 - the outcome travels as it is: the reader gets this error
+            ok, v = False, e
+        return _done_future, (self.id, self.label, ok, v)
 
     def done(self) -> bool:
         return self._state == _DONE
@@ -127,6 +136,8 @@ class Future:
         thread, or a user thread waiting for results), or at once if already done."""
         c = self._client
         if c is not None:
+            if c.unfetched and self._state != _DONE:
+                c._fetch((self,))
             with c.cond:
                 if self._state != _DONE:
                     if self._callbacks is None:
@@ -146,7 +157,12 @@ class Future:
                 loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
 
             self.add_done_callback(wake)
-            yield from waiter.__await__()
+            token = _block() if self._state != _DONE else None  # inside a call: lend its CPUs meanwhile
+            try:
+                yield from waiter.__await__()
+            finally:
+                if token is not None:
+                    blocking.unblock(token)
         return self._outcome()
 
     def _outcome(self):
@@ -183,6 +199,40 @@ class _Raise:
 
     def __init__(self, exc):
         self.exc = exc
+
+
+_tls = threading.local()  # .putting: a fabric.put object is being pickled (no Future may go inside)
+
+
+def _block():
+    """Inside a call (a worker's nested driver): tell the worker a wait begins, so the broker
+    lends the call's CPUs out meanwhile; a token for ``blocking.unblock``, or None."""
+    b = blocking
+    return b.block() if b is not None else None
+
+
+def _done_future(cid, label, ok, value) -> "Future":
+    """A Future that travelled inside a value, done: it holds its outcome."""
+    f = Future(cid, None, label)
+    f._state, f._status = _DONE, P.OK if ok else P.USER_ERROR
+    f._value = value if ok else _Raise(value)
+    return f
+
+
+def _reader() -> "Client":
+    from . import api  # (lazily: the api drives this module) the process's connection, made if none
+
+    return api._client()
+
+
+def _borrowed(cid, label) -> "Future":
+    """A Future that travelled inside an argument, not done when it was sent: read from the
+    cluster (FETCH) when this process first waits for it."""
+    return _reader().borrow(cid, label)
+
+
+def _borrowed_part(cid, label, index, n) -> "Future":
+    return Part(_borrowed(cid, label), index, n)
 
 
 class ReadyFuture(Future):
@@ -322,19 +372,26 @@ class Stream:
 
     def _next(self, timeout):
         st, deadline = self._st, None if timeout is None else time.monotonic() + timeout
-        while True:
-            item = self._take()
-            if item is not None:
-                return item
-            if st.closed:
-                return _END
-            st.ack()  # about to wait: the worker may be waiting for this
-            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-            if left <= 0:
-                raise GetTimeout(f"{st.fut.label}: no item within {timeout}s ({st.client.fate()})")
-            if st.client.closed:
-                raise ConnectionFailed("the fabric client was shut down while waiting for a stream")
-            st.client._wait_round(left, (st.fut,))
+        token = tried = None
+        try:
+            while True:
+                item = self._take()
+                if item is not None:
+                    return item
+                if st.closed:
+                    return _END
+                st.ack()  # about to wait: the worker may be waiting for this
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    raise GetTimeout(f"{st.fut.label}: no item within {timeout}s ({st.client.fate()})")
+                if st.client.closed:
+                    raise ConnectionFailed("the fabric client was shut down while waiting for a stream")
+                if not tried:  # inside a call: its CPUs are lent out while it waits for an item
+                    tried, token = True, _block()
+                st.client._wait_round(left, (st.fut,))
+        finally:
+            if token is not None:
+                blocking.unblock(token)
 
     def __aiter__(self):
         return self
@@ -358,7 +415,12 @@ class Stream:
                 st.fut.add_done_callback(st.wake)
             if st.items or st.fut._state == _DONE:
                 continue  # came meanwhile
-            await w
+            token = _block()
+            try:
+                await w
+            finally:
+                if token is not None:
+                    blocking.unblock(token)
 
     def close(self):
         """Stop the stream: cancel the call if it has not ended (the generator stops before its
@@ -403,6 +465,11 @@ class Client:
         self.streams: dict[bytes, _StreamState] = {}   # generator calls whose items we take, by call id
         self.woken: list[_StreamState] = []            # streams that got items in this receive
         self.dropped_streams: collections.deque[bytes] = collections.deque()  # dropped unfinished: cancel
+        # Futures inside argument values (docs/guarantees.md "Futures inside values"):
+        self.borrowed: dict[bytes, int] = {}           # own result id -> pending calls that hold it: not released
+        self.borrowing: dict[bytes, list] = {}         # call id -> the Futures inside its arguments
+        self.lent_here = weakref.WeakValueDictionary()  # result id -> a Future that came inside an argument
+        self.unfetched = weakref.WeakValueDictionary()  # the same, not asked for yet (FETCH on the first wait)
         self._counter = itertools.count(1)
         self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
         self.transfer = serde.Transfer(address)            # large payloads through the object store?
@@ -477,16 +544,26 @@ class Client:
             self._throttle()
         cid = self.new_id()
         deps: list[Future] = []
+        held: list[Future] = []
         shm_used: list = []
+        # a Future given as an argument itself is resolved before the call runs; one inside an
+        # argument's value arrives as a Future (as in Ray)
+        tops = {id(a) for a in args if isinstance(a, Future)}
+        if kwargs:
+            tops.update(id(v) for v in kwargs.values() if isinstance(v, Future))
         try:
-            payload, bufs = serde.dumps_args(args, kwargs, ref_type=Future, on_ref=lambda f: self._ref(f, deps),
-                                             shm_pool=self.shm, shm_used=shm_used, transfer=self.transfer)
+            payload, bufs = serde.dumps_args(
+                args, kwargs, ref_type=Future, shm_pool=self.shm, shm_used=shm_used, transfer=self.transfer,
+                on_ref=lambda f: self._ref(f, deps) if id(f) in tops else self._nested(f, held))
         except BaseException:
             self._unpin(deps)
+            self._unborrow(held)
             if shm_used:
                 self.shm.give_back(shm_used, reuse=False)
             raise
         fut = Future(cid, self, label)
+        if held:
+            self.borrowing[cid] = held
         if shm_used:
             fut._shm = shm_used
         opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts() | extra_opts
@@ -573,6 +650,9 @@ class Client:
                             and type(dep) is not ReadyFuture and dep.id not in again):
                         again.add(dep.id)
                         P.send(self.d, self._put_message(dep.id, dep._outcome()))
+            fetch = [cid for cid, f in list(self.pending.items()) if f._sub is None]
+            if fetch:  # borrowed Futures being read: asked again (their owners keep them held)
+                P.send(self.d, [P.C[P.FETCH], b"".join(fetch)])
             for sub in subs:
                 self.outq.append(self._submit_message(sub))
                 if len(self.outq) >= BATCH_MAX:
@@ -610,7 +690,11 @@ class Client:
         An object of ``FABRIC_PUT_SPILL`` bytes or more (or, across hosts, of the transfer
         threshold) goes to the object store instead of the broker's memory; the store's copy is
         deleted when the last put() Future holding that content is dropped."""
-        payload, bufs = serde.dumps_value(value)
+        _tls.putting = True
+        try:
+            payload, bufs = serde.dumps_value(value)
+        finally:
+            _tls.putting = False
         total = len(payload) + sum(memoryview(b).nbytes for b in bufs)
         t = self.transfer
         if t.allowed() and (total >= PUT_SPILL or (total >= t.threshold and t.wanted())):
@@ -655,6 +739,64 @@ class Client:
             f._outcome()  # a failed argument: the call fails at once, with the argument's error
         except BaseException as e:  # noqa: BLE001
             raise serde.PassThrough(e) from None
+
+    def _nested(self, f: Future, held: list):
+        """How a Future inside an argument's value is pickled: done here, with its outcome;
+        else (and a fabric.put object always) as a reference the worker reads from the cluster
+        (``_borrowed``, FETCH). This driver holds such a result there, unreleased, until the
+        call has its outcome (``borrowed``), and keeps the Future alive as long."""
+        src = f._parent if type(f) is Part else f
+        if src._client is not self and src._client is not None and src._state != _DONE:
+            raise SerializationError(f"{f.label}: a Future from another fabric connection (another driver, or "
+                                     f"one shut down) cannot be passed to this one; pass its result instead")
+        if src._client is self:
+            with self.lock:
+                if src._state != _DONE or type(src) is ReadyFuture:
+                    held.append(src)
+                    if src.id[:8] == self.id and type(src) is not ReadyFuture:
+                        self.borrowed[src.id] = self.borrowed.get(src.id, 0) + 1
+                    if type(f) is Part:
+                        return _borrowed_part, (src.id, src.label, f._index, f._n)
+                    return _borrowed, (src.id, src.label)
+        v = f._decode() if type(f) is Part else _NOTHING
+        if v is _NOTHING:
+            try:
+                v = f._outcome()
+            except Exception as e:  # noqa: BLE001 - a failed Future travels failed
+                v = _Raise(e)
+        if isinstance(v, _Raise):
+            return _done_future, (f.id, f.label, False, v.exc)
+        return _done_future, (f.id, f.label, True, v)
+
+    def _unborrow(self, held):
+        """The call that held these Futures has its outcome (or was never sent)."""
+        if not held:
+            return
+        with self.lock:
+            for f in held:
+                n = self.borrowed.get(f.id, 0) - 1
+                if n > 0:
+                    self.borrowed[f.id] = n
+                else:
+                    self.borrowed.pop(f.id, None)
+
+    def borrow(self, cid: bytes, label: str) -> Future:
+        """The Future here for a result id that came inside an argument (one per id while it lives)."""
+        f = self.pending.get(cid) or self.lent_here.get(cid)
+        if f is None:
+            f = Future(cid, self, label)
+            self.lent_here[cid] = self.unfetched[cid] = f
+        return f
+
+    def _fetch(self, futs):
+        """Ask the broker for the results of borrowed Futures about to be waited for."""
+        ids = []
+        for f in futs:
+            if self.unfetched.pop(f.id, None) is not None:
+                self.pending[f.id] = f
+                ids.append(f.id)
+        if ids:
+            self._send_d([P.C[P.FETCH], b"".join(ids)])
 
     def _ref_part(self, f: "Part", deps: list):
         """One of a num_returns call's values: a reference to that call's result, which the
@@ -737,6 +879,8 @@ class Client:
     def wait(self, futures, num_returns, timeout):
         todo = [f for f in futures if f._state != _DONE]
         need = num_returns - (len(futures) - len(todo))
+        if self.unfetched and todo:
+            self._fetch(todo)
         # inside a call, its CPUs are lent out while it waits (docs/guarantees.md)
         blocked = need > 0 and blocking is not None and (timeout is None or timeout > 0) and blocking.block()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -753,7 +897,7 @@ class Client:
                 todo = still
         finally:
             if blocked:
-                blocking.unblock()
+                blocking.unblock(blocked)
 
     def _wait_round(self, left, todo=()):
         """One round of a user thread's waiting: send what is buffered, release what can be,
@@ -864,6 +1008,11 @@ class Client:
             for fut in done:
                 fut._state = _DONE
             self.cond.notify_all()
+        if self.borrowing:
+            for fut in done:
+                held = self.borrowing.pop(fut.id, None)
+                if held:
+                    self._unborrow(held)
         for fut in done:
             if fut._shm:
                 head = fut._head
@@ -966,8 +1115,12 @@ class Client:
         with self.lock:
             if self.outq:
                 self._flush_out()
+            borrowed, me = self.borrowed, self.id
             for f in self.to_release:
-                (keep if f._pin else ids).append(f if f._pin else f.id)
+                if f._pin or f.id in borrowed:  # a call being sent, or one running, may read it
+                    keep.append(f)
+                elif f.id[:8] == me:  # (one that came inside an argument is its owner's to release)
+                    ids.append(f.id)
             self.to_release = keep
             if self.closed:
                 return

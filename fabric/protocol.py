@@ -41,6 +41,8 @@ KILL_ACTOR = 6    # [cmd, actor-id, b"1"=now | b"0"=when idle]
 BYE = 7           # [cmd]                            the driver is going away
 STATUS = 8        # [cmd]                            -> STATUS_REPLY
 NAME = 12         # [cmd, json]                      (control clients) register or look up a named instance
+FETCH = 13        # [cmd, ids]                       send me these results (any driver's): a Future
+                  # that travelled inside a value is read where it arrived (docs/protocol.md FETCH)
 SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients and drivers)
 # any direction
 BATCH = 10        # [cmd, *message, *message, ...]   several SUBMIT, RESULT or CALL messages in one:

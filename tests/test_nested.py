@@ -104,3 +104,66 @@ print("nested ok")
     r = run_script(code, env=started["env"], timeout=300)
     assert r.returncode == 0, r.stderr
     assert "nested ok" in r.stdout
+
+
+# Other waits of a call (issue 18): `await`, the user's own threads, a Stream, fabric.wait.
+# Each chain is 5 calls deep on 2 CPUs: without lending, the first two hold both CPUs and wait
+# for ever.
+def test_await_in_an_async_function_lends_its_cpu(cluster):
+    @fabric.fn
+    async def down(n):
+        return 0 if n == 0 else 1 + await down.remote(n - 1)
+
+    assert down.remote(4).result(timeout=240) == 4
+    assert wait_for(lambda: fabric.available_resources()["CPU"] == 2, timeout=30)
+
+
+def test_a_wait_in_a_thread_of_the_call_lends_its_cpu(cluster):
+    @fabric.fn
+    def down(n):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if n == 0:
+            return 0
+        with ThreadPoolExecutor(1) as pool:
+            return 1 + pool.submit(lambda: down.remote(n - 1).result()).result()
+
+    assert down.remote(4).result(timeout=240) == 4
+    assert wait_for(lambda: fabric.available_resources()["CPU"] == 2, timeout=30)
+
+
+def test_waiting_on_a_stream_lends_its_cpu(cluster):
+    @fabric.fn
+    def chain(n):
+        if n == 0:
+            yield 0
+            return
+        for fut in chain.remote(n - 1):
+            yield fut.result() + 1
+
+    assert [f.result() for f in chain.remote(4)] == [4]
+    assert wait_for(lambda: fabric.available_resources()["CPU"] == 2, timeout=30)
+
+
+def test_async_for_over_a_stream_lends_its_cpu(cluster):
+    @fabric.fn
+    async def chain(n):
+        if n == 0:
+            yield 0
+            return
+        async for fut in chain.remote(n - 1):
+            yield (await fut) + 1
+
+    assert [f.result() for f in chain.remote(4)] == [4]
+
+
+def test_fabric_wait_lends_its_cpu(cluster):
+    @fabric.fn
+    def down(n):
+        if n == 0:
+            return 0
+        done, _ = fabric.wait([down.remote(n - 1)], num_returns=1)
+        return 1 + done[0].result()
+
+    assert down.remote(4).result(timeout=240) == 4
+    assert wait_for(lambda: fabric.available_resources()["CPU"] == 2, timeout=30)

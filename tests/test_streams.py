@@ -238,6 +238,46 @@ def test_num_returns_gives_one_future_per_value(cluster):
         add.remote(p).result(timeout=30)  # pending when passed: the worker names the mismatch
 
 
+@fabric.cls
+class Pairs:
+    @fabric.method(num_returns=2)
+    def split(self, x):
+        time.sleep(0.2)
+        return x, -x
+
+    def three(self):
+        return 1, 2, 3
+
+    def gen(self):
+        yield 1
+
+
+def test_num_returns_for_instance_methods(cluster):
+    """``@fabric.method(num_returns=n)`` or ``h.m.options(num_returns=n)`` (Ray's ``@ray.method``):
+    n Futures, as for functions; passed on pending, each is indexed on the worker."""
+    @fabric.fn
+    def add(a, b):
+        return a + b
+
+    h = Pairs.remote()
+    a, b = h.split.remote(5)
+    assert add.remote(a, b).result(timeout=60) == 0  # pending when passed
+    assert fabric.get([a, b], timeout=60) == [5, -5]
+    x, y, z = h.three.options(num_returns=3).remote()
+    assert fabric.get([x, y, z], timeout=60) == [1, 2, 3]
+    assert h.three.remote().result(timeout=60) == (1, 2, 3)  # the plain method is unchanged
+    p, q = h.three.options(num_returns=2).remote()
+    with pytest.raises(ValueError, match="num_returns=2 but returned 3 values"):
+        p.result(timeout=60)
+    with pytest.raises(ValueError, match="num_returns must be a whole number"):
+        h.three.options(num_returns=0)
+    with pytest.raises(ValueError, match="is a generator"):
+        h.gen.options(num_returns=2)
+    with pytest.raises(ValueError, match="is a generator"):
+        fabric.method(num_returns=2)(lambda self: (yield 1))
+    assert h.split.remote(1)[0].result(timeout=60) == 1  # the instance keeps serving
+
+
 def test_bad_options_and_uses_are_refused_clearly(cluster):
     for bad in (0, 1001, "2", True, 1.5):
         with pytest.raises(ValueError, match="num_returns must be a whole number from 1 to 1000"):

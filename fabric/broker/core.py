@@ -112,6 +112,7 @@ class Broker(GangScheduling):
         self.calls: dict[bytes, Call] = {}          # every call without an outcome yet
         self.results: dict[bytes, list] = {}        # outcome frames kept until RELEASE
         self.waiters: dict[bytes, list] = {}        # dep id -> calls waiting for it
+        self.fetchers: dict[bytes, list] = {}       # call id -> r sockets that FETCHed its outcome
         self.actors: dict[bytes, Actor] = {}
         self.pending_actors: deque[Actor] = deque()
         self.gangs: dict[bytes, Gang] = {}          # gangs without an outcome yet, by rank 0's call id
@@ -141,7 +142,7 @@ class Broker(GangScheduling):
         self._tokens = itertools.count(1)
         self._handlers = {
             P.HELLO: self.on_hello, P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.CANCEL: self.on_cancel,
-            P.RELEASE: self.on_release, P.PUT: self.on_put, P.KILL_ACTOR: self.on_kill_actor,
+            P.RELEASE: self.on_release, P.FETCH: self.on_fetch, P.PUT: self.on_put, P.KILL_ACTOR: self.on_kill_actor,
             P.BYE: self.on_bye, P.STATUS: self.on_status, P.NAME: self.on_name, P.SHUTDOWN: self.on_shutdown,
             P.EXEC_HELLO: self.on_exec_hello, P.HEARTBEAT: self.on_heartbeat,
             P.WORKER_DIED: self.on_worker_died, P.EXEC_BYE: self.on_exec_bye,
@@ -150,8 +151,8 @@ class Broker(GangScheduling):
         }
         # which identity prefixes may send which commands
         self._allowed = {
-            ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.CONSUMED, P.RELEASE, P.PUT, P.KILL_ACTOR, P.BYE, P.STATUS,
-                       P.SHUTDOWN, P.HEARTBEAT},
+            ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.CONSUMED, P.RELEASE, P.FETCH, P.PUT, P.KILL_ACTOR,
+                       P.BYE, P.STATUS, P.SHUTDOWN, P.HEARTBEAT},
             ord("r"): {P.HELLO},
             ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN, P.NAME},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
@@ -726,6 +727,28 @@ class Broker(GangScheduling):
             self.unsent.difference_update(ids)
         if self.journal is not None:
             self.journal.forget(ids)
+
+    def on_fetch(self, ident, head, f):
+        """FETCH [ids]: a driver reads results it does not own (Futures that travelled inside
+        an argument, docs/protocol.md). Each held outcome is sent to its ``r`` socket as a
+        RESULT now, a pending one when it comes; an id neither held nor running is answered
+        REFUSED at once, so the reader gets an error, never a hang. The owner's RELEASE still
+        decides how long an outcome is held (its driver keeps it while such calls run)."""
+        if len(f) != 1 or not f[0].bytes or len(f[0].bytes) % P.ID_LEN:
+            raise ProtocolError("FETCH takes one frame of 16-byte result ids")
+        rid = b"r" + ident[1:]
+        out = self.to_drivers.setdefault(rid, [])
+        for cid in P.split_ids(f[0].bytes):
+            r = self.results.get(cid)
+            if r is not None:
+                out.append([P.C[P.RESULT] + r[1], *r[2:]])
+            elif cid in self.calls:
+                self.fetchers.setdefault(cid, []).append(rid)
+            else:
+                out.append([P.C[P.RESULT] + P.pack_result(cid, P.REFUSED),
+                            b"this Future's result is not held by the cluster: it was released (its driver "
+                            b"received it and no running call that it was passed to holds it), or its driver "
+                            b"is gone, or it belongs to another cluster"])
 
     def on_put(self, ident, head, f):
         cid, status, nbuf, _, _ = P.unpack_result(head)
@@ -1615,6 +1638,9 @@ class Broker(GangScheduling):
                 self.dead_actors[call.actor] = [status, *frames]
         if call.gang is not None:
             self.gang_outcome(call, status, frames)
+        if self.fetchers:
+            for rid in self.fetchers.pop(call.id, ()):
+                self.to_drivers.setdefault(rid, []).append([P.C[P.RESULT] + frames[0], *frames[1:]])
         waiting = self.waiters.pop(call.id, None)
         if waiting:
             kept = [status, *frames]

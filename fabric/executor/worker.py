@@ -216,7 +216,10 @@ class Worker:
         self.begun = bytearray(P.ID_LEN * BEGUN_KEEP)  # ring of the ids of the last calls started
         self.begun_at = 0
         self.output.on_drop = self.drop
-        self.blocked, self.blocked_cid = 0, None  # waits in progress of the call on the main thread
+        self.blocked, self.blocked_cid = 0, None  # waits in progress of the plain call running here
+        self.lendable = None         # that call's id: the main thread's waits in it lend its CPUs
+        self.threads_lend = False    # while its function runs, waits on its other threads lend them too
+        self.block_lock = threading.Lock()  # BLOCKED/UNBLOCKED may come from the user's threads
         from .. import client as _client
         _client.blocking = self  # a nested driver's waits call block()/unblock()
         os.environ["FABRIC_WORKER_ID"] = self.ident.hex()  # a nested driver names its worker in HELLO
@@ -333,6 +336,16 @@ class Worker:
     # --------------------------------------------------------------- running one call
     def run(self, head, frames):
         """Run one call (``head``: its header; ``frames``: what follows its first frame)."""
+        kind = P.CALL_HDR.unpack(head)[2]
+        if self.pool is not None or (kind != P.TASK and kind != P.GANG):
+            return self._run(head, frames)
+        self.lendable = head[:P.ID_LEN]  # a plain call: its waits lend its CPUs (block())
+        try:
+            return self._run(head, frames)
+        finally:
+            self._close_window(end=True)
+
+    def _run(self, head, frames):
         cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, _mc, _mw, flags, opts = P.CALL_HDR.unpack(head)
         t0 = time.perf_counter()
         source = self.label
@@ -372,6 +385,7 @@ class Worker:
                     source = f"{getattr(fn, '__name__', 'fn')}[rank {_gang._enter(gang).rank}] {self.label}"
                 self.output.local.ctx = (cid[:8], source.encode())
                 self.current = cid
+                self.threads_lend = self.lendable is not None
                 try:
                     value = fn(*args, **kwargs)
                 finally:
@@ -385,12 +399,16 @@ class Worker:
                 value = self.create(self.code[code_hash], args, kwargs, flags, cid)
             if inspect.isawaitable(value):
                 value = self.await_(value)
+            if self.threads_lend:
+                self._close_window()
             del args, kwargs
             if opts & P.STREAM:  # a generator: its items go out one by one, then the DONE
                 return self.stream(cid, value, flags or 64, t0, source, opts, kind == P.TASK)
         except BaseException as e:  # noqa: BLE001 - everything user code raises goes back to the caller
             return self.reply_error(cid, e, t0)
         finally:
+            if self.threads_lend:
+                self._close_window()
             self.output.local.ctx = None
             if self.instance is None:  # an instance's limit holds for its whole life
                 self.mem_limit = 0
@@ -420,27 +438,49 @@ class Worker:
             self.interrupted = cid
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
-    def block(self) -> bool:
+    def block(self):
         """A nested driver in this process is about to wait for results (fabric.get, .result(),
-        fabric.wait). If it waits in the plain call on the main thread, tell the broker
-        (BLOCKED): it lends this call's CPUs to other work and prefetches nothing onto this
-        worker meanwhile, so calls waiting on calls cannot exhaust the cluster. True: told;
-        then ``unblock()`` follows. Waits on other threads or in instances keep their CPUs."""
-        cid = self.current
-        if cid is None or self.pool is not None or threading.current_thread() is not threading.main_thread():
-            return False
-        self.blocked += 1
-        if self.blocked == 1:
-            self.blocked_cid = cid
-            self.sock.send_multipart([P.C[P.BLOCKED], cid])
-        return True
+        fabric.wait, ``await fut``, a Stream's next item). If it waits in the plain call running
+        here, tell the broker (BLOCKED): it lends this call's CPUs to other work and prefetches
+        nothing onto this worker meanwhile, so calls waiting on calls cannot exhaust the
+        cluster. The main thread's waits lend for the whole call; those of the user's own
+        threads while its function runs (so that no other thread sends while the main thread
+        streams items). Returns a token for ``unblock()``, or None: not told. Waits in
+        instances keep their CPUs."""
+        cid = self.lendable
+        if cid is None:
+            return None
+        main = threading.current_thread() is threading.main_thread()
+        with self.block_lock:
+            if self.lendable != cid or not (main or self.threads_lend):
+                return None
+            self.blocked += 1
+            if self.blocked == 1:
+                self.blocked_cid = cid
+                self.sock.send_multipart([P.C[P.BLOCKED], cid])
+        return cid
 
-    def unblock(self):
-        """The wait ``block()`` announced is over: the call takes its CPUs back (UNBLOCKED)."""
-        self.blocked -= 1
-        if self.blocked == 0:
-            cid, self.blocked_cid = self.blocked_cid, None
-            self.sock.send_multipart([P.C[P.UNBLOCKED], cid])
+    def unblock(self, token=None):
+        """The wait ``block()`` announced is over: the call takes its CPUs back (UNBLOCKED)
+        when no other wait of it goes on. A token of a window closed meanwhile does nothing."""
+        with self.block_lock:
+            if token is None or token != self.blocked_cid or not self.blocked:
+                return
+            self.blocked -= 1
+            if self.blocked == 0:
+                self.blocked_cid = None
+                self.sock.send_multipart([P.C[P.UNBLOCKED], token])
+
+    def _close_window(self, end=False):
+        """(main thread) The call's function returned: the user's threads lend no more; one of
+        them still waiting gives the CPUs back now. ``end``: the call is over."""
+        with self.block_lock:
+            self.threads_lend = False
+            if end:
+                self.lendable = None
+            if self.blocked and (end or threading.current_thread() is threading.main_thread()):
+                cid, self.blocked, self.blocked_cid = self.blocked_cid, 0, None
+                self.sock.send_multipart([P.C[P.UNBLOCKED], cid])
 
     def _on_sigusr1(self, signum, frame):
         cid, self.interrupted = self.interrupted, None
