@@ -63,9 +63,19 @@ def test_command_frames_in_each_section_are_its_own():
     version = f"{P.VERSION:02x}"
     for h, body in _sections(_doc()):
         own = {f"{int(num):02x}" for _, num in NAMED.findall(h)}
-        for ver, code in re.findall(r"`FB ([0-9a-f]{2}) ([0-9a-f]{2})", body):
-            assert ver == version, f"{h}: a command frame of version {ver}, not {version}"
-            assert code in own, f"{h}: a command frame with command 0x{code}, not this section's"
+        for ver, code in re.findall(r"`FB ([0-9a-fA-F]{2}) ([0-9a-fA-F]{2})", body):
+            assert ver.lower() == version, f"{h}: a command frame of version {ver}, not {version}"
+            assert code.lower() in own, f"{h}: a command frame with command 0x{code}, not this section's"
+
+
+def test_sections_follow_the_command_numbers_in_each_direction():
+    text = _doc()
+    for m in re.finditer(r"^### (5\.[1-6] .+)$", text, re.M):
+        rest = text[m.end():]
+        nxt = re.search(r"^##?#? ", rest, re.M)
+        part = rest[:nxt.start()] if nxt else rest
+        nums = [int(NAMED.search(h).group(2)) for h in HEADING.findall(part)]
+        assert nums == sorted(nums), f"docs/protocol.md {m.group(1)}: sections not in command order: {nums}"
 
 
 def test_status_codes_and_header_sizes():
