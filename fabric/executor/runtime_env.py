@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import os
 import shutil
@@ -195,16 +196,25 @@ def _movable(mod) -> bool:
     f = getattr(mod, "__file__", None)
     if f is None:  # a namespace package moves; a built-in module does not
         return getattr(mod, "__path__", None) is not None
-    f = os.path.realpath(f)
+    return _outside_stdlib(f)
+
+
+@functools.lru_cache(maxsize=4096)
+def _outside_stdlib(path: str) -> bool:
+    f = os.path.realpath(path)
     return not f.startswith(_STDLIB) or "site-packages" in f or "dist-packages" in f
 
 
 def _take(tops) -> dict:
     """Remove from ``sys.modules`` (and return) the modules under the top-level names ``tops``
     (the standard library's stay)."""
+    present = [t for t in tops if t in sys.modules]  # a submodule is never there without its package
+    if not present:
+        return {}
+    prefixes = tuple(t + "." for t in present)
     taken = {}
-    for name, mod in list(sys.modules.items()):
-        if name.partition(".")[0] in tops and _movable(mod):
+    for name in present + [n for n in sys.modules if n.startswith(prefixes)]:
+        if _movable(sys.modules[name]):
             taken[name] = sys.modules.pop(name)
     return taken
 
@@ -221,12 +231,18 @@ def applied(s: Setup, restore: bool = True):
     sys.path[:0] = [p for p in s.paths if p not in sys.path[:len(s.paths)]]
     aside = _take(s.tops) if s.tops else {}
     sys.modules.update(s.modules)
+    count = len(sys.modules)
     try:
         yield
     finally:
         if restore:
             if s.tops:
-                s.modules = _take(s.tops)
+                if len(sys.modules) == count and all(n in sys.modules for n in s.modules):
+                    # nothing imported or dropped: the env's modules are the ones it came with
+                    # (no walk over sys.modules, which costs ~1 us per 5 modules)
+                    s.modules = {n: sys.modules.pop(n) for n in s.modules}
+                else:
+                    s.modules = _take(s.tops)
                 sys.modules.update(aside)
             sys.path[:] = old_path
             if old_cwd is not None:
