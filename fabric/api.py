@@ -422,7 +422,7 @@ class RemoteFunction:
         fut = client.submit(P.TASK, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
                             memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
                             label=self._name, max_containers=o["max_containers"], min_warm=o["min_warm"],
-                            flags=o["backpressure"] if self._stream else 0,
+                            window=o["backpressure"] if self._stream else 0,
                             extra_opts=P.STREAM if self._stream else 0)
         if self._stream:
             return Stream(fut, client, o["backpressure"])
@@ -592,7 +592,7 @@ class RemoteClass:
             if found is not None:
                 return found
         ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, actor_id=aid, cpus=o["cpus"], gpus=o["gpus"],
-                              memory=o["memory_bytes"], retries=_no_limit(o["max_restarts"]), flags=o["concurrency"],
+                              memory=o["memory_bytes"], retries=_no_limit(o["max_restarts"]), concurrency=o["concurrency"],
                               label=f"{self._name}.__init__", max_containers=o["max_containers"],
                               min_warm=o["min_warm"])
         return InstanceHandle(self, aid, ready, client, owner=named is None or not named["detached"])
@@ -779,8 +779,8 @@ class InstanceMethod:
         o = self._rclass._options
         fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
                             cpus=0.0, gpus=0.0, memory=0, retries=0, timeout=o["timeout"] or 0.0,
-                            label=self._label, flags=64, extra_opts=P.STREAM)
-        return Stream(fut, client, 64)
+                            label=self._label, window=P.STREAM_WINDOW, extra_opts=P.STREAM)
+        return Stream(fut, client, P.STREAM_WINDOW)
 
     def __call__(self, *args, **kwargs):
         raise TypeError(f"call {self._label}.remote(...) to run it on the instance")

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import weakref
+from typing import NamedTuple
 
 import zmq
 
@@ -192,6 +193,17 @@ class Future:
             raise
         finally:
             self._frames = None
+
+
+class Submission(NamedTuple):
+    """What a Future's call sent (``Future._sub``), kept until its outcome: a restarted broker
+    gets it again. ``head`` never has HAS_CODE: the code goes with whichever SUBMIT is first on
+    this connection."""
+
+    head: P.CallHeader
+    code_blob: bytes | None
+    body: list          # the frames after the command frame and the code: (deps), payload, *buffers, (gang)
+    deps: list | None   # the Futures it refers to, pinned until it is sent
 
 
 class _Raise:
@@ -532,8 +544,8 @@ class Client:
         return self.id + next(self._counter).to_bytes(8, "big")
 
     def submit(self, kind, code_blob, code_hash, args, kwargs, *, actor_id=P.NO_ID, cpus=1.0, gpus=0.0,
-               memory=0, retries=0, timeout=0.0, flags=0, label="call", gang=0, max_containers=0,
-               min_warm=0, extra_opts=0) -> Future:
+               memory=0, retries=0, timeout=0.0, concurrency=0, window=0, label="call", gang=0,
+               max_containers=0, min_warm=0, extra_opts=0) -> Future:
         """Send one call; returns its Future. ``gang=n`` (kind GANG): one SUBMIT for n members,
         returns their n Futures in rank order (rank 0's id is the call's id)."""
         if self.closed:
@@ -576,13 +588,13 @@ class Client:
             opts |= P.HAS_GANG
             for f in members[1:]:
                 self.pending[f.id] = f
-        fields = (cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
-                  float(timeout or 0.0), len(bufs), flags)
+        head = P.CallHeader.of(cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
+                               float(timeout or 0.0), len(bufs), int(max_containers or 0), int(min_warm or 0),
+                               concurrency, window, opts)
         self.pending[cid] = fut
         if extra_opts:  # a stream: its items may come before .remote() returns
-            self.streams[cid] = _StreamState(fut, self, flags)
-        limits = (int(max_containers or 0), int(min_warm or 0))
-        fut._sub = (fields, opts, code_hash, code_blob, body, deps or None, limits)
+            self.streams[cid] = _StreamState(fut, self, window)
+        fut._sub = Submission(head, code_blob, body, deps or None)
         if members:
             for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
                 f._sub = fut._sub
@@ -600,17 +612,14 @@ class Client:
                 f._pin -= 1
         return members if gang else fut
 
-    def _submit_message(self, sub) -> list:
+    def _submit_message(self, sub: "Submission") -> list:
         """The SUBMIT message of ``Future._sub``, with the code if this connection has not sent
         it yet (caller holds self.lock)."""
-        fields, opts, code_hash, code_blob, body, _, limits = sub
-        parts = [b"", *body]
-        if code_blob is not None and code_hash not in self.code_sent:
-            self.code_sent.add(code_hash)
-            parts.insert(1, code_blob)
-            opts |= P.HAS_CODE
-        parts[0] = P.C[P.SUBMIT] + P.pack_call(*fields, opts, *limits)
-        return parts
+        head, code_blob = sub.head, sub.code_blob
+        if code_blob is not None and head.code_hash not in self.code_sent:
+            self.code_sent.add(head.code_hash)
+            return [P.C[P.SUBMIT] + head.pack(P.HAS_CODE), code_blob, *sub.body]
+        return [P.C[P.SUBMIT] + head.pack(), *sub.body]
 
     def _throttle(self):
         """Backpressure: wait until the pending calls are down to 90% of MAX_PENDING."""
@@ -645,7 +654,7 @@ class Client:
             subs = list({id(f._sub): f._sub for f in list(self.pending.values()) if f._sub is not None}.values())
             again = set()
             for sub in subs:  # Future arguments already done here: the new broker may not hold them
-                for dep in sub[5] or ():
+                for dep in sub.deps or ():
                     if (dep._state == _DONE and dep._status == P.OK and dep.id not in self.pending
                             and type(dep) is not ReadyFuture and dep.id not in again):
                         again.add(dep.id)
@@ -812,20 +821,20 @@ class Client:
             raise serde.PassThrough(v.exc)
         return _identity, (v,)
 
-    def _item(self, head, frames):
-        """An ITEM of a stream: a done Future for it, kept in order until the consumer takes it.
-        An index already received is a retried call's repeat: skipped, and at its first item
+    def _item(self, head: P.ResultHeader, idx: int, frames):
+        """ITEM ``idx`` of a stream: a done Future for it, kept in order until the consumer takes
+        it. An index already received is a retried call's repeat: skipped, and at its first item
         the worker is told again how many items were taken (it starts from none)."""
-        st = self.streams.get(head[:16])
+        cid = head.call_id
+        st = self.streams.get(cid)
         if st is None:
             return  # the stream was dropped or closed
-        idx = int.from_bytes(head[28:36], "big")
         if idx != st.received:
             if idx == 0 and st.consumed:
-                self._send_d([P.C[P.CONSUMED] + head[:16] + st.consumed.to_bytes(8, "big")])
+                self._send_d([P.C[P.CONSUMED] + cid + st.consumed.to_bytes(8, "big")])
             return
         st.received += 1
-        it = Future(head[:16], self, f"{st.fut.label}[{idx}]")
+        it = Future(cid, self, f"{st.fut.label}[{idx}]")
         it._state, it._status, it._head, it._frames = _DONE, P.OK, head, frames
         st.items.append(it)
         self.woken.append(st)
@@ -958,32 +967,34 @@ class Client:
         self.heard = self.polled  # (once per batch: the broker is alive)
         if self.gone is not None and batch:
             self._back()
-        result_cmd = P.C[P.RESULT]
+        result_cmd, read_result = P.C[P.RESULT], P.ResultHeader.read
         done, rejoin = [], []
         pending = self.pending
         for frames in batch:  # output first: it was printed before the result it precedes
             f0 = frames[0].bytes
             c = f0[:4]
             if c == result_cmd:
-                fut = pending.pop(f0[4:20], None)
+                h = read_result(f0, 4)
+                fut = pending.pop(h.call_id, None)
                 if fut is not None:
-                    fut._head, fut._frames, fut._status = f0[4:], frames[1:], f0[20]
+                    fut._head, fut._frames, fut._status = h, frames[1:], h.status
                     done.append(fut)
                 else:
-                    self._unexpected(f0[4:20])
+                    self._unexpected(h.call_id)
             elif c == P.C[P.BATCH]:
                 for c2, head, fr in P.unbatch(frames):
+                    h = read_result(head)
                     if c2 == P.ITEM:
-                        self._item(head, fr)
+                        self._item(h, P.item_index(head), fr)
                         continue
-                    fut = pending.pop(head[:16], None)
+                    fut = pending.pop(h.call_id, None)
                     if fut is not None:
-                        fut._head, fut._frames, fut._status = head, fr, head[16]
+                        fut._head, fut._frames, fut._status = h, fr, h.status
                         done.append(fut)
                     else:
-                        self._unexpected(head[:16])
+                        self._unexpected(h.call_id)
             elif c == P.C[P.ITEM]:
-                self._item(f0[4:], frames[1:])
+                self._item(read_result(f0, 4), P.item_index(f0[4:]), frames[1:])
             elif c == P.C[P.LOG]:
                 if self.log_to_driver:
                     self._print_output(frames[1].bytes, frames[2].bytes)
@@ -1016,7 +1027,7 @@ class Client:
         for fut in done:
             if fut._shm:
                 head = fut._head
-                reuse = head is not None and head[16] == P.OK and bool(head[-1] & P.SHM_FREE)
+                reuse = head is not None and head.status == P.OK and bool(head.flags & P.SHM_FREE)
                 self.shm.give_back(fut._shm, reuse=reuse)
                 fut._shm = None
             if fut._callbacks:

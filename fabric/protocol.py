@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import struct
+from typing import NamedTuple
 
 import zmq
 
 from .errors import ProtocolError
 
-VERSION = 2  # 2: the call header gained max_containers and min_warm; code frames start with a name
+VERSION = 3  # 3: the call header's flags byte split in concurrency and window (92 bytes)
+# 2: the call header gained max_containers and min_warm; code frames start with a name
 SIG = b"FB" + bytes([VERSION])
 
 # --- commands -------------------------------------------------------------------------------
@@ -94,25 +96,83 @@ def cmd(c: int) -> bytes:
 C = {c: cmd(c) for c in NAMES}  # pre-built command frames
 
 # --- call header ----------------------------------------------------------------------------
-# call_id 16s  driver id (8) + counter (8): unique per driver, so replays are recognisable
-# code_hash 16s  blake2b-128 of the cloudpickled function/class; zero for method calls
-# kind B  TASK | ACTOR_NEW | ACTOR_CALL | GANG
-# actor_id 16s  zero for plain tasks
-# cpus d, gpus d, memory Q (bytes), retries h, timeout d (seconds, 0 = none), nbuf H,
-# max_containers H (0 = no cap), min_warm H (containers kept warm for this function/class),
-# flags B (ACTOR_NEW: the instance's concurrency), opts B (which optional frames follow: last)
-CALL_HDR = struct.Struct("<16s16sB16sddQhdHHHBB")
-H_MAXC, H_WARM, H_FLAGS, H_OPTS = 10, 11, 12, 13  # field positions in an unpacked call header
+# The header's fields, in wire order (docs/protocol.md §4.2). ``CallHeader`` names them; the
+# struct packs them. opts stays the last byte: the broker sets and clears HAS_CODE in place.
+CALL_HDR = struct.Struct("<16s16sB16sddQhdHHHBBB")
 HAS_CODE, HAS_DEPS = 1, 2  # opts bits: a code frame follows / a deps frame follows
 STORE_RESULT = 4  # opts bit: the driver wants a large result through the object store (serde.Transfer)
-STREAM = 16       # opts bit: the call is a generator; its items come as ITEMs, at most `flags` unconsumed
+STREAM = 16       # opts bit: the call is a generator; its items come as ITEMs, at most `window` unconsumed
 HAS_GANG = 8      # opts bit: a gang frame follows the buffers (SUBMIT: the members' call ids; CALL: json)
 TASK, ACTOR_NEW, ACTOR_CALL, GANG = 0, 1, 2, 3  # GANG: n members that start together (with HAS_GANG)
 MAX_GANG = 1024   # members of one gang: each member's CALL lists every member's address
 NO_ID = bytes(16)
+STREAM_WINDOW = 64  # a STREAM call's window when its header says 0
+
+_new = tuple.__new__  # builds a NamedTuple from a tuple without its Python-level __new__ (~1 us)
+
+
+class CallHeader(NamedTuple):
+    """One call header, by name. ``read`` and ``pack`` cost what a bare ``struct`` does:
+    build one with ``CallHeader.of(...)`` (positional, all fields) on hot paths, or by keyword."""
+
+    call_id: bytes          # driver id (8) + counter (8): unique per driver, so replays are recognisable
+    code_hash: bytes        # blake2b-128 of the cloudpickled function/class; NO_ID for method calls
+    kind: int               # TASK | ACTOR_NEW | ACTOR_CALL | GANG
+    actor_id: bytes         # NO_ID for plain tasks and gangs
+    cpus: float
+    gpus: float
+    memory: int             # bytes
+    retries: int
+    timeout: float          # seconds, 0 = none
+    nbuf: int               # out-of-band buffer frames after the payload
+    max_containers: int = 0  # 0 = no cap
+    min_warm: int = 0        # containers kept warm for this function/class (GANG: workers per executor)
+    concurrency: int = 0     # ACTOR_NEW: the instance's concurrency (0 or 1: one call at a time)
+    window: int = 0          # STREAM: the most items made ahead of the consumer (0: STREAM_WINDOW)
+    opts: int = 0            # which optional frames follow, and the STORE_RESULT/STREAM bits
+
+    @classmethod
+    def of(cls, *fields) -> "CallHeader":
+        """All fields, positionally: a NamedTuple's own constructor costs ~1 us more."""
+        return _new(cls, fields)
+
+    @classmethod
+    def read(cls, b) -> "CallHeader":
+        """The header in ``b`` (exactly its bytes), or ProtocolError."""
+        try:
+            return _new(cls, _call_unpack(b))
+        except struct.error:
+            raise ProtocolError(f"call header must be {CALL_HDR.size} bytes, got {len(b)}") from None
+
+    def pack(self, add_opts: int = 0) -> bytes:
+        """The header's bytes; ``add_opts``: bits set on top of ``opts`` (the driver's HAS_CODE)."""
+        if add_opts:
+            return _call_pack(*self[:-1], self.opts | add_opts)
+        return _call_pack(*self)
+
+
+_call_unpack, _call_pack = CALL_HDR.unpack, CALL_HDR.pack
+
+
+def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, *,
+              max_containers=0, min_warm=0, concurrency=0, window=0, opts=0) -> bytes:
+    """A call header's bytes (tests and tools; the driver packs its CallHeader itself)."""
+    return _call_pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf,
+                      max_containers, min_warm, concurrency, window, opts)
+
+
+def unpack_call(b) -> CallHeader:
+    return CallHeader.read(b)
+
+
+def code_name(frame) -> str:
+    """The name at the head of a code frame: code frames are ``qualified name, NUL, cloudpickle``
+    (``serde.code_blob``), so the broker can name functions without unpickling anything."""
+    head = bytes(memoryview(frame)[:201])
+    return head.split(b"\0", 1)[0].decode("utf-8", "replace") if b"\0" in head else "?"
+
 
 # --- result header --------------------------------------------------------------------------
-# call_id 16s, status B, nbuf H, duration d (seconds the call ran on the worker), flags B
 RESULT_HDR = struct.Struct("<16sBHdB")
 SHM_FREE = 1      # result flag: the worker holds no mapping of the call's shared-memory arguments
 OK = 0            # payload: pickled value
@@ -132,33 +192,44 @@ EXIT_MEMORY = 86  # a worker's exit code when it ends itself for breaking its ca
 ID_LEN = 16
 
 
-def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, flags=0,
-              opts=0, max_containers=0, min_warm=0) -> bytes:
-    return CALL_HDR.pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf,
-                         max_containers, min_warm, flags, opts)
+class ResultHeader(NamedTuple):
+    """One result header (PUT, RESULT, DONE, ITEM, dep-blobs), by name."""
+
+    call_id: bytes
+    status: int
+    nbuf: int = 0
+    duration: float = 0.0   # seconds the call ran on the worker; 0 in outcomes the broker makes
+    flags: int = 0          # SHM_FREE
+
+    @classmethod
+    def read(cls, b, offset: int = 0) -> "ResultHeader":
+        """The header at ``offset`` of ``b`` (a command frame: offset 4); ``b`` may hold more
+        after it (an ITEM's index)."""
+        try:
+            return _new(cls, _result_unpack_from(b, offset))
+        except struct.error:
+            raise ProtocolError(f"result header must be {RESULT_HDR.size} bytes, got {len(b) - offset}") from None
+
+    def pack(self) -> bytes:
+        return _result_pack(*self)
 
 
-def unpack_call(b):
-    if len(b) != CALL_HDR.size:
-        raise ProtocolError(f"call header must be {CALL_HDR.size} bytes, got {len(b)}")
-    return CALL_HDR.unpack(b)
-
-
-def code_name(frame) -> str:
-    """The name at the head of a code frame: code frames are ``qualified name, NUL, cloudpickle``
-    (``serde.code_blob``), so the broker can name functions without unpickling anything."""
-    head = bytes(memoryview(frame)[:201])
-    return head.split(b"\0", 1)[0].decode("utf-8", "replace") if b"\0" in head else "?"
+_result_unpack_from, _result_pack = RESULT_HDR.unpack_from, RESULT_HDR.pack
 
 
 def pack_result(call_id: bytes, status: int, nbuf: int = 0, duration: float = 0.0, flags: int = 0) -> bytes:
-    return RESULT_HDR.pack(call_id, status, nbuf, duration, flags)
+    return _result_pack(call_id, status, nbuf, duration, flags)
 
 
-def unpack_result(b):
+def unpack_result(b) -> ResultHeader:
     if len(b) != RESULT_HDR.size:
         raise ProtocolError(f"result header must be {RESULT_HDR.size} bytes, got {len(b)}")
-    return RESULT_HDR.unpack(b)
+    return _new(ResultHeader, _result_unpack_from(b))
+
+
+def item_index(head) -> int:
+    """The index of an ITEM, from its header (a result header and 8 bytes, big-endian)."""
+    return int.from_bytes(head[RESULT_HDR.size:ITEM_SIZE], "big")
 
 
 ITEM_SIZE = RESULT_HDR.size + 8  # an ITEM's header: a result header and the item's index
@@ -195,11 +266,11 @@ def unbatch(frames: list, start: int = 1):
             raise ProtocolError(f"{NAMES[c]} cannot travel inside a BATCH")
         head = f0[4:]
         if c == RESULT or c == ITEM:
-            size = 2 + RESULT_HDR.unpack_from(head)[2]
+            size = 2 + ResultHeader.read(head).nbuf
         else:
-            h = CALL_HDR.unpack(head)
-            o = h[H_OPTS]
-            size = 2 + (o & HAS_CODE) + ((o & HAS_DEPS) >> 1) + ((o & HAS_GANG) >> 3) + h[9]
+            h = CallHeader.read(head)
+            o = h.opts
+            size = 2 + (o & HAS_CODE) + ((o & HAS_DEPS) >> 1) + ((o & HAS_GANG) >> 3) + h.nbuf
         if i + size > n:
             raise ProtocolError("BATCH ends inside a message")
         yield c, head, frames[i + 1:i + size]

@@ -270,7 +270,7 @@ os.kill(os.getpid(), 9)
             code = b"f\0x"
             lost = did + bytes(7) + b"\x09"
             hdr = P.pack_call(did + bytes(7) + b"\x02", hashlib.blake2b(code, digest_size=16).digest(), P.TASK,
-                              P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 0, 0, P.HAS_CODE | P.HAS_DEPS)
+                              P.NO_ID, 1.0, 0.0, 0, 0, 0.0, 0, opts=P.HAS_CODE | P.HAS_DEPS)
             answers = []
             for _ in range(8):
                 time.sleep(0.55)  # the broker asks at most every 0.5 s

@@ -314,7 +314,7 @@ def submit_frames(draw, pool, ident, code_hashes, cmd=P.SUBMIT):
     kind = draw(st.one_of(st.sampled_from([P.TASK] * 6 + [P.ACTOR_CALL] * 3 + [P.ACTOR_NEW]), st.integers(0, 255)))
     aid = draw(st.one_of(st.just(P.NO_ID), call_id(pool, ident)))
     hdr = P.pack_call(cid, h, kind, aid, draw(FLOATS), draw(FLOATS), draw(U64), draw(I16), draw(FLOATS), nbuf,
-                      draw(st.integers(0, 255)), opts)
+                      concurrency=draw(st.integers(0, 255)), window=draw(st.integers(0, 255)), opts=opts)
     frames = [P.C[cmd] + hdr]
     if opts & P.HAS_CODE:
         frames.append(code)
@@ -461,7 +461,8 @@ def driver_session(draw, pool, code_hashes):
     timeout = draw(st.sampled_from([0.0, 0.0, 5e-324, 0.01, 60.0]))
 
     def submit(cid, opts, extra):
-        hdr = P.pack_call(cid, h, kind, ids[3] if kind != P.TASK else P.NO_ID, *shape, 0, timeout, 0, 1, opts)
+        hdr = P.pack_call(cid, h, kind, ids[3] if kind != P.TASK else P.NO_ID, *shape, 0, timeout, 0, concurrency=1,
+                          opts=opts)
         return [P.C[P.SUBMIT] + hdr, *extra, draw(st.binary(max_size=24))]
 
     lines = [

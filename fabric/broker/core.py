@@ -461,7 +461,7 @@ class Broker(GangScheduling):
                         d["resend"] = True  # its next heartbeat gets a rejoin: it asks again
 
     def submit(self, cid, did, head, h, f, ask=True):
-        _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, warm, _, opts = h
+        _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, warm, _, _, opts = h
         i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
         if len(f) != i + 1 + nbuf + ((opts & P.HAS_GANG) >> 3):  # the gang frame follows the buffers
             raise ProtocolError(f"SUBMIT announces {i} optional frames, {nbuf} buffers and "

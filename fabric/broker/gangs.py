@@ -48,7 +48,7 @@ class GangScheduling:
     def gang_ids(self, cid, did, h, f):
         """The other members of a gang SUBMIT being refused: their Futures wait for an answer too."""
         try:
-            if not h[P.H_OPTS] & P.HAS_GANG or not f:
+            if not h.opts & P.HAS_GANG or not f:
                 return []
             ids = P.split_ids(f[-1].bytes)[:P.MAX_GANG]
         except Exception:  # noqa: BLE001 - a malformed frame: nothing more to answer

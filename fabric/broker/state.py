@@ -22,7 +22,7 @@ class Call:
         self.frames = frames            # [hdr (no HAS_CODE), deps, payload, *buffers, (GANG: member ids)]
                                         # small ones as bytes
         (_, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, self.maxc,
-         self.warm, _, _) = h
+         self.warm, _, _, _) = h
         self.shape = (cpus, gpus, mem)
         self.deps = None
         self.depv = None                # dep id -> its outcome frames, filled as deps resolve

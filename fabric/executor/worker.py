@@ -256,9 +256,9 @@ class Worker:
                 else:
                     f0 = frames[0].bytes
                     if f0[:4] == P.C[P.CALL]:
-                        calls = [(f0[4:], frames[1:])]
+                        calls = [(P.CallHeader.read(f0[4:]), frames[1:])]
                     elif f0 == P.C[P.BATCH]:  # several calls in one message, run in order
-                        calls = [(head, f) for _, head, f in P.unbatch(frames)]
+                        calls = [(P.CallHeader.read(head), f) for _, head, f in P.unbatch(frames)]
                     elif f0 == P.C[P.WARM] and len(frames) == 3:  # a min_warm function: load it now
                         self.warm(frames[1].bytes, frames[2].bytes)
                         calls = ()
@@ -285,7 +285,7 @@ class Worker:
             if self.pool is not None:  # a concurrent instance (its ACTOR_NEW may be in this BATCH)
                 self.pool.submit(self.run_threaded, head, f)
                 continue
-            cid = head[:P.ID_LEN]
+            cid = head.call_id
             if not self.begin(cid):
                 self.skip(head, f)
                 continue
@@ -323,34 +323,33 @@ class Worker:
             self.dropped.add(cid)
             return b"d"
 
-    def skip(self, head, frames):
+    def skip(self, h: P.CallHeader, frames):
         """A dropped call: not run and not answered (the broker gave it its outcome), but the code
         it carries is kept, since the broker sends code to a worker only once."""
-        code_hash, opts = head[P.ID_LEN:2 * P.ID_LEN], head[-1]
-        if opts & P.HAS_CODE:
+        if h.opts & P.HAS_CODE:
             try:
-                self.code[code_hash] = serde.load_code(frames[0].bytes)
+                self.code[h.code_hash] = serde.load_code(frames[0].bytes)
             except Exception as e:  # noqa: BLE001 - its next call reports the failure
-                self.code[code_hash] = _Unloadable(e)
+                self.code[h.code_hash] = _Unloadable(e)
 
     # --------------------------------------------------------------- running one call
-    def run(self, head, frames):
-        """Run one call (``head``: its header; ``frames``: what follows its first frame)."""
-        kind = P.CALL_HDR.unpack(head)[2]
+    def run(self, h: P.CallHeader, frames):
+        """Run one call (``h``: its header; ``frames``: what follows its first frame)."""
+        kind = h.kind
         if self.pool is not None or (kind != P.TASK and kind != P.GANG):
-            return self._run(head, frames)
-        self.lendable = head[:P.ID_LEN]  # a plain call: its waits lend its CPUs (block())
+            return self._run(h, frames)
+        self.lendable = h.call_id  # a plain call: its waits lend its CPUs (block())
         try:
-            return self._run(head, frames)
+            return self._run(h, frames)
         finally:
             self._close_window(end=True)
 
-    def _run(self, head, frames):
-        cid, code_hash, kind, _aid, _c, _g, _m, _r, _t, nbuf, _mc, _mw, flags, opts = P.CALL_HDR.unpack(head)
+    def _run(self, h: P.CallHeader, frames):
+        cid, code_hash, kind, nbuf, opts = h.call_id, h.code_hash, h.kind, h.nbuf, h.opts
         t0 = time.perf_counter()
         source = self.label
-        if _m:
-            self.watch_memory(_m)
+        if h.memory:
+            self.watch_memory(h.memory)
         try:
             i = 0
             if opts & P.HAS_CODE:
@@ -373,7 +372,7 @@ class Worker:
             if dep_ids:
                 deps, i = {}, i + 1 + nbuf
                 for d in P.split_ids(dep_ids):
-                    _, _, dn, _, _ = P.unpack_result(frames[i].bytes)
+                    dn = P.unpack_result(frames[i].bytes).nbuf
                     deps[d] = serde.loads_value(frames[i + 1].buffer, [f.buffer for f in frames[i + 2:i + 2 + dn]])
                     i += 2 + dn
             args, kwargs = serde.loads_args(payload, bufs, deps)
@@ -396,14 +395,14 @@ class Worker:
                 self.output.local.ctx = (cid[:8], source.encode())
                 value = getattr(self.instance, name)(*args, **kwargs)
             else:
-                value = self.create(self.code[code_hash], args, kwargs, flags, cid)
+                value = self.create(self.code[code_hash], args, kwargs, h.concurrency, cid)
             if inspect.isawaitable(value):
                 value = self.await_(value)
             if self.threads_lend:
                 self._close_window()
             del args, kwargs
             if opts & P.STREAM:  # a generator: its items go out one by one, then the DONE
-                return self.stream(cid, value, flags or 64, t0, source, opts, kind == P.TASK)
+                return self.stream(cid, value, h.window or P.STREAM_WINDOW, t0, source, opts, kind == P.TASK)
         except BaseException as e:  # noqa: BLE001 - everything user code raises goes back to the caller
             return self.reply_error(cid, e, t0)
         finally:
@@ -629,7 +628,7 @@ class Worker:
         return s
 
     def run_threaded(self, head, frames):
-        cid = head[:P.ID_LEN]
+        cid = head.call_id
         if not self.begin(cid):
             return self.skip(head, frames)
         out = self.run(head, frames)
