@@ -271,14 +271,17 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
 
 
 def _with_env(cache: dict, obj, code, options: dict):
-    """``code`` (frame, hash) of ``obj``, or, if it has a runtime_env (its own merged over the
-    job's), the frame of an EnvCall that carries it: made once per env (``cache``)."""
+    """``code`` (frame, hash) of ``obj``, or, if it has a runtime_env (its own over the job's,
+    over that of the call it is submitted from), the frame of an EnvCall that carries it: made
+    once per env (``cache``)."""
     mine, job = options.get("runtime_env"), _state.runtime_env
-    if not mine and not job:
+    loaded = sys.modules.get("fabric.runtime_env")  # loaded where a call with an env runs
+    parent = loaded.current if loaded is not None else None
+    if not mine and not job and not parent:
         return code
     from . import runtime_env as R
 
-    env = R.merge(job, mine)
+    env = R.merge(R.merge(parent, job), mine)
     if not env:
         return code
     key = R.digest(env)

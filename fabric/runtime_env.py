@@ -35,6 +35,9 @@ DEFAULT_EXCLUDES = (".git", ".hg", ".svn", "__pycache__", "*.pyc", ".venv", "ven
 DEFAULT_LIMIT = 100 << 20   # bytes of files a working_dir may hold (FABRIC_WORKING_DIR_LIMIT)
 STORE_PREFIX = "runtime_env/working_dir"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed, so one content gives one zip
+# in a worker, while a call with an env runs (for an instance: for its life), that env, resolved:
+# the calls it submits inherit it, as in Ray (set by fabric.executor.runtime_env)
+current: dict | None = None
 
 
 def validate(where: str, env) -> dict:
@@ -220,7 +223,9 @@ def resolve(env: dict) -> dict:
     is not read again), in place of its local path."""
     out = {k: env[k] for k in ("env_vars", "pip") if env.get(k)}
     wd = env.get("working_dir")
-    if wd:
+    if isinstance(wd, dict):  # inherited from the call this one is nested in: shipped already
+        out["working_dir"] = wd
+    elif wd:
         from . import storage
 
         if not os.path.isdir(wd):

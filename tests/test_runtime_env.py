@@ -111,6 +111,23 @@ def test_working_dir_is_the_cwd_and_on_sys_path_and_each_env_has_its_modules(rt)
     assert len(os.listdir(rt["cache"] / "working_dir")) >= 2
 
 
+@fabric.fn
+def child():
+    import rtmod
+
+    return os.environ.get("RUNENV_X"), rtmod.VALUE
+
+
+def test_nested_calls_inherit_the_env_of_the_call_they_are_made_in(rt):
+    @fabric.fn(runtime_env={"env_vars": {"RUNENV_X": "parent"}, "working_dir": make_working_dir(rt["root"], "N")})
+    def parent():
+        return child.remote().result(), child.options(runtime_env={"env_vars": {"RUNENV_X": "own"}}).remote().result()
+
+    assert parent.remote().result() == (("parent", "N"), ("own", "N"))
+    with pytest.raises(ModuleNotFoundError):  # from the driver, no env to inherit
+        child.remote().result()
+
+
 def test_generators_and_async_functions_run_in_their_env(rt):
     @fabric.fn(runtime_env={"env_vars": {"RUNENV_X": "gen"}})
     def gen(n):

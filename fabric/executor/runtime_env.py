@@ -49,6 +49,7 @@ from .. import config
 from .. import serde
 from .. import settings
 from ..errors import RuntimeEnvSetupError
+from .. import runtime_env as _driver_half
 from ..runtime_env import EnvCall, pip_hash
 
 PIP_TAIL = 25  # lines of pip's output the error quotes
@@ -173,6 +174,7 @@ class Setup:
     """An env made ready on this worker: what to set around each call, and the modules it owns."""
 
     def __init__(self, env: dict):
+        self.env = env  # resolved: what calls submitted from inside inherit
         self.env_vars = dict(env.get("env_vars") or {})
         self.cwd = working_dir(env["working_dir"]) if env.get("working_dir") else None
         pip = pip_target(env["pip"], self.cwd) if env.get("pip") else None
@@ -228,7 +230,8 @@ def applied(s: Setup, restore: bool = True):
     os.environ.update(s.env_vars)
     if s.cwd:
         os.chdir(s.cwd)
-    sys.path[:0] = [p for p in s.paths if p not in sys.path[:len(s.paths)]]
+    sys.path[:0] = s.paths
+    outer, _driver_half.current = _driver_half.current, s.env
     aside = _take(s.tops) if s.tops else {}
     sys.modules.update(s.modules)
     count = len(sys.modules)
@@ -245,6 +248,7 @@ def applied(s: Setup, restore: bool = True):
                     s.modules = _take(s.tops)
                 sys.modules.update(aside)
             sys.path[:] = old_path
+            _driver_half.current = outer
             if old_cwd is not None:
                 try:
                     os.chdir(old_cwd)
