@@ -92,6 +92,8 @@ def test_status_codes_and_header_sizes():
     raised = [f"{c}: {e.__name__}" for c, e in _ERRORS.items() if f"`{e.__name__}`" not in listed[c]]
     assert not raised, f"docs/protocol.md §4.4 names another exception than the driver raises for: {raised}"
     assert f"(FBP/{P.VERSION})" in text.splitlines()[0]
+    said = set(re.findall(r'"version": ?(\d+)', text))  # WELCOME's JSON
+    assert said == {str(P.VERSION)}, f"docs/protocol.md gives WELCOME's version as {sorted(said)}, not {P.VERSION}"
     for name in ("CALL_HDR", "RESULT_HDR"):
         st = getattr(P, name, None)
         if st is not None:  # (a header described by a struct: the doc says its size)
