@@ -20,12 +20,13 @@ import cloudpickle
 
 from . import config
 from . import protocol as P
-from . import serde
 from . import settings
 from .client import Client, Future, Part, Stream
 from .errors import ConnectionFailed, FabricError, GetTimeout
 from .gangs import GangContext, gang_context
 from .resources import parse_memory
+from .serde import transfer
+from .serde.code import code_blob
 
 __all__ = ["init", "shutdown", "fn", "cls", "enter", "method", "get", "wait", "put", "kill", "is_initialized",
            "RemoteFunction", "RemoteClass", "InstanceHandle", "Future", "cluster_status", "gang", "Gang",
@@ -104,7 +105,7 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
             raise ValueError(f"address must look like 'tcp://host:port' or 'ipc:///path', got {address!r}")
         try:
             # FABRIC_TRANSFER=store sends large objects through the object store even on one host
-            shm = config.is_local_address(address) and serde.transfer_mode() != "store"
+            shm = config.is_local_address(address) and transfer.transfer_mode() != "store"
             # an embedded broker's exit is known at once (its Popen), so its calls fail at once
             client = Client(address, shm=shm, connect_timeout=connect_timeout,
                             broker_proc=cluster.procs[0] if cluster is not None else None,
@@ -120,6 +121,7 @@ def init(address: str | None = None, *, store: str | None = None, num_cpus: floa
             from . import storage
 
             storage.set_default(store)
+            transfer.use_store(storage.given)  # large payloads may now go through it (FABRIC_TRANSFER=auto)
         if not _state.atexit_registered:
             atexit.register(shutdown)
             _state.atexit_registered = True
@@ -293,7 +295,7 @@ def _with_env(cache: dict, obj, code, options: dict):
         name = getattr(obj, "__name__", "fn")
         ec = R.EnvCall(R.resolve(env), code[0], name, getattr(obj, "__qualname__", name),
                        getattr(obj, "__module__", None) or "?", kind)
-        hit = cache[key] = serde.code_blob(ec)
+        hit = cache[key] = code_blob(ec)
     return hit
 
 
@@ -399,11 +401,11 @@ class RemoteFunction:
     def _blob(self):
         if self._code[0] is None:
             ship_by_value(self._func)
-            blob, h = serde.code_blob(self._func)
+            blob, h = code_blob(self._func)
             if self._options.get("cache"):  # the worker runs a shim that looks in the store first
                 from . import cache
 
-                blob, h = serde.code_blob(cache.shim(cache.stage_prefix(self._name, h), self._func))
+                blob, h = code_blob(cache.shim(cache.stage_prefix(self._name, h), self._func))
             self._code[:] = blob, h
         return _with_env(self._envs, self._func, self._code, self._options)
 
@@ -584,7 +586,7 @@ class RemoteClass:
         _bind(self._sig, self._name, args, kwargs)
         if self._code[0] is None:
             ship_by_value(self._cls)
-            self._code[:] = serde.code_blob(self._cls)
+            self._code[:] = code_blob(self._cls)
         blob, h = _with_env(self._envs, self._cls, self._code, self._options)
         o = self._options
         client = _client()

@@ -19,6 +19,7 @@ import time
 from . import config
 from . import protocol as P
 from .client import request
+from .serde import shm
 
 
 def _child_env():
@@ -124,4 +125,4 @@ class LocalCluster:
         self.procs.clear()
         if self.tmpdir:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
-        config.remove_shm(os.getpid())
+        shm.remove_shm(os.getpid())

@@ -126,17 +126,6 @@ def is_local_address(address: str) -> bool:
     return False
 
 
-def remove_shm(pid: int, directory: str = "/dev/shm") -> None:
-    """Remove the shared-memory files of driver ``pid`` (named ``fabric-<pid>-<random>``)."""
-    import glob
-
-    for path in glob.glob(os.path.join(directory, f"fabric-{pid}-*")):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie counts as gone): how fabric's processes notice
     that the process they serve (a driver, an executor, `fabric start`) has died."""

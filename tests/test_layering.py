@@ -1,6 +1,9 @@
 """The import layering holds: read from the source, so a new import that breaks it fails here.
 
-- the broker routes on headers and never unpickles: it imports neither serde nor pickle;
+- the broker routes on headers and never unpickles: it imports no pickler (pickle, cloudpickle,
+  fabric.serde's modules), only fabric.serde.shm, to remove a dead driver's shared memory, which
+  itself imports no pickler;
+- fabric.serde has one concern per module and no import cycle among them;
 - the core (everything but ml, serve, apps and the command line) never imports fabric.ml,
   fabric.serve or fabric.apps;
 - fabric.ml, fabric.serve and fabric.apps sit on the public core API and fabric.storage: they do
@@ -57,8 +60,29 @@ def _violations(where, forbidden):
     return out
 
 
+PICKLERS = ["pickle", "cloudpickle", "fabric.serde.code", "fabric.serde.pickling", "fabric.serde.transfer"]
+
+
 def test_the_broker_never_unpickles():
-    assert _violations(lambda n: n.startswith("fabric.broker"), ["fabric.serde", "pickle", "cloudpickle"]) == []
+    broker = lambda n: n.startswith("fabric.broker")  # noqa: E731
+    assert _violations(broker, PICKLERS) == []
+    statements: dict = {}  # (module, line): what that import statement of serde names
+    for name, path in _modules():
+        for m, line in _imports(name, path) if broker(name) else ():
+            if m == "fabric.serde" or m.startswith("fabric.serde."):
+                statements.setdefault((name, line), set()).add(m)
+    bad = {k: v for k, v in statements.items() if "fabric.serde.shm" not in v or v - {"fabric.serde", "fabric.serde.shm"}}
+    assert not bad, f"the broker may import fabric.serde.shm alone: {bad}"
+
+
+def test_the_shared_memory_allocator_holds_no_pickler():
+    """What lets the broker import it: no pickle, and nothing of serde's that pickles."""
+    assert _violations(lambda n: n == "fabric.serde.shm", PICKLERS) == []
+    assert "fabric.serde.shm" in dict(_modules())  # the check above looked at a real module
+
+
+def test_serde_has_no_import_cycles():
+    assert not _cycles("fabric.serde"), _cycles("fabric.serde")
 
 
 def test_the_core_never_imports_the_upper_layers():

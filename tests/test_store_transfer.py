@@ -19,6 +19,7 @@ import pytest
 
 import fabric
 from fabric import protocol, serde, storage
+from fabric.serde import transfer
 from fabric.storage import KeyNotFound, Store, objects
 from conftest import start_moto, stop_moto
 from test_storage import AWS_ENV, BUCKET, S3_SKIP
@@ -287,6 +288,27 @@ def test_transfer_modes(monkeypatch):
     monkeypatch.setenv("FABRIC_TRANSFER", "store")
     monkeypatch.setenv("FABRIC_STORE_THRESHOLD", "1MiB")
     assert serde.Transfer(remote).threshold == MB
+
+
+def test_a_store_given_in_code_reaches_transfer_through_its_hook(tmp_path, monkeypatch):
+    """Without FABRIC_STORE, a store counts once ``fabric.init(store=...)`` installed the hook,
+    and for as long as the hook's store is set."""
+    monkeypatch.delenv("FABRIC_STORE", raising=False)
+    monkeypatch.setenv("FABRIC_TRANSFER", "auto")
+    monkeypatch.setattr(transfer, "_given", None)  # the hook as a fresh process has it, put back after
+    storage.set_default(None)
+    remote = "tcp://10.1.2.3:5555"
+    fabric.shutdown()
+    try:
+        assert not serde.Transfer(remote).wanted()
+        fabric.init(num_cpus=1, store=str(tmp_path / "given"))
+        assert transfer.store_configured() and serde.Transfer(remote).wanted()
+        assert not serde.Transfer("ipc:///tmp/x.sock").wanted()  # one host: shared memory instead
+        storage.set_default(None)
+        assert not transfer.store_configured()  # the hook asks each time
+    finally:
+        fabric.shutdown()
+        storage.set_default(None)
 
 
 def test_spill_round_trip_without_a_cluster(tmp_path, monkeypatch):

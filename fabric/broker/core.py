@@ -52,6 +52,7 @@ from .state import (DONE, EPS, QUEUED, RUNNING, SPAWNING, Actor, Call, Executor,
                     Gang, Worker)
 
 from ..errors import FabricError, ProtocolError
+from ..serde import shm  # only to remove a dead driver's shared memory: it holds no pickler
 
 log = logging.getLogger("fabric.broker")
 
@@ -305,7 +306,7 @@ class Broker(GangScheduling):
             except OSError:
                 pass
         if self.parent_pid:  # an embedded cluster outlives a killed driver: sweep its shared memory
-            config.remove_shm(self.parent_pid)
+            shm.remove_shm(self.parent_pid)
         log.info("stopped")
 
     def handle(self, frames):
@@ -874,7 +875,7 @@ class Broker(GangScheduling):
 
         pid = d.get("pid")
         if isinstance(pid, int) and pid > 0 and d.get("host") == socket.gethostname() and not config.pid_alive(pid):
-            config.remove_shm(pid)
+            shm.remove_shm(pid)
 
     # ---------------------------------------------------------------- executors
     def on_exec_hello(self, ident, head, f):

@@ -32,9 +32,11 @@ from .. import config
 from .. import protocol as P
 from .. import security
 from .. import gangs as _gang
-from .. import serde
 from .. import settings
 from ..errors import SerializationError
+from ..serde import pickling, shm
+from ..serde.code import load_code
+from ..serde.transfer import transfer_for
 
 LOG_RATE = settings.get().log_rate  # bytes per second per worker
 
@@ -328,7 +330,7 @@ class Worker:
         it carries is kept, since the broker sends code to a worker only once."""
         if h.opts & P.HAS_CODE:
             try:
-                self.code[h.code_hash] = serde.load_code(frames[0].bytes)
+                self.code[h.code_hash] = load_code(frames[0].bytes)
             except Exception as e:  # noqa: BLE001 - its next call reports the failure
                 self.code[h.code_hash] = _Unloadable(e)
 
@@ -355,7 +357,7 @@ class Worker:
             if opts & P.HAS_CODE:
                 i = 1
                 try:
-                    self.code[code_hash] = serde.load_code(frames[0].bytes)
+                    self.code[code_hash] = load_code(frames[0].bytes)
                 except Exception as e:  # noqa: BLE001 - the broker sends code once: remember the failure
                     self.code[code_hash] = _Unloadable(e)
                     raise
@@ -373,9 +375,9 @@ class Worker:
                 deps, i = {}, i + 1 + nbuf
                 for d in P.split_ids(dep_ids):
                     dn = P.unpack_result(frames[i].bytes).nbuf
-                    deps[d] = serde.loads_value(frames[i + 1].buffer, [f.buffer for f in frames[i + 2:i + 2 + dn]])
+                    deps[d] = pickling.loads_value(frames[i + 1].buffer, [f.buffer for f in frames[i + 2:i + 2 + dn]])
                     i += 2 + dn
-            args, kwargs = serde.loads_args(payload, bufs, deps)
+            args, kwargs = pickling.loads_args(payload, bufs, deps)
             del payload, bufs
             if kind == P.TASK or kind == P.GANG:
                 fn = self.code[code_hash]
@@ -412,14 +414,14 @@ class Worker:
             if self.instance is None:  # an instance's limit holds for its whole life
                 self.mem_limit = 0
         try:
-            payload, bufs = serde.dumps_value(value, serde.transfer_for(self.address), opts & P.STORE_RESULT)
+            payload, bufs = pickling.dumps_value(value, transfer_for(self.address), opts & P.STORE_RESULT)
         except SerializationError as e:
             if inspect.isgenerator(value) or inspect.isasyncgen(value):
                 e = (f"it is a generator; decorate the generator function itself with @fabric.fn (or make the "
                      f"method a generator) so that .remote() streams its items ({e})")
             return [P.C[P.DONE] + P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
                     f"the result of {source.split(' ')[0]} cannot be pickled: {e}".encode()]
-        flags = P.SHM_FREE if serde.release_mappings() else 0
+        flags = P.SHM_FREE if shm.release_mappings() else 0
         out = [P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), time.perf_counter() - t0, flags), payload, *bufs]
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
         return out
@@ -503,7 +505,7 @@ class Worker:
                 raise TypeError(f"{name} was called as a stream but returned {type(gen).__name__}, "
                                 f"not a generator") from None
         st = self.streams[cid] = _Stream()
-        transfer, store = serde.transfer_for(self.address), opts & P.STORE_RESULT
+        transfer, store = transfer_for(self.address), opts & P.STORE_RESULT
         n = 0
         try:
             while True:
@@ -524,7 +526,7 @@ class Worker:
                 finally:
                     self.current = None
                 try:
-                    payload, bufs = serde.dumps_value(item, transfer, store)
+                    payload, bufs = pickling.dumps_value(item, transfer, store)
                 except SerializationError as e:
                     return [P.C[P.DONE] + P.pack_result(cid, P.SERIALIZATION, 0, time.perf_counter() - t0),
                             f"item {n} of {name} cannot be pickled: {e}".encode()]
@@ -540,7 +542,7 @@ class Worker:
                     self.await_(close()) if agen else close()
                 except Exception:  # noqa: BLE001 - the stream's own outcome is what counts
                     pass
-        payload, bufs = serde.dumps_value(n)
+        payload, bufs = pickling.dumps_value(n)
         self.output.flush_on(sock)
         return [P.C[P.DONE] + P.pack_result(cid, P.OK, 0, time.perf_counter() - t0), payload]
 
@@ -556,7 +558,7 @@ class Worker:
     def warm(self, code_hash, code):
         """Load a function's code before its first call (its min_warm), importing its modules."""
         try:
-            self.code[code_hash] = serde.load_code(code)
+            self.code[code_hash] = load_code(code)
         except Exception as e:  # noqa: BLE001 - its first call reports the failure
             self.code[code_hash] = _Unloadable(e)
 
@@ -587,7 +589,7 @@ class Worker:
 
     def reply_error(self, cid, e, t0):
         self.output.flush_on(self.sock if self.pool is None else self.thread_sock())
-        return [P.C[P.DONE] + P.pack_result(cid, P.USER_ERROR, 0, time.perf_counter() - t0), serde.dumps_error(e)]
+        return [P.C[P.DONE] + P.pack_result(cid, P.USER_ERROR, 0, time.perf_counter() - t0), pickling.dumps_error(e)]
 
     def create(self, cls, args, kwargs, concurrency, cid):
         """Build the instance, run its @fabric.enter methods, start its thread pool if concurrent."""

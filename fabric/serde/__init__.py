@@ -7,8 +7,9 @@ One concern per module:
 - ``shm``: on one host, big numpy arguments through shared-memory files the driver pools;
 - ``transfer``: across hosts, large payloads through the cluster's object store.
 
-The broker imports none of them (it never unpickles a payload; tests/test_layering.py). The
-names below are the package's interface: ``from fabric import serde; serde.X`` keeps working.
+The broker never unpickles a payload: of these it imports only ``shm``, which holds no pickler,
+to remove a dead driver's files (tests/test_layering.py). The names below are the package's
+interface, so ``from fabric import serde; serde.X`` works as it did when serde was one module.
 """
 from .code import CodePickler, code_blob, load_code
 from .pickling import (

@@ -17,9 +17,8 @@ import traceback
 import cloudpickle
 
 from ..errors import RemoteError, RemoteTraceback, SerializationError
-from . import shm
 from .code import CodePickler
-from .shm import SHM_THRESHOLD
+from .shm import SHM_THRESHOLD, to_shm, track_mappings
 from .transfer import _maybe_spill, spill
 
 _SIMPLE = (int, float, str, bytes, bool, type(None))
@@ -63,7 +62,7 @@ class ArgPickler(CodePickler):
         return super().reducer_override(obj)
 
     def _to_shm(self, arr):
-        return shm.to_shm(arr, self.shm_pool, self.shm_used)
+        return to_shm(arr, self.shm_pool, self.shm_used)
 
 
 class PassThrough(Exception):
@@ -111,7 +110,7 @@ def dumps_args(args: tuple, kwargs: dict, *, ref_type=None, on_ref=None, shm_poo
 
 def loads_args(payload, buffers, deps: dict | None = None):
     _deps.values = deps or {}
-    shm.track_mappings()
+    track_mappings()
     try:
         return pickle.loads(payload, buffers=buffers)
     finally:

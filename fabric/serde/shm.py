@@ -5,7 +5,8 @@ bytes or more into a file under ``/dev/shm`` instead of sending it over the sock
 maps it privately (copy-on-write). This module is the whole allocator of those files: their
 names (``fabric-<driver pid>-<random>``), the driver's pool that reuses them, the worker's side
 that maps them and reports whether it let go, and the clean-up of a dead driver's files.
-It imports no pickler: ``fabric.serde.pickling`` decides which arrays come here.
+It imports no pickler (``fabric.serde.pickling`` decides which arrays come here), which is why
+the broker may use it, for that clean-up alone (tests/test_layering.py).
 """
 from __future__ import annotations
 
@@ -162,6 +163,18 @@ class ShmPool:
             free, self.free = self.free, []
         for _, path, mm in free:
             _discard(path, mm)
+
+
+def remove_shm(pid: int, directory: str = "/dev/shm") -> None:
+    """Remove the shared-memory files of driver ``pid``: what the broker of an embedded cluster
+    does when its driver has died, and the cluster when it stops."""
+    import glob
+
+    for path in glob.glob(os.path.join(directory, f"fabric-{pid}-*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def sweep_shm(directory: str = "/dev/shm") -> int:

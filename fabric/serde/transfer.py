@@ -6,12 +6,14 @@ rest packed together if they still reach it, once under its content hash
 (``fabric.storage.objects``); the message carries a small pickle of ``_unspill`` with the
 references. The receiver fetches each object once per host into a local cache and maps it,
 so buffers come back zero-copy. The same goes for results and for ``fabric.put`` objects.
-It is its own module because it is the one part of serialisation that touches storage.
+It is its own module because it is the one part of serialisation that touches storage: it
+imports ``fabric.storage`` only to spill or fetch, and learns of a store given in code through
+one explicit hook, ``use_store``, rather than by looking for ``fabric.storage`` in ``sys.modules``.
 """
 from __future__ import annotations
 
 import pickle
-import sys
+from typing import Any, Callable
 
 from .. import config
 from .. import settings
@@ -45,13 +47,25 @@ def store_threshold() -> int:
                          ) from None
 
 
+# --- the store hook: how a store given in code reaches this module -------------------------
+_given: Callable[[], Any] | None = None
+
+
+def use_store(given: Callable[[], Any] | None) -> None:
+    """Install the hook that says which store this process was given in code: ``given()``
+    returns it, or None while there is none (``None`` removes the hook). ``fabric.init(store=...)``
+    installs ``fabric.storage.given``. ``FABRIC_STORE`` needs no hook, and without one a process
+    has a store only through it: asking never imports ``fabric.storage``, which is slow to import."""
+    global _given
+    _given = given
+
+
 def store_configured() -> bool:
-    """Whether this process was given a cluster store (``FABRIC_STORE`` or
+    """Whether this process was given a cluster store (``FABRIC_STORE``, or the hook's store:
     ``fabric.init(store=...)``), rather than falling back to a folder of its own."""
     if settings.get().store:
         return True
-    st = sys.modules.get("fabric.storage")
-    return st is not None and getattr(st, "_default", None) is not None
+    return _given is not None and _given() is not None
 
 
 class Transfer:

@@ -30,7 +30,7 @@ from .store import (
 )
 
 __all__ = [
-    "Store", "default", "set_default", "default_local_path",
+    "Store", "default", "set_default", "given", "default_local_path",
     "StorageError", "KeyNotFound", "InvalidStoreURL", "StorageCredentialsError", "CorruptObject",
     "validate_key", "redact",
 ]
@@ -46,6 +46,12 @@ def set_default(store: str | os.PathLike | Store | None, **storage_options) -> S
         _default = store
     else:
         _default = Store(store, **storage_options)
+    return _default
+
+
+def given() -> Store | None:
+    """The store ``set_default`` set (None if none): a store given in code, not by
+    ``FABRIC_STORE``. ``fabric.init(store=...)`` hands this to ``fabric.serde.transfer.use_store``."""
     return _default
 
 
