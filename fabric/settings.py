@@ -80,6 +80,9 @@ class Settings:
         "FABRIC_RUNTIME_ENV_DIR", None, "workers", "the per-host cache of runtime_env working dirs and pip "
         "installs (runtime_env.md)", shown="`$FABRIC_HOME/cache/runtime_env`, else "
         "`$XDG_CACHE_HOME/fabric/runtime_env` or `~/.cache/fabric/runtime_env`")
+    runtime_env_keep: int = _var(
+        "FABRIC_RUNTIME_ENV_KEEP", 16, "workers", "working dirs, and as many pip installs, each host keeps in "
+        "that cache; beyond, the least recently used that no call runs in are removed")
     # -- drivers -------------------------------------------------------------------------------
     working_dir_limit: str | None = _var(
         "FABRIC_WORKING_DIR_LIMIT", None, "driver", "bytes or a size: the most a runtime_env's working_dir "

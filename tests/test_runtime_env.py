@@ -51,7 +51,8 @@ def rt(tmp_path_factory):
     from fabric.cluster import LocalCluster
 
     root = tmp_path_factory.mktemp("runenv")
-    env = {"FABRIC_RUNTIME_ENV_DIR": str(root / "cache"), "RUNENV_BASE": "base", **PIP_OFFLINE}
+    env = {"FABRIC_RUNTIME_ENV_DIR": str(root / "cache"), "FABRIC_RUNTIME_ENV_KEEP": "3", "RUNENV_BASE": "base",
+           **PIP_OFFLINE}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -346,3 +347,27 @@ def test_a_driver_with_a_store_of_its_own(rt, tmp_path):
         storage.set_default(None)
         fabric.init(address=rt["address"])
     assert plain.remote().result()["base"] == "base"
+
+
+class Reader:
+    def look(self):
+        return open("data.txt").read().strip(), os.getcwd()
+
+
+def test_each_host_keeps_few_folders_and_spares_those_in_use(rt):
+    """FABRIC_RUNTIME_ENV_KEEP=3 here: making a 4th working_dir removes the least recently used
+    one, not the one an instance lives in; a function whose folder went makes it again."""
+    folders = lambda: sorted(d for d in os.listdir(rt["cache"] / "working_dir")  # noqa: E731
+                             if not d.endswith(".lock") and ".tmp-" not in d)
+    h = fabric.cls(cpus=0.5, runtime_env={"working_dir": make_working_dir(rt["root"], "H")})(Reader).remote()
+    data, home = h.look.remote().result()
+    assert data == "data H"
+    fns = [fabric.fn(cpus=0.5, runtime_env={"working_dir": make_working_dir(rt["root"], f"E{i}")})(envd)
+           for i in range(4)]
+    cwds = [f.remote().result()["cwd"] for f in fns]
+    assert os.path.basename(home) in folders() and len(folders()) == 4  # 3 kept + the one in use
+    assert os.path.basename(cwds[0]) not in folders()
+    assert h.look.remote().result() == ("data H", home)
+    assert fns[0].remote().result()["data"] == "data E0"  # made again
+    assert os.path.basename(cwds[0]) in folders() and len(folders()) == 4
+    fabric.kill(h)

@@ -30,6 +30,10 @@ created, and kept (its concurrent method calls all share it).
 
 A folder is made at most once per host: a file lock serialises concurrent first calls (the
 others wait, then find it made), and a folder appears under its final name only when complete.
+Each host keeps the ``FABRIC_RUNTIME_ENV_KEEP`` most recently used working dirs and as many pip
+installs; making one more removes the least recently used, except those a call is running in
+(it holds the folder's lock shared; an instance, for its life). A worker whose folder was
+removed between two calls makes it again.
 """
 from __future__ import annotations
 
@@ -83,6 +87,59 @@ def _locked(final: str, what: str):
         os.close(fd)  # (releases the lock)
 
 
+def _touch(final: str) -> None:
+    try:
+        os.utime(final + ".lock")  # its lock file's time: when the folder was last used
+    except OSError:
+        pass
+
+
+def _evict(folder: str, keep: int) -> None:
+    """Remove the least recently used folders of ``folder`` beyond ``keep`` that no call holds,
+    and what installers that died left half made."""
+    entries = []
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if ".tmp-" in name:
+            pid = name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not config.pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        if name.endswith(".lock"):
+            continue
+        try:
+            used = os.stat(path + ".lock").st_mtime
+        except OSError:
+            used = 0.0
+        entries.append((used, path))
+    entries.sort(reverse=True)
+    for _, path in entries[keep:]:
+        fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a call runs in it
+            gone = f"{path}.tmp-gone-{os.getpid()}"
+            try:
+                os.rename(path, gone)
+            except OSError:
+                continue
+            shutil.rmtree(gone, ignore_errors=True)
+            os.unlink(path + ".lock")  # (a process that opens it later locks a new file: no folder to share)
+        finally:
+            os.close(fd)
+
+
+def _made(final: str) -> None:
+    """``final`` was just made: note its use, and keep the cache to its bound."""
+    _touch(final)
+    try:
+        _evict(os.path.dirname(final), max(1, settings.get().runtime_env_keep))
+    except OSError:
+        pass  # a bound kept late is no reason to fail the call
+
+
 def working_dir(wd: dict) -> str:
     """The local folder of a shipped working_dir (``{"hash", "key", "store"}``), unpacked on first use."""
     final = os.path.join(cache_root(), "working_dir", wd["hash"])
@@ -114,6 +171,7 @@ def working_dir(wd: dict) -> str:
                 if mode and not info.is_dir():
                     os.chmod(path, mode)
         os.rename(tmp, final)
+        _made(final)
     return final
 
 
@@ -167,6 +225,7 @@ def pip_target(reqs: list[str], cwd: str | None) -> str:
                 f"pip's last lines:\n{text}")
         os.makedirs(tmp, exist_ok=True)  # (an empty requirement set makes nothing)
         os.rename(tmp, final)
+        _made(final)
     return final
 
 
@@ -181,6 +240,28 @@ class Setup:
         self.paths = [p for p in (pip, self.cwd) if p]
         self.tops = {n for p in self.paths for n in _top_names(p)}
         self.modules: dict = {}  # this env's modules between its calls
+        self.locks = [os.open(p + ".lock", os.O_CREAT | os.O_RDWR, 0o600) for p in self.paths]
+
+    def hold(self) -> bool:
+        """Hold the folders for a call (their locks, shared: not removed meanwhile); False, and
+        nothing held, when one was removed since this Setup was made."""
+        for fd in self.locks:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        if all(os.path.isdir(p) for p in self.paths):
+            for p in self.paths:
+                _touch(p)
+            return True
+        self.release()
+        return False
+
+    def release(self) -> None:
+        for fd in self.locks:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        for fd in self.locks:
+            os.close(fd)
+        self.locks = []
 
 
 def _top_names(folder: str) -> set[str]:
@@ -239,6 +320,7 @@ def applied(s: Setup, restore: bool = True):
         yield
     finally:
         if restore:
+            s.release()
             if s.tops:
                 if len(sys.modules) == count and all(n in sys.modules for n in s.modules):
                     # nothing imported or dropped: the env's modules are the ones it came with
@@ -262,11 +344,16 @@ def applied(s: Setup, restore: bool = True):
 
 
 def _ready(ec: EnvCall) -> Setup:
-    """``ec``'s env made ready on this worker (once), or the error it failed with."""
+    """``ec``'s env made ready on this worker (once) and held for a call (``applied`` lets it
+    go), or the error it failed with."""
     if ec.failed is not None:
         raise RuntimeEnvSetupError(str(ec.failed))
     setup = ec.setup
-    if not isinstance(setup, Setup):
+    if isinstance(setup, Setup):
+        if setup.hold():
+            return setup
+        setup.close()  # its folders were removed (the host's cache bound): make them again
+    for _ in range(3):
         try:
             setup = ec.setup = Setup(ec.env)
         except RuntimeEnvSetupError as e:
@@ -274,7 +361,11 @@ def _ready(ec: EnvCall) -> Setup:
             raise
         except OSError as e:
             raise RuntimeEnvSetupError(f"runtime_env could not be set up on this executor: {e}") from e
-    return setup
+        if setup.hold():
+            return setup
+        setup.close()  # removed again as it was made, by other workers' new envs
+    raise RuntimeEnvSetupError("runtime_env: its folders were removed as soon as they were made: the host's "
+                               "cache keeps too few for the envs in use (raise FABRIC_RUNTIME_ENV_KEEP)")
 
 
 def _code(ec: EnvCall):
@@ -285,32 +376,31 @@ def _code(ec: EnvCall):
 
 def call(ec: EnvCall, args: tuple, kwargs: dict):
     """Run ``ec``'s function (or build its class's instance) with its env in place."""
-    s = _ready(ec)
     kind = ec.kind
-    if kind == "class":  # the instance owns this worker: the env stays for its life
-        with applied(s, restore=False):
+    if kind == "class":  # the instance owns this worker: the env (and its folders) stay for its life
+        with applied(_ready(ec), restore=False):
             return _code(ec)(*args, **kwargs)
     if kind == "generator":
-        return _generator(ec, s, args, kwargs)
+        return _generator(ec, args, kwargs)
     if kind == "asyncgen":
-        return _async_generator(ec, s, args, kwargs)
+        return _async_generator(ec, args, kwargs)
     if kind == "async":
-        return _coroutine(ec, s, args, kwargs)
-    with applied(s):
+        return _coroutine(ec, args, kwargs)
+    with applied(_ready(ec)):
         return _code(ec)(*args, **kwargs)
 
 
-def _generator(ec, s, args, kwargs):
-    with applied(s):  # the worker runs a stream to its end before its next call
+def _generator(ec, args, kwargs):
+    with applied(_ready(ec)):  # the worker runs a stream to its end before its next call
         yield from _code(ec)(*args, **kwargs)
 
 
-async def _coroutine(ec, s, args, kwargs):
-    with applied(s):
+async def _coroutine(ec, args, kwargs):
+    with applied(_ready(ec)):
         return await _code(ec)(*args, **kwargs)
 
 
-async def _async_generator(ec, s, args, kwargs):
-    with applied(s):
+async def _async_generator(ec, args, kwargs):
+    with applied(_ready(ec)):
         async for item in _code(ec)(*args, **kwargs):
             yield item
