@@ -21,7 +21,7 @@ import cloudpickle
 from . import config
 from . import protocol as P
 from . import settings
-from .client import Client, Future, Part, Stream
+from .client import CallOptions, Client, Future, Part, Stream
 from .errors import ConnectionFailed, FabricError, GetTimeout
 from .gangs import GangContext, gang_context
 from .resources import parse_memory
@@ -387,6 +387,11 @@ class RemoteFunction:
             if self._stream and options.get("cache"):
                 raise ValueError(f"{self._name} is a generator: cache=True keeps one result, a stream has many")
             self.remote = self._remote_special
+        o = options
+        self._call = CallOptions(label=self._name, cpus=o["cpus"], gpus=o["gpus"], memory=o["memory_bytes"],
+                                 retries=o["retries"], timeout=o["timeout"], max_containers=o["max_containers"],
+                                 min_warm=o["min_warm"], window=o["backpressure"] if self._stream else 0,
+                                 stream=self._stream)
 
     def __repr__(self):
         return f"<fabric.fn {self._name}>"
@@ -413,10 +418,7 @@ class RemoteFunction:
         """Run on the cluster; returns at once with a Future."""
         _bind(self._sig, self._name, args, kwargs)
         blob, h = self._blob()
-        o = self._options
-        return _client().submit(P.TASK, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
-                                memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
-                                label=self._name, max_containers=o["max_containers"], min_warm=o["min_warm"])
+        return _client().submit(P.TASK, blob, h, args, kwargs, self._call)
 
     def _remote_special(self, *args, **kwargs):
         """``.remote()`` of a generator (a Stream of its items) or of ``num_returns=n`` (n Futures)."""
@@ -424,11 +426,7 @@ class RemoteFunction:
         blob, h = self._blob()
         o = self._options
         client = _client()
-        fut = client.submit(P.TASK, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
-                            memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
-                            label=self._name, max_containers=o["max_containers"], min_warm=o["min_warm"],
-                            window=o["backpressure"] if self._stream else 0,
-                            extra_opts=P.STREAM if self._stream else 0)
+        fut = client.submit(P.TASK, blob, h, args, kwargs, self._call)
         if self._stream:
             return Stream(fut, client, o["backpressure"])
         return [Part(fut, i, o["num_returns"]) for i in range(o["num_returns"])]
@@ -596,10 +594,10 @@ class RemoteClass:
             found = self._register(client, aid, named)
             if found is not None:
                 return found
-        ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, actor_id=aid, cpus=o["cpus"], gpus=o["gpus"],
-                              memory=o["memory_bytes"], retries=_no_limit(o["max_restarts"]), concurrency=o["concurrency"],
-                              label=f"{self._name}.__init__", max_containers=o["max_containers"],
-                              min_warm=o["min_warm"])
+        new = CallOptions(label=f"{self._name}.__init__", cpus=o["cpus"], gpus=o["gpus"], memory=o["memory_bytes"],
+                          retries=_no_limit(o["max_restarts"]), max_containers=o["max_containers"],
+                          min_warm=o["min_warm"], concurrency=o["concurrency"])
+        ready = client.submit(P.ACTOR_NEW, blob, h, args, kwargs, new, actor_id=aid)
         return InstanceHandle(self, aid, ready, client, owner=named is None or not named["detached"])
 
     def _register(self, client, aid, named):
@@ -766,6 +764,10 @@ class InstanceMethod:
         if self._stream:
             self.remote = self._remote_stream  # a generator method: .remote() streams its items
         self._num_returns = (getattr(attr, "__fabric_method__", None) or {}).get("num_returns", 1)
+        timeout = handle._rclass._options["timeout"]  # a method call holds no resources of its own
+        self._call = CallOptions(label=self._label, cpus=0.0, timeout=timeout, stream=self._stream,
+                                 retries=0 if self._stream else self._retries,
+                                 window=P.STREAM_WINDOW if self._stream else 0)
 
     def options(self, *, num_returns: int | None = None) -> "InstanceMethod":
         """A copy for calls with other options: ``h.m.options(num_returns=2).remote()`` -> 2 Futures."""
@@ -781,10 +783,7 @@ class InstanceMethod:
     def _remote_stream(self, *args, **kwargs) -> Stream:
         _bind(self._sig, self._label, args, kwargs)
         client = self._client or _client()
-        o = self._rclass._options
-        fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
-                            cpus=0.0, gpus=0.0, memory=0, retries=0, timeout=o["timeout"] or 0.0,
-                            label=self._label, window=P.STREAM_WINDOW, extra_opts=P.STREAM)
+        fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, self._call, actor_id=self._id)
         return Stream(fut, client, P.STREAM_WINDOW)
 
     def __call__(self, *args, **kwargs):
@@ -793,10 +792,7 @@ class InstanceMethod:
     def remote(self, *args, **kwargs) -> Future:
         _bind(self._sig, self._label, args, kwargs)
         client = self._client or _client()
-        o = self._rclass._options
-        fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, actor_id=self._id,
-                            cpus=0.0, gpus=0.0, memory=0, retries=self._retries, timeout=o["timeout"] or 0.0,
-                            label=self._label)
+        fut = client.submit(P.ACTOR_CALL, None, P.NO_ID, (self._name,) + args, kwargs, self._call, actor_id=self._id)
         n = self._num_returns
         return fut if n == 1 else [Part(fut, i, n) for i in range(n)]
 
@@ -843,9 +839,9 @@ class Gang:
         _bind(rf._sig, rf._name, args, kwargs)
         blob, h = rf._blob()
         o = self._options
-        return _client().submit(P.GANG, blob, h, args, kwargs, cpus=o["cpus"], gpus=o["gpus"],
-                                memory=o["memory_bytes"], retries=o["retries"], timeout=o["timeout"] or 0.0,
-                                label=o["name"] or rf._name, gang=self.size, min_warm=o["min_warm"])
+        call = CallOptions(label=o["name"] or rf._name, cpus=o["cpus"], gpus=o["gpus"], memory=o["memory_bytes"],
+                           retries=o["retries"], timeout=o["timeout"], min_warm=o["min_warm"], gang=self.size)
+        return _client().submit(P.GANG, blob, h, args, kwargs, call)
 
 
 def gang(size: int, **options) -> Gang:

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import zmq
@@ -193,6 +194,35 @@ class Future:
             raise
         finally:
             self._frames = None
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """How a call runs: made once per function, class, method or gang by ``fabric.api`` (from
+    its checked options) and passed to every ``Client.submit`` of it. The fields become the call
+    header's (``protocol.CallHeader``); ``label`` names the call in errors and output."""
+
+    label: str = "call"
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory: int = 0              # bytes reserved
+    retries: int = 0
+    timeout: float = 0.0         # seconds, 0 = none
+    max_containers: int = 0      # 0 = no cap
+    min_warm: int = 0
+    concurrency: int = 0         # ACTOR_NEW: the instance's threads (0 or 1: one call at a time)
+    window: int = 0              # stream: items made ahead of the consumer
+    stream: bool = False         # a generator: .remote() gives a Stream of its items
+    gang: int = 0                # GANG: the number of members
+
+    def __post_init__(self):  # the header's types, whatever numbers the caller gave
+        for name, kind in _OPTION_TYPES:
+            object.__setattr__(self, name, kind(getattr(self, name) or 0))
+
+
+_OPTION_TYPES = (("cpus", float), ("gpus", float), ("memory", int), ("retries", int), ("timeout", float),
+                 ("max_containers", int), ("min_warm", int), ("concurrency", int), ("window", int), ("gang", int))
+DEFAULT_OPTIONS = CallOptions()
 
 
 class Submission(NamedTuple):
@@ -543,11 +573,12 @@ class Client:
     def new_id(self) -> bytes:
         return self.id + next(self._counter).to_bytes(8, "big")
 
-    def submit(self, kind, code_blob, code_hash, args, kwargs, *, actor_id=P.NO_ID, cpus=1.0, gpus=0.0,
-               memory=0, retries=0, timeout=0.0, concurrency=0, window=0, label="call", gang=0,
-               max_containers=0, min_warm=0, extra_opts=0) -> Future:
-        """Send one call; returns its Future. ``gang=n`` (kind GANG): one SUBMIT for n members,
-        returns their n Futures in rank order (rank 0's id is the call's id)."""
+    def submit(self, kind, code_blob, code_hash, args, kwargs, options: "CallOptions | None" = None,
+               actor_id=P.NO_ID) -> Future:
+        """Send one call; returns its Future. ``options.gang=n`` (kind GANG): one SUBMIT for n
+        members, returns their n Futures in rank order (rank 0's id is the call's id)."""
+        o = options or DEFAULT_OPTIONS
+        label = o.label
         if self.closed:
             raise ConnectionFailed("this fabric client is shut down; call fabric.init() again")
         if self.gone is not None:
@@ -578,22 +609,21 @@ class Client:
             self.borrowing[cid] = held
         if shm_used:
             fut._shm = shm_used
-        opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts() | extra_opts
+        opts = (P.HAS_DEPS if deps else 0) | self.transfer.result_opts() | (P.STREAM if o.stream else 0)
         body = [b"".join(f.id for f in deps), payload, *bufs] if deps else [payload, *bufs]  # after the header
         members = None
-        if gang:  # the members' call ids follow the buffers, rank 0 (this call's id) first
-            members = [fut] + [Future(self.new_id(), self, f"{label}[rank {r}]") for r in range(1, gang)]
+        if o.gang:  # the members' call ids follow the buffers, rank 0 (this call's id) first
+            members = [fut] + [Future(self.new_id(), self, f"{label}[rank {r}]") for r in range(1, o.gang)]
             fut.label = f"{label}[rank 0]"
             body.append(b"".join(f.id for f in members))
             opts |= P.HAS_GANG
             for f in members[1:]:
                 self.pending[f.id] = f
-        head = P.CallHeader.of(cid, code_hash, kind, actor_id, float(cpus), float(gpus), int(memory), int(retries),
-                               float(timeout or 0.0), len(bufs), int(max_containers or 0), int(min_warm or 0),
-                               concurrency, window, opts)
+        head = P.CallHeader.of(cid, code_hash, kind, actor_id, o.cpus, o.gpus, o.memory, o.retries, o.timeout,
+                               len(bufs), o.max_containers, o.min_warm, o.concurrency, o.window, opts)
         self.pending[cid] = fut
-        if extra_opts:  # a stream: its items may come before .remote() returns
-            self.streams[cid] = _StreamState(fut, self, window)
+        if o.stream:  # its items may come before .remote() returns
+            self.streams[cid] = _StreamState(fut, self, o.window)
         fut._sub = Submission(head, code_blob, body, deps or None)
         if members:
             for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
@@ -610,7 +640,7 @@ class Client:
             self.last_submit = now
             for f in deps:
                 f._pin -= 1
-        return members if gang else fut
+        return members if o.gang else fut
 
     def _submit_message(self, sub: "Submission") -> list:
         """The SUBMIT message of ``Future._sub``, with the code if this connection has not sent

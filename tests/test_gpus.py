@@ -11,6 +11,7 @@ import pytest
 
 import fabric
 from fabric import protocol as P
+from fabric.client import CallOptions
 from conftest import wait_for
 
 
@@ -105,10 +106,10 @@ def test_gpus_above_one_must_be_whole_and_the_cluster_goes_on(gpu_cluster):
     # a driver that skips the API's check: the broker refuses the call itself, and answers it
     blob, h = half._blob()
     client = fabric.api._client()
-    fut = client.submit(P.TASK, blob, h, (0.1,), {}, cpus=1, gpus=1.5, retries=0, label="raw")
+    fut = client.submit(P.TASK, blob, h, (0.1,), {}, CallOptions(cpus=1, gpus=1.5, retries=0, label="raw"))
     with pytest.raises(fabric.ProtocolError, match=r"gpus=1\.5: above 1, gpus must be a whole number"):
         fut.result(timeout=30)
-    futs = client.submit(P.GANG, blob, h, (0.1,), {}, cpus=1, gpus=1.5, retries=0, label="raw", gang=2)
+    futs = client.submit(P.GANG, blob, h, (0.1,), {}, CallOptions(cpus=1, gpus=1.5, retries=0, label="raw", gang=2))
     for f in futs:  # every member of a refused gang gets the answer
         with pytest.raises(fabric.ProtocolError, match="whole number"):
             f.result(timeout=30)
