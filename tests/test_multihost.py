@@ -761,3 +761,38 @@ def tag(i):
 report(letters=sorted(set(tag.map(range(8)))))
 """, timeout=120)
     assert res["letters"] == ["b", "c"], c.logs()
+
+
+# ------------------------------------------------------------------ runtime_env across hosts
+
+def test_runtime_env_reaches_each_host_through_the_store(net, tmp_path):
+    """A working_dir and a pip package from a driver on host a: each executor host gets the zip
+    from the shared store, unpacks it and installs the package once, into its own cache."""
+    from test_runtime_env import PIP_OFFLINE, make_package, make_working_dir
+
+    wd, pkg = make_working_dir(tmp_path, "X"), make_package(tmp_path)
+    c = StoreCluster(net, str(tmp_path), port=PORT + 40, keys=keys_supported(),
+                     store_env={"FABRIC_STORE": f"file://{tmp_path / 'store'}", **PIP_OFFLINE})
+    try:
+        c.start_broker()
+        c.add_executor("b")
+        c.add_executor("c")
+        c.wait_executors(["host-b", "host-c"])
+        res = c.driver("a", r"""
+@fabric.fn(runtime_env={"working_dir": sys.argv[1], "pip": [sys.argv[2]], "env_vars": {"RUNENV_X": "x"}})
+def f(i):
+    import rtmod, tinypkg
+    time.sleep(0.5)                                    # long enough that both hosts take some
+    return [rtmod.VALUE, tinypkg.VERSION, os.environ["RUNENV_X"], open("data.txt").read().strip(), here()["host"]]
+
+report(out=fabric.get([f.remote(i) for i in range(6)], timeout=240))
+""", args=[wd, pkg], timeout=300)
+        assert {tuple(o[:4]) for o in res["out"]} == {("X", "1.2", "x", "data X")}, res
+        assert {o[4] for o in res["out"]} == {"host-b", "host-c"}, res
+        for letter in "bc":  # each host made its own copies, once
+            cache = tmp_path / f"home-{letter}" / "cache" / "runtime_env"
+            for kind in ("working_dir", "pip"):
+                made = [p.name for p in (cache / kind).iterdir() if not p.name.endswith(".lock")]
+                assert len(made) == 1, (letter, kind, made)
+    finally:
+        c.stop()
