@@ -2,6 +2,8 @@
 and one definition of what a shape takes from an executor and how many fit (``Ledger``)."""
 from __future__ import annotations
 
+from typing import Iterable
+
 
 def parse_memory(value) -> int:
     """'2GiB', '512MB', '1.5G', 1024 -> bytes. ValueError with the accepted forms otherwise."""
@@ -66,7 +68,7 @@ class Ledger:
     not reserved. ``take(shape)`` and ``give(shape, devices)`` are the only ways resources move."""
     __slots__ = ("cpus", "gpus", "memory", "free_cpus", "free_mem", "gpu_free")
 
-    def __init__(self, cpus, gpus=(), memory=0):
+    def __init__(self, cpus: float, gpus: Iterable[int] = (), memory: int = 0) -> None:
         self.cpus = float(cpus)
         self.gpus = list(dict.fromkeys(int(g) for g in gpus))
         self.memory = int(memory)
@@ -89,7 +91,7 @@ class Ledger:
         cpus, gpus, mem = shape
         return cpus <= self.cpus + CPU_EPS and mem <= self.memory and gpus <= len(self.gpus)
 
-    def room(self, shape, total=False):
+    def room(self, shape: tuple[float, float, int], total: bool = False) -> int:
         """How many calls of ``shape`` fit side by side now (``total``: with nothing reserved)."""
         cpus, gpus, mem = shape
         fc, fm = (self.cpus, self.memory) if total else (self.free_cpus, self.free_mem)

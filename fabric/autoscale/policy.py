@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
 
 from ..resources import Ledger
 
@@ -40,7 +41,7 @@ class Pool:
     cpus: float = 1.0      # CPUs of one executor (its pool workers: one per whole CPU)
     gpus: int = 0          # GPU devices of one executor (gpu pools)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.min < 0 or self.max < self.min:
             raise ValueError(f"{self.kind} pool: need 0 <= min <= max, got min={self.min} max={self.max}")
         if self.cpus <= 0:
@@ -81,30 +82,30 @@ class Decision:
     code: str                    # a short key: from_zero, scale_up, below_min, at_max, idle, to_zero, ...
     reason: str
     count: int = 0
-    ids: list = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
     desired: int = 0
     current: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def executor_kind(ex: dict) -> str:
+def executor_kind(ex: dict[str, Any]) -> str:
     labels = ex.get("labels") or {}
     if labels.get(KIND_LABEL):
         return str(labels[KIND_LABEL])
     return "gpu" if ex.get("gpus") else "cpu"
 
 
-def shape_kind(q: dict) -> str:
+def shape_kind(q: dict[str, Any]) -> str:
     return "gpu" if q.get("gpus", 0) > 0 else "cpu"
 
 
-def is_idle(ex: dict) -> bool:
-    return ex.get("busy", 0) == 0 and ex.get("instances", 0) == 0
+def is_idle(ex: dict[str, Any]) -> bool:
+    return bool(ex.get("busy", 0) == 0 and ex.get("instances", 0) == 0)
 
 
-def utilisation(ex: dict) -> float:
+def utilisation(ex: dict[str, Any]) -> float:
     """The fraction of an executor in use: busy workers over pool workers, or reserved resources."""
     if is_idle(ex):
         return 0.0
@@ -113,12 +114,12 @@ def utilisation(ex: dict) -> float:
     by_cpus = (cpus - float(ex.get("free_cpus", cpus))) / cpus if cpus > 0 else 0.0
     gpus = len(ex.get("gpus") or [])
     by_gpus = (gpus - len(ex.get("free_gpus") or [])) / gpus if gpus else 0.0
-    return min(1.0, max(by_workers, by_cpus, by_gpus, 1e-6))
+    return min(1.0, max(float(by_workers), by_cpus, by_gpus, 1e-6))
 
 
 class Policy:
-    def __init__(self, pools, idle_s: float = 60.0, join_timeout_s: float = 120.0,
-                 max_backoff_s: float = 60.0, forget_terminated_s: float = 300.0):
+    def __init__(self, pools: dict[str, Pool] | Iterable[Pool], idle_s: float = 60.0, join_timeout_s: float = 120.0,
+                 max_backoff_s: float = 60.0, forget_terminated_s: float = 300.0) -> None:
         pools = list(pools.values()) if isinstance(pools, dict) else list(pools)
         self.pools = {p.kind: p for p in pools}
         self.idle_s = float(idle_s)
@@ -132,7 +133,8 @@ class Policy:
         self.backoff_until: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------
-    def decide(self, status: dict, now: float | None = None, instances=()) -> list[Decision]:
+    def decide(self, status: dict[str, Any], now: float | None = None,
+               instances: Iterable[Machine] = ()) -> list[Decision]:
         now = time.time() if now is None else now
         for pid, t in list(self.terminated.items()):
             if now - t > self.forget_terminated_s:
@@ -174,11 +176,12 @@ class Policy:
         return out
 
     # ------------------------------------------------------------------------------------------
-    def _decide_pool(self, pool, status, executors, instances, joined, now):
+    def _decide_pool(self, pool: Pool, status: dict[str, Any], executors: list[dict[str, Any]],
+                     instances: list[Machine], joined: set[str | None], now: float) -> list[Decision]:
         kind = pool.kind
         exs = [ex for ex in executors if executor_kind(ex) == kind]
         mine = {i.id: i for i in instances if i.kind == kind}
-        managed = {(ex.get("labels") or {}).get(PROVIDER_LABEL): ex for ex in exs
+        managed: dict[Any, dict[str, Any]] = {(ex.get("labels") or {}).get(PROVIDER_LABEL): ex for ex in exs
                    if (ex.get("labels") or {}).get(PROVIDER_LABEL) in mine}
         pending = [i for pid, i in mine.items() if pid not in joined]
         if managed:
@@ -218,7 +221,7 @@ class Policy:
         current = len(exs) + len(pending)
         out: list[Decision] = []
 
-        def dec(action, code, reason, count=0, ids=()):
+        def dec(action: str, code: str, reason: str, count: int = 0, ids: Iterable[str] = ()) -> Decision:
             d = Decision(now, kind, action, code, reason, count, list(ids), desired, current)
             out.append(d)
             return d
@@ -310,7 +313,7 @@ class Policy:
                                   and i.state != "requested"})
         return out
 
-    def _terminated(self, insts, now):
+    def _terminated(self, insts: Iterable[Machine], now: float) -> None:
         for i in insts:
             self.terminated[i.id] = now
             self.pending_prev.pop(i.id, None)
