@@ -47,8 +47,11 @@ from .. import config
 from .. import security
 from .. import settings
 from .gangs import GangScheduling
+from .drivers import DRIVER_TIMEOUT, Drivers
 from .journal import COMPACT_BYTES
-from .state import (DONE, EPS, QUEUED, RUNNING, SPAWNING, Actor, Call, Executor, FnInfo,
+from .outbox import Outbox
+from . import placement
+from .state import (DONE, QUEUED, RUNNING, SPAWNING, Actor, Call, Executor, FnInfo,
                     Gang, Worker)
 
 from ..errors import FabricError, ProtocolError
@@ -58,10 +61,7 @@ log = logging.getLogger("fabric.broker")
 
 _S = settings.get()
 HEARTBEAT_TIMEOUT = _S.heartbeat_timeout
-DRIVER_TIMEOUT = _S.driver_timeout  # a silent driver is gone
 NO_EXECUTOR_GRACE = _S.no_executor_grace
-PREFETCH_BELOW = _S.prefetch_below  # seconds
-PREFETCH_ONE_BELOW = _S.prefetch_one_below  # seconds
 ACTOR_PIPELINE = _S.actor_pipeline
 # the most calls the broker holds for all drivers together; beyond it, submits are refused (each
 # driver also slows itself at FABRIC_MAX_PENDING, so only many drivers at once reach this)
@@ -104,7 +104,8 @@ class Broker(GangScheduling):
         security.curve_server(s, address)  # CURVE on tcp:// (default keys) or with FABRIC_KEYS; docs/security.md
         s.bind(address)
         self.started = self.no_executor_since = time.monotonic()
-        self.drivers: dict[bytes, dict] = {}        # driver id -> info
+        self.out = Outbox(s)                        # what this loop turn sends, batched per peer
+        self.drivers = Drivers(self.out, self.epoch)
         self.executors: dict[bytes, Executor] = {}  # executor identity -> Executor
         self.workers: dict[bytes, Worker] = {}
         self.idle: dict[Worker, None] = {}          # pool workers with nothing in flight
@@ -130,8 +131,6 @@ class Broker(GangScheduling):
         # code whose calls set one of them, so plain calls pay nothing
         self.fns: dict[bytes, FnInfo] = {}
         self.timeouts: list = []                    # heap of (deadline, seq, call)
-        self.to_drivers: dict[bytes, list] = {}     # results made this loop turn, per driver
-        self.to_workers: dict[Worker, list] = {}    # calls dispatched this loop turn, per worker
         # cancelled calls whose worker was sent DROP: id -> (force, recursive, it answered "running")
         self.dropping: dict[bytes, tuple] = {}
         self.blocked = 0                            # workers whose call waits on its own calls (BLOCKED)
@@ -192,8 +191,7 @@ class Broker(GangScheduling):
             self.pending_actors.clear()
         finally:
             self.restoring = False
-            self.to_drivers.clear()
-            self.to_workers.clear()
+            self.out.clear()
         self.unsent = set(self.results)  # none of these reached its driver from this broker
         self.journal = Journal(path)
         self.compact()
@@ -215,8 +213,7 @@ class Broker(GangScheduling):
                 return
             if h[2] != P.ACTOR_CALL and h[1] not in self.code:
                 return  # its code was lost: its driver re-sends the call, with code, when it rejoins
-            self.drivers.setdefault(cid[:8], {"since": time.time(), "seen": time.monotonic(),
-                                              "restored": True})
+            self.drivers.restored(cid[:8])
             self.admit(Call(cid, b"r" + cid[:8], fr, h), P.split_ids(fr[1]) if fr[1] else None)
         elif kind == OUTCOME:
             cid, status, frames = fr[0], fr[1][0], fr[2:]
@@ -296,7 +293,7 @@ class Broker(GangScheduling):
                     pass
         if not self.running:  # a requested stop; a crashed broker is restarted and they rejoin it
             for ex in list(self.executors.values()):
-                self.send([ex.ident, P.C[P.EXEC_SHUTDOWN]])
+                self.out.send([ex.ident, P.C[P.EXEC_SHUTDOWN]])
         self.sock.close(linger=200)
         if self.address.startswith("ipc://"):
             try:
@@ -331,18 +328,9 @@ class Broker(GangScheduling):
         if self.refused <= 100 or self.refused % 1000 == 0:
             log.warning("refused a message from %s: %s (%d refused so far)", ident.hex() or "?", why, self.refused)
         if ident[:1] == b"d":
-            self.send([b"r" + ident[1:], P.C[P.ERROR], why.encode()])
+            self.out.send([b"r" + ident[1:], P.C[P.ERROR], why.encode()])
         elif ident[:1] in (b"c", b"r", b"e", b"w"):
-            self.send([ident, P.C[P.ERROR], why.encode()])
-
-    def send(self, frames) -> bool:
-        try:
-            P.send(self.sock, frames)
-            return True
-        except zmq.ZMQError as e:  # EHOSTUNREACH: that peer is gone
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            return False
+            self.out.send([ident, P.C[P.ERROR], why.encode()])
 
     # ---------------------------------------------------------------- drivers
     def on_hello(self, ident, head, f):
@@ -350,25 +338,8 @@ class Broker(GangScheduling):
         if ident[:1] in b"dr":
             if len(ident) != 9:
                 raise ProtocolError("driver ids are 8 bytes")
-            d = self.drivers.setdefault(ident[1:], {"since": time.time()})
-            d.update({k: info[k] for k in ("pid", "host", "name", "worker") if k in info})
-            d["seen"] = time.monotonic()
-        self.send([ident, P.C[P.WELCOME], self.welcome()])
-
-    def welcome(self, **extra) -> bytes:
-        """WELCOME's JSON to drivers and control clients (``rejoin=True``: re-send what you wait for)."""
-        return P.dumps_json({"version": P.VERSION, "broker_pid": os.getpid(), "epoch": self.epoch,
-                             "heartbeat": True, **extra})
-
-    def rejoin(self, did, d=None):
-        """A driver this broker does not know speaks: a broker restart, or a silence that
-        dropped it. Take it back, and tell it (WELCOME with ``rejoin``) so it re-sends the calls
-        it still waits for; ids this broker already holds are not run twice."""
-        if d is None:
-            d = self.drivers[did] = {"since": time.time(), "seen": time.monotonic()}
-        log.info("driver %s rejoined", did.hex())
-        self.send([b"r" + did, P.C[P.WELCOME], self.welcome(rejoin=True)])
-        return d
+            self.drivers.hello(ident[1:], info)
+        self.out.send([ident, P.C[P.WELCOME], self.drivers.welcome()])
 
     def on_submit(self, ident, head, f):
         did = ident[1:]
@@ -376,15 +347,14 @@ class Broker(GangScheduling):
         cid = h[0]
         if cid[:8] != did:
             raise ProtocolError("call ids must start with the driver's id")
-        d = self.drivers.get(did) or self.rejoin(did)
-        d["seen"] = time.monotonic()
+        d = self.drivers.seen(did)
         if cid in self.calls:
             return  # a replay of a call we already have: at most one outcome per id
         if len(self.calls) >= MAX_CALLS:
             why = (f"the cluster holds {len(self.calls)} calls not yet done (FABRIC_MAX_CALLS); "
                    f"submit fewer at once").encode()
             for rid in [cid, *self.gang_ids(cid, did, h, f)]:  # (and a gang's other members)
-                self.to_drivers.setdefault(b"r" + did, []).append([P.C[P.RESULT] + P.pack_result(rid, P.REFUSED),
+                self.out.to_driver(b"r" + did, [P.C[P.RESULT] + P.pack_result(rid, P.REFUSED),
                                                                    why])
             return
         kept = self.results.get(cid)
@@ -394,7 +364,7 @@ class Broker(GangScheduling):
                 r = self.results.get(rid)
                 if r is not None and rid in self.unsent:  # (one this broker sent is on its way: never twice)
                     self.unsent.discard(rid)
-                    self.to_drivers.setdefault(b"r" + did, []).append([P.C[P.RESULT] + r[1], *r[2:]])
+                    self.out.to_driver(b"r" + did, [P.C[P.RESULT] + r[1], *r[2:]])
             return
         try:
             try:
@@ -406,23 +376,23 @@ class Broker(GangScheduling):
                 # not coming back: the call is refused then
                 self.calls.pop(cid, None)
                 now = time.monotonic()
-                asked = d.setdefault("dep_asks", {})
+                asked = d.dep_asks
                 if e.deps and max(asked.get(x, 0) for x in e.deps) >= DEP_ASKS:
                     return self.submit(cid, did, head, h, f, ask=False)
-                if now - d.get("asked", 0.0) > 0.5:
-                    d["asked"] = now
+                if now - d.asked > 0.5:
+                    d.asked = now
                     log.info("driver %s sent a call needing %s this broker does not hold: asking it to rejoin",
                              did.hex(), f"{len(e.deps)} unknown argument(s)" if e.deps else "code")
                     if len(asked) > 10_000:
                         asked.clear()
                     for x in e.deps:
                         asked[x] = asked.get(x, 0) + 1
-                    self.rejoin(did, d)
+                    self.drivers.rejoin(did, d)
                 return
         except ProtocolError as e:  # the caller waits on this id: answer it, not only the socket
             self.calls.pop(cid, None)
             for rid in [cid, *self.gang_ids(cid, did, h, f)]:  # a gang's members all wait too
-                self.send([b"r" + did, P.C[P.RESULT] + P.pack_result(rid, P.REFUSED), str(e).encode()])
+                self.out.send([b"r" + did, P.C[P.RESULT] + P.pack_result(rid, P.REFUSED), str(e).encode()])
             raise
 
     def on_batch(self, ident, head, f):
@@ -439,27 +409,16 @@ class Broker(GangScheduling):
         """Send what this loop turn produced: one message per peer, batched when several."""
         if self.journal is not None:  # first on disk, then on the wire
             self.journal.flush()
-        if self.to_workers:
-            out, self.to_workers = self.to_workers, {}
-            for w, msgs in out.items():
-                ok = self.send([w.ident, *msgs[0]] if len(msgs) == 1 else
-                               [w.ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
-                if not ok and w.ident in self.workers:
-                    self.unreachable(w, [m[0][4:20] for m in msgs])
-        if self.to_drivers:
-            out, self.to_drivers = self.to_drivers, {}
-            for driver, msgs in out.items():
-                if len(msgs) == 1:
-                    ok = self.send([driver, *msgs[0]])
-                else:
-                    ok = self.send([driver, P.C[P.BATCH], *[p for m in msgs for p in m]])
-                if not ok:  # that driver is gone, or reconnecting to this restarted broker: what we
-                    # kept for it stays until it asks again (a rejoin) or its silence drops it
-                    rc = P.C[P.RESULT]
-                    self.unsent.update(m[0][4:20] for m in msgs if m[0][:4] == rc)
-                    d = self.drivers.get(driver[1:])
-                    if d is not None:
-                        d["resend"] = True  # its next heartbeat gets a rejoin: it asks again
+        self.out.flush(self.unreachable_worker, self.undelivered)
+
+    def unreachable_worker(self, w, ids):
+        if w.ident in self.workers:
+            self.unreachable(w, ids)
+
+    def undelivered(self, driver, ids):
+        """RESULTs for ``driver`` could not be sent: they stay kept until it asks again."""
+        self.unsent.update(ids)
+        self.drivers.undelivered(driver[1:])
 
     def submit(self, cid, did, head, h, f, ask=True):
         _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, warm, _, _, opts = h
@@ -575,7 +534,7 @@ class Broker(GangScheduling):
                     break
                 if h not in w.code_seen and not w.doomed:
                     w.code_seen.add(h)
-                    self.send([w.ident, P.C[P.WARM], h, self.code[h]])
+                    self.out.send([w.ident, P.C[P.WARM], h, self.code[h]])
                     need -= 1
 
     def fn_status(self):
@@ -605,14 +564,7 @@ class Broker(GangScheduling):
 
     def unschedulable(self, shape):
         """Why no executor can ever run this shape, or None. With no executor yet, wait (grace)."""
-        if not self.executors:
-            return None
-        if any(ex.ledger.could_ever_fit(shape) for ex in self.executors.values()):
-            return None
-        cpus, gpus, mem = shape
-        have = ", ".join(ex.describe() for ex in self.executors.values())
-        return (f"no executor can ever run a call that needs cpus={cpus:g} gpus={gpus:g} "
-                f"memory={mem >> 20}MiB; executors: {have}")
+        return placement.unschedulable(list(self.executors.values()), shape)
 
     def on_cancel(self, ident, head, f):
         """CANCEL [ids, (flags)]: flags bit 1 force (kill a running call's worker), bit 2
@@ -642,7 +594,7 @@ class Broker(GangScheduling):
                 self.dropping[call.id] = (force, recursive, False)
             elif call.id not in self.dropping:
                 self.dropping[call.id] = (force, recursive, False)
-                if not self.send([b"l" + w.ident[1:], P.C[P.DROP], call.id]):
+                if not self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id]):
                     del self.dropping[call.id]  # no output socket: it runs, and its result is its outcome
             return
         if w.actor is not None:
@@ -655,7 +607,7 @@ class Broker(GangScheduling):
         if not call.frames[0][-1] & P.STREAM:
             return
         self.finish(call, P.CANCELLED, b"cancelled while running: the stream was closed", keep_slot=True)
-        self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
+        self.out.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
 
     def cancel_running(self, call, w, force, recursive, seen):
         if recursive:
@@ -666,7 +618,7 @@ class Broker(GangScheduling):
         else:  # fabric.Cancelled is raised inside it; it keeps its worker's slot until it returns
             self.finish(call, P.CANCELLED, b"cancelled while running (fabric.Cancelled was raised inside it)",
                         keep_slot=True)
-            self.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
+            self.out.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])
 
     def on_dropped(self, ident, head, f):
         """DROPPED [call id, d|r|f] from a worker's output socket, the answer to DROP: d, it
@@ -711,9 +663,7 @@ class Broker(GangScheduling):
         """The calls that worker ``w`` submitted (its nested driver says which worker it is in
         its HELLO) and that have no outcome yet: the children of the call it runs now."""
         wid = w.ident.hex()
-        for did, d in list(self.drivers.items()):
-            if d.get("worker") != wid:
-                continue
+        for did in self.drivers.in_worker(wid):
             rid = b"r" + did
             for c in [c for c in self.calls.values() if c.driver == rid and c.id not in seen]:
                 seen.add(c.id)
@@ -738,18 +688,17 @@ class Broker(GangScheduling):
         if len(f) != 1 or not f[0].bytes or len(f[0].bytes) % P.ID_LEN:
             raise ProtocolError("FETCH takes one frame of 16-byte result ids")
         rid = b"r" + ident[1:]
-        out = self.to_drivers.setdefault(rid, [])
         for cid in P.split_ids(f[0].bytes):
             r = self.results.get(cid)
             if r is not None:
-                out.append([P.C[P.RESULT] + r[1], *r[2:]])
+                self.out.to_driver(rid, [P.C[P.RESULT] + r[1], *r[2:]])
             elif cid in self.calls:
                 self.fetchers.setdefault(cid, []).append(rid)
             else:
-                out.append([P.C[P.RESULT] + P.pack_result(cid, P.REFUSED),
-                            b"this Future's result is not held by the cluster: it was released (its driver "
-                            b"received it and no running call that it was passed to holds it), or its driver "
-                            b"is gone, or it belongs to another cluster"])
+                self.out.to_driver(rid, [P.C[P.RESULT] + P.pack_result(cid, P.REFUSED),
+                                         b"this Future's result is not held by the cluster: it was released (its "
+                                         b"driver received it and no running call that it was passed to holds it), "
+                                         b"or its driver is gone, or it belongs to another cluster"])
 
     def on_put(self, ident, head, f):
         cid, status, nbuf, _, _ = P.unpack_result(head)
@@ -760,8 +709,12 @@ class Broker(GangScheduling):
             self.journal.outcome(cid, P.OK, [head, *f])
 
     def on_bye(self, ident, head, f):
-        did = ident[1:]
-        self.drivers.pop(did, None)
+        self.driver_left(ident[1:])
+
+    def driver_left(self, did):
+        """A driver said BYE, or was silent too long: its calls and instances end (named
+        detached instances excepted), its kept outcomes are dropped."""
+        self.drivers.leave(did)
         rid = b"r" + did
         for call in [c for c in self.calls.values() if c.driver == rid
                      and not (c.kind == P.ACTOR_NEW and self.actor_names and self.detached(c.actor))]:
@@ -770,7 +723,7 @@ class Broker(GangScheduling):
                 if next(iter(w.inflight)) == call.id:
                     self.kill_worker(w)  # it is running this call
                 else:  # only prefetched: its worker drops it unless it started it (its DONE is ignored)
-                    self.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])
+                    self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])
             self.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.actors.values() if a.driver == rid and not self.detached(a.id)]:
             self.kill_actor(a, b"its driver left")
@@ -817,7 +770,7 @@ class Broker(GangScheduling):
                          "memory": g.shape[2], "retries_left": g.retries,
                          "state": ("waiting", "queued", "starting", "running", "done")[g.state]}
                         for g in self.gangs.values()]}
-        self.send([ident if ident[:1] != b"d" else b"r" + ident[1:], P.C[P.STATUS_REPLY], P.dumps_json(st)])
+        self.out.send([ident if ident[:1] != b"d" else b"r" + ident[1:], P.C[P.STATUS_REPLY], P.dumps_json(st)])
 
     def detached(self, aid):
         key = self.actor_names.get(aid)
@@ -863,19 +816,11 @@ class Broker(GangScheduling):
                                   f"unique: pick another, or pass get_if_exists=True to get that one"}
         else:
             raise ProtocolError("NAME op must be register or lookup")
-        self.send([ident, P.C[P.NAME_REPLY], P.dumps_json(reply)])
+        self.out.send([ident, P.C[P.NAME_REPLY], P.dumps_json(reply)])
 
     def on_shutdown(self, ident, head, f):
         log.info("shutdown requested by %s", ident.hex())
         self.running = False
-
-    def sweep_driver_shm(self, d):
-        """A driver on this host that died (SIGKILL) leaves its shared-memory files: remove them."""
-        import socket
-
-        pid = d.get("pid")
-        if isinstance(pid, int) and pid > 0 and d.get("host") == socket.gethostname() and not config.pid_alive(pid):
-            shm.remove_shm(pid)
 
     # ---------------------------------------------------------------- executors
     def on_exec_hello(self, ident, head, f):
@@ -895,23 +840,14 @@ class Broker(GangScheduling):
         ex = self.executors[ident] = Executor(ident, info)
         log.info("executor %s joined from %s: cpus=%g gpus=%s memory=%dMiB", ex.id.hex(), ex.host,
                  ex.ledger.cpus, ex.ledger.gpus, ex.ledger.memory >> 20)
-        self.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION})])
+        self.out.send([ident, P.C[P.WELCOME], P.dumps_json({"version": P.VERSION})])
 
     def on_heartbeat(self, ident, head, f):
         if ident[:1] == b"d":
-            d = self.drivers.get(ident[1:])
-            if d is None:
-                d = self.rejoin(ident[1:])
-            elif f and f[0].bytes and f[0].bytes != self.epoch.encode() or d.pop("resend", False):
-                self.rejoin(ident[1:], d)  # it knew another broker, or missed results of this one
-            d["seen"] = time.monotonic()
-            # answered on its result socket: how the driver knows this broker is alive (once a
-            # second per driver, nothing on the call path; docs/protocol.md, HEARTBEAT)
-            self.send([b"r" + ident[1:], P.C[P.HEARTBEAT], self.epoch.encode()])
-            return
+            return self.drivers.heartbeat(ident[1:], f)
         ex = self.executors.get(ident)
         if ex is None:
-            self.send([ident, P.C[P.ERROR], b"unknown executor: say EXEC_HELLO again"])
+            self.out.send([ident, P.C[P.ERROR], b"unknown executor: say EXEC_HELLO again"])
             return
         ex.last_seen = time.monotonic()
 
@@ -1046,7 +982,7 @@ class Broker(GangScheduling):
         for c in list(w.inflight.values())[1:]:
             if c.id not in self.dropping:
                 self.dropping[c.id] = TAKE_BACK
-                if not self.send([b"l" + w.ident[1:], P.C[P.DROP], c.id]):
+                if not self.out.send([b"l" + w.ident[1:], P.C[P.DROP], c.id]):
                     del self.dropping[c.id]
 
     def on_unblocked(self, ident, head, f):
@@ -1074,7 +1010,7 @@ class Broker(GangScheduling):
         call = w.inflight.get(head[:16])
         if call is None or call.state != RUNNING:
             return  # cancelled (its consumer stopped) or timed out meanwhile
-        self.to_drivers.setdefault(call.driver, []).append([P.C[P.ITEM] + head, *f])
+        self.out.to_driver(call.driver, [P.C[P.ITEM] + head, *f])
 
     def on_consumed(self, ident, head, f):
         """CONSUMED [call id + count]: the consumer of a stream took ``count`` items; its worker
@@ -1082,13 +1018,13 @@ class Broker(GangScheduling):
         call = self.calls.get(head[:16])
         if call is None or call.state != RUNNING or call.driver[1:] != ident[1:]:
             return
-        self.send([b"l" + call.worker.ident[1:], P.C[P.CONSUMED] + head])
+        self.out.send([b"l" + call.worker.ident[1:], P.C[P.CONSUMED] + head])
 
     def on_wlog(self, ident, head, f):
         if b"w" + ident[1:] not in self.workers:
             return
         did, source, text = f[0].bytes, f[1], f[2]
-        self.send([b"r" + did, P.C[P.LOG], source, text])
+        self.out.send([b"r" + did, P.C[P.LOG], source, text])
 
     def release_worker(self, w):
         """A worker finished everything it had: give its resources back to its executor."""
@@ -1114,7 +1050,7 @@ class Broker(GangScheduling):
         calls it had only prefetched, or that never reached it, go back to the queue as they were.
         ``running``: the id of the call it was running, as its executor read it (b"": none);
         None when unknown, and then it is the oldest call sent to it."""
-        self.to_workers.pop(w, None)
+        self.out.drop_worker(w)
         self.workers.pop(w.ident, None)
         w.ex.workers.pop(w.ident, None)
         self.idle.pop(w, None)
@@ -1213,16 +1149,10 @@ class Broker(GangScheduling):
         if not w.inflight:
             self.kill_worker(w)
 
-    def flush_worker(self, w):
-        msgs = self.to_workers.pop(w, None)
-        if msgs:
-            self.send([w.ident, *msgs[0]] if len(msgs) == 1 else
-                      [w.ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
-
     def kill_worker(self, w):
         """Have the executor kill ``w``; calls it had prefetched go back to the queue uncharged."""
         w.doomed = w.killed = True
-        self.to_workers.pop(w, None)  # not sent yet: they are requeued below, never run twice
+        self.out.drop_worker(w)  # not sent yet: they are requeued below, never run twice
         self.idle.pop(w, None)
         self.partial.pop(w, None)
         if w.actor is None and w.inflight and w.gang is None:  # (a gang member is never requeued alone)
@@ -1230,7 +1160,7 @@ class Broker(GangScheduling):
             w.inflight.clear()
             self.requeue(calls)
             self.return_resources(w)
-        self.send([w.ex.ident, P.C[P.KILL_WORKER], w.ident])
+        self.out.send([w.ex.ident, P.C[P.KILL_WORKER], w.ident])
 
     # ---------------------------------------------------------------- scheduling
     def dispatch(self):
@@ -1251,7 +1181,7 @@ class Broker(GangScheduling):
                         break
                     q.popleft()
                     continue
-                w = self.pick_worker(call)
+                w = placement.pick_worker(self.idle, self.partial, call, self.avg_duration, time.monotonic())
                 if w is None:
                     if (0 < shape[0] < 1 or self.blocked) and self.spawn_extra(call):
                         q.popleft()  # a fraction of a CPU, or lent ones: one more worker
@@ -1265,72 +1195,15 @@ class Broker(GangScheduling):
                 if a.failure is None and a.id in self.actors and not self.place_actor(a):
                     self.pending_actors.append(a)
 
-    def pick_worker(self, call):
-        """An idle worker for ``call``: the most recently idle one that holds its code (warm
-        imports and caches; the least recently used ones are those the autoscaler retires),
-        else the most recently idle one that fits."""
-        shape = call.shape
-        fit = None
-        h = call.code_hash
-        for n, w in enumerate(reversed(self.idle)):
-            if w.ex.ledger.fits(shape):
-                if h in w.code_seen:
-                    return w
-                if fit is None:
-                    fit = w
-            if n >= 16 and fit is not None:
-                break
-        if fit is not None:
-            return fit
-        if self.partial:
-            # Prefetch: only calls of known, short duration, and only behind a call that is
-            # known-short too and not overdue; a call queued behind a long one (or behind one
-            # that waits on nested calls) would wait needlessly, or forever. Short calls fill
-            # the worker's credit up to ~PREFETCH_BELOW of expected work; medium ones (under
-            # PREFETCH_ONE_BELOW) one call ahead, which keeps every worker busy between round
-            # trips while all of them are.
-            durations = self.avg_duration
-            avg = durations.get(call.code_hash)
-            if avg is None or avg >= PREFETCH_ONE_BELOW:
-                return None
-            # short calls: as many as make ~PREFETCH_BELOW of expected work (at least 2, at
-            # most the worker's credit), so a worker never sits on much more than that while
-            # others are idle; medium ones: one ahead
-            depth = max(2, int(PREFETCH_BELOW / max(avg, 1e-9))) if avg < PREFETCH_BELOW else 2
-            now = time.monotonic()
-            best = None
-            for w in self.partial:
-                n = len(w.inflight)
-                if w.held != shape or (best is not None and n >= len(best.inflight)) or (depth and n >= depth):
-                    continue
-                head = next(iter(w.inflight.values()))
-                expected = durations.get(head.code_hash, 1e9)
-                if expected < PREFETCH_ONE_BELOW and now - head.started < max(4 * expected, 4 * PREFETCH_BELOW):
-                    best = w
-            return best
-        return None
-
     def spawn_extra(self, call):
-        """Fractional CPUs: an executor starts one pool worker per whole CPU, so when a call of
-        ``cpus < 1`` fits an executor's free CPUs but no idle worker is there, start one more
-        (it stays, as a pool worker), up to ``cpus / call's cpus`` CPU workers on it."""
-        shape = call.shape
-        for ex in self.executors.values():
-            if not ex.ledger.fits(shape):
-                continue
-            n = sum(1 for w in ex.workers.values() if w.actor is None and not w.gpus and w.gang is None
-                    and w.spare is None)
-            n += sum(1 for sp in self.spawns.values() if sp[0] is ex and isinstance(sp[2], Call))
-            most = max(1, ex.ledger.room((shape[0], 0, 0), total=True)) if shape[0] else max(1, int(ex.ledger.cpus))
-            if self.blocked:  # a worker whose call is BLOCKED does not count: its CPUs are lent
-                n -= sum(1 for w in ex.workers.values() if w.lent is not None and not w.gpus)
-            if n >= most:
-                continue
-            self.reserve(ex, shape)
-            call.state = SPAWNING
-            self.spawn(ex, [], call, None)
-            return True
-        return False
+        """One more pool worker for ``call`` (fractional or lent CPUs: placement.extra_worker_on)."""
+        ex = placement.extra_worker_on(self.executors.values(), self.spawns.values(), call.shape, self.blocked)
+        if ex is None:
+            return False
+        self.reserve(ex, call.shape)
+        call.state = SPAWNING
+        self.spawn(ex, [], call, None)
+        return True
 
     def run_on(self, w, call):
         frames = call.frames
@@ -1347,7 +1220,7 @@ class Broker(GangScheduling):
             depv = call.depv
             for d in call.deps:
                 out.extend(depv[d][1:])
-            self.flush_worker(w)  # keep this worker's FIFO order; calls with deps travel alone
+            self.out.flush_worker(w)  # keep this worker's FIFO order; calls with deps travel alone
         idle = not w.inflight
         if idle and w.actor is None and w.held is None:  # (a GPU worker: on the devices it is bound to)
             w.held = call.shape
@@ -1368,59 +1241,25 @@ class Broker(GangScheduling):
             else:
                 self.partial.pop(w, None)
         if call.deps:
-            if not self.send(out):
+            if not self.out.send(out):
                 self.unreachable(w, [call.id])
         else:
-            self.to_workers.setdefault(w, []).append(out[1:])
+            self.out.to_worker(w, out[1:])
 
     def place_gpu_call(self, call):
         """GPU calls run in a worker started with CUDA_VISIBLE_DEVICES set to their devices: an
-        idle GPU worker bound to the devices chosen, else a new one. ``gpus >= 1`` takes whole
-        devices that no other call shares; a fraction below 1 takes that share of one device,
-        the fullest one that still has room (best fit), so fractional calls pack together and
-        leave whole devices whole."""
-        shape = call.shape
-        gpus = shape[1]
-        if gpus >= 1:
-            for w in self.idle_gpu_workers(len_gpus=int(gpus)):
-                r = w.ex.ledger
-                if r.fits(shape) and all(r.gpu_free.get(g, 0.0) >= 1 - EPS for g in w.gpus):
-                    self.run_on(w, call)  # (it takes the shape on the worker's devices)
-                    return True
-            for ex in self.executors.values():
-                if ex.ledger.fits(shape):
-                    devices = self.reserve(ex, shape)
-                    call.state = SPAWNING
-                    self.spawn(ex, devices, call, None)
-                    return True
+        idle GPU worker bound to the devices chosen, else a new one (placement.place_gpu)."""
+        where = placement.place_gpu(self.executors.values(), self.workers.values(), call.shape)
+        if where is None:
             return False
-        idle = {}
-        for w in self.idle_gpu_workers(len_gpus=1):
-            idle.setdefault((w.ex, w.gpus[0]), w)
-        best = None
-        for ex in self.executors.values():
-            if not ex.ledger.fits((shape[0], 0, shape[2])):
-                continue
-            for d, c in ex.ledger.gpu_free.items():
-                if c + EPS >= gpus:  # among equally full devices, one with an idle worker on it
-                    key = (c, (ex, d) not in idle)
-                    if best is None or key < best[0]:
-                        best = (key, ex, d)
-        if best is None:
-            return False
-        _, ex, d = best
-        w = idle.get((ex, d))
+        w, ex, devices = where
         if w is not None:
-            self.run_on(w, call)  # (it takes the shape on the worker's device, d)
+            self.run_on(w, call)  # (it takes the shape on the worker's devices)
         else:
-            devices = self.reserve(ex, shape, [d])
+            devices = self.reserve(ex, call.shape, devices)
             call.state = SPAWNING
             self.spawn(ex, devices, call, None)
         return True
-
-    def idle_gpu_workers(self, len_gpus):
-        return [w for w in self.workers.values() if w.gpus and not w.pool and w.actor is None and w.gang is None
-                and not w.inflight and not w.doomed and len(w.gpus) == len_gpus]
 
     def reserve(self, ex, shape, devices=None):
         """Take ``shape`` from ``ex`` (on ``devices``, if given); returns the devices taken."""
@@ -1437,7 +1276,7 @@ class Broker(GangScheduling):
         # reported to a new broker must not fail a spawn of the same number
         self.spawns[token] = (ex, devices, actor if actor is not None else call)
         body = {"token": token, "gpus": devices, "actor": actor.id.hex() if actor is not None else None}
-        self.send([ex.ident, P.C[P.SPAWN], P.dumps_json(body)])
+        self.out.send([ex.ident, P.C[P.SPAWN], P.dumps_json(body)])
         return token
 
     def spawn_failed(self, sp, why):
@@ -1477,13 +1316,13 @@ class Broker(GangScheduling):
             self.pending_actors.append(a)
 
     def place_actor(self, a):
-        for ex in self.executors.values():
-            if ex.ledger.fits(a.shape):
-                a.ex = ex
-                a.devices = self.reserve(ex, a.shape)
-                self.spawn(ex, a.devices, None, a)
-                return True
-        return False
+        ex = placement.first_fit(self.executors.values(), a.shape)
+        if ex is None:
+            return False
+        a.ex = ex
+        a.devices = self.reserve(ex, a.shape)
+        self.spawn(ex, a.devices, None, a)
+        return True
 
     def actor_call(self, call):
         a = self.actors.get(call.actor)
@@ -1625,7 +1464,7 @@ class Broker(GangScheduling):
         self.stats["completed"] += 1
         if deliver and call.driver[1:] in self.drivers:
             if not self.restoring:
-                self.to_drivers.setdefault(call.driver, []).append([P.C[P.RESULT] + frames[0], *frames[1:]])
+                self.out.to_driver(call.driver, [P.C[P.RESULT] + frames[0], *frames[1:]])
             self.results[call.id] = [status, *frames]
             if self.journal is not None:
                 self.journal.outcome(call.id, status, frames)
@@ -1641,7 +1480,7 @@ class Broker(GangScheduling):
             self.gang_outcome(call, status, frames)
         if self.fetchers:
             for rid in self.fetchers.pop(call.id, ()):
-                self.to_drivers.setdefault(rid, []).append([P.C[P.RESULT] + frames[0], *frames[1:]])
+                self.out.to_driver(rid, [P.C[P.RESULT] + frames[0], *frames[1:]])
         waiting = self.waiters.pop(call.id, None)
         if waiting:
             kept = [status, *frames]
@@ -1727,12 +1566,11 @@ class Broker(GangScheduling):
                 why = g.state == QUEUED and self.gang_unschedulable(g)
                 if why:
                     self.finish(g.members[0], P.UNSCHEDULABLE, why.encode())
-        for did, d in list(self.drivers.items()):
-            if now - d.get("seen", now) > DRIVER_TIMEOUT:
-                log.warning("driver %s (pid %s on %s) silent for %.0fs: cancelling its calls and instances",
-                            did.hex(), d.get("pid"), d.get("host"), now - d["seen"])
-                self.on_bye(b"d" + did, b"", [])
-                self.sweep_driver_shm(d)
+        for did, d in self.drivers.silent(now):
+            log.warning("driver %s (pid %s on %s) silent for %.0fs: cancelling its calls and instances",
+                        did.hex(), d.pid, d.host, now - d.seen)
+            self.driver_left(did)
+            d.sweep_shm()
         if self.parent_pid and not config.pid_alive(self.parent_pid):
             log.info("parent process %d is gone; stopping", self.parent_pid)
             self.running = False

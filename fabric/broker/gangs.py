@@ -20,7 +20,8 @@ import time
 
 from .. import protocol as P
 from ..errors import ProtocolError
-from .state import DONE, HELD, QUEUED, RUNNING, SPAWNING, WAITING, Call, Gang, gpu_share, pick_gpus
+from . import placement
+from .state import DONE, HELD, QUEUED, RUNNING, SPAWNING, WAITING, Call, Gang
 
 log = logging.getLogger("fabric.broker")
 
@@ -85,17 +86,7 @@ class GangScheduling:
 
     def gang_unschedulable(self, g):
         """Why this cluster can never start ``g`` (not even idle), or None. No executor yet: wait."""
-        if not self.executors:
-            return None
-        n = len(g.members)
-        fit = sum(ex.ledger.room(g.shape, total=True) for ex in self.executors.values())
-        if fit >= n:
-            return None
-        cpus, gpus, mem = g.shape
-        exs = list(self.executors.values())
-        have = ", ".join(ex.describe() for ex in exs[:8]) + (f" and {len(exs) - 8} more" if len(exs) > 8 else "")
-        return (f"a gang of {n} members with cpus={cpus:g} gpus={gpus:g} memory={mem >> 20}MiB each can never "
-                f"start: this cluster holds at most {fit} such members at once (executors: {have})")
+        return placement.gang_unschedulable(list(self.executors.values()), g.shape, len(g.members))
 
     def dispatch_gangs(self):
         q = self.gang_queue
@@ -111,26 +102,7 @@ class GangScheduling:
             self.start_gang(g, plan)
 
     def plan_gang(self, g):
-        """A place (executor, devices) for every member, all free now, or None. Members are
-        packed: an executor is filled before the next is used."""
-        need, gpus = len(g.members), g.shape[1]
-        plan = []
-        for ex in self.executors.values():
-            k = min(ex.ledger.room(g.shape), need - len(plan))
-            if k <= 0:
-                continue
-            free = dict(ex.ledger.gpu_free)
-            share = gpu_share(gpus)[1] if gpus > 0 else 0.0
-            for _ in range(k):
-                devices = pick_gpus(free, gpus)
-                if devices is None:
-                    break
-                for d in devices:
-                    free[d] -= share
-                plan.append((ex, devices))
-            if len(plan) == need:
-                return plan
-        return None
+        return placement.plan_gang(self.executors.values(), g.shape, len(g.members))
 
     def start_gang(self, g, plan):
         """Reserve every member's place and spawn its worker (or take a kept warm one); the CALLs
@@ -254,7 +226,7 @@ class GangScheduling:
             c.worker, c.state, c.started = w, RUNNING, now
             if c.timeout:
                 heapq.heappush(self.timeouts, (now + c.timeout, next(self._seq), c))
-            self.to_workers.setdefault(w, []).append(out)  # one CALL per worker: never a BATCH
+            self.out.to_worker(w, out)  # one CALL per worker: never a BATCH
         log.info("gang %s: %d members started", g.id.hex(), n)
 
     def gang_done(self, c, status, frames):
