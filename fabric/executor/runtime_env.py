@@ -50,9 +50,9 @@ import zipfile
 from collections import deque
 
 from .. import config
-from .. import serde
 from .. import settings
 from ..errors import RuntimeEnvSetupError
+from ..serde.code import load_code
 from .. import runtime_env as _driver_half
 from ..runtime_env import EnvCall, pip_hash
 
@@ -370,7 +370,7 @@ def _ready(ec: EnvCall) -> Setup:
 
 def _code(ec: EnvCall):
     if ec.loaded is None:
-        ec.loaded = serde.load_code(ec.code)  # inside the env: its modules import from its folders
+        ec.loaded = load_code(ec.code)  # inside the env: its modules import from its folders
     return ec.loaded
 
 
