@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import zmq
 
@@ -132,12 +132,12 @@ class CallHeader(NamedTuple):
     opts: int = 0            # which optional frames follow, and the STORE_RESULT/STREAM bits
 
     @classmethod
-    def of(cls, *fields) -> "CallHeader":
+    def of(cls, *fields: Any) -> "CallHeader":
         """All fields, positionally: a NamedTuple's own constructor costs ~1 us more."""
         return _new(cls, fields)
 
     @classmethod
-    def read(cls, b) -> "CallHeader":
+    def read(cls, b: bytes) -> "CallHeader":
         """The header in ``b`` (exactly its bytes), or ProtocolError."""
         try:
             return _new(cls, _call_unpack(b))
@@ -154,18 +154,19 @@ class CallHeader(NamedTuple):
 _call_unpack, _call_pack = CALL_HDR.unpack, CALL_HDR.pack
 
 
-def pack_call(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf, *,
-              max_containers=0, min_warm=0, concurrency=0, window=0, opts=0) -> bytes:
+def pack_call(call_id: bytes, code_hash: bytes, kind: int, actor_id: bytes, cpus: float, gpus: float, memory: int,
+              retries: int, timeout: float, nbuf: int, *, max_containers: int = 0, min_warm: int = 0,
+              concurrency: int = 0, window: int = 0, opts: int = 0) -> bytes:
     """A call header's bytes (tests and tools; the driver packs its CallHeader itself)."""
     return _call_pack(call_id, code_hash, kind, actor_id, cpus, gpus, memory, retries, timeout, nbuf,
                       max_containers, min_warm, concurrency, window, opts)
 
 
-def unpack_call(b) -> CallHeader:
+def unpack_call(b: bytes) -> CallHeader:
     return CallHeader.read(b)
 
 
-def code_name(frame) -> str:
+def code_name(frame: Any) -> str:  # any buffer: bytes, a zmq.Frame
     """The name at the head of a code frame: code frames are ``qualified name, NUL, cloudpickle``
     (``serde.code_blob``), so the broker can name functions without unpickling anything."""
     head = bytes(memoryview(frame)[:201])
@@ -202,7 +203,7 @@ class ResultHeader(NamedTuple):
     flags: int = 0          # SHM_FREE
 
     @classmethod
-    def read(cls, b, offset: int = 0) -> "ResultHeader":
+    def read(cls, b: bytes, offset: int = 0) -> "ResultHeader":
         """The header at ``offset`` of ``b`` (a command frame: offset 4); ``b`` may hold more
         after it (an ITEM's index)."""
         try:
@@ -221,13 +222,13 @@ def pack_result(call_id: bytes, status: int, nbuf: int = 0, duration: float = 0.
     return _result_pack(call_id, status, nbuf, duration, flags)
 
 
-def unpack_result(b) -> ResultHeader:
+def unpack_result(b: bytes) -> ResultHeader:
     if len(b) != RESULT_HDR.size:
         raise ProtocolError(f"result header must be {RESULT_HDR.size} bytes, got {len(b)}")
     return _new(ResultHeader, _result_unpack_from(b))
 
 
-def item_index(head) -> int:
+def item_index(head: bytes) -> int:
     """The index of an ITEM, from its header (a result header and 8 bytes, big-endian)."""
     return int.from_bytes(head[RESULT_HDR.size:ITEM_SIZE], "big")
 
@@ -254,7 +255,7 @@ def command_of(frame0: bytes) -> int:
 _BATCHABLE = {SUBMIT, RESULT, CALL, ITEM}
 
 
-def unbatch(frames: list, start: int = 1):
+def unbatch(frames: list[zmq.Frame], start: int = 1) -> Iterator[tuple[int, bytes, list[zmq.Frame]]]:
     """Yield ``(command, header bytes, frames)`` for each message inside a BATCH.
 
     Inner CALLs carry no dependency blobs (the broker never batches those)."""
@@ -283,11 +284,11 @@ def split_ids(b: bytes) -> list[bytes]:
     return [b[i:i + ID_LEN] for i in range(0, len(b), ID_LEN)]
 
 
-def dumps_json(obj) -> bytes:
+def dumps_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def loads_json(b: bytes) -> dict:
+def loads_json(b: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(b))
     except (ValueError, UnicodeDecodeError) as e:
@@ -320,7 +321,7 @@ _SNDMORE = 2  # zmq.SNDMORE as a plain int: pyzmq's enum arithmetic costs micros
 _COPY_BELOW = 65536
 
 
-def send(sock, parts, flags: int = 0) -> None:
+def send(sock: zmq.Socket[Any], parts: Sequence[Any], flags: int = 0) -> None:
     """Send one multipart message; small parts are copied (cheapest), large ones zero-copy.
 
     pyzmq's ``send_multipart`` costs ~11 us for a 5-part call message, this ~4 us."""
@@ -334,7 +335,7 @@ def send(sock, parts, flags: int = 0) -> None:
             s(p, f, copy=False)
 
 
-def recv(sock, flags: int = 0) -> list:
+def recv(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
     """Receive one multipart message as zero-copy Frames (~3 us; ``recv_multipart`` ~8 us)."""
     r = sock.recv
     parts = [r(flags, False)]
@@ -343,7 +344,7 @@ def recv(sock, flags: int = 0) -> list:
     return parts
 
 
-def recv_batch(sock, most: int) -> list:
+def recv_batch(sock: zmq.Socket[Any], most: int) -> list[list[zmq.Frame]]:
     """The messages ready on a polled socket, up to ``most``, without waiting. One message
     alone (a sync call) is the common case: asking for EVENTS (~1.5 us) is cheaper than the
     failing recv that would otherwise end the batch (~5 us, a zmq.Again raised)."""
@@ -351,7 +352,7 @@ def recv_batch(sock, most: int) -> list:
         batch = [recv(sock, 1)]  # 1: NOBLOCK
     except zmq.Again:  # (polled, so there is one; unless its peer vanished meanwhile)
         return []
-    if sock.getsockopt(zmq.EVENTS) & 1:  # 1: POLLIN, more are ready
+    if sock.getsockopt(zmq.EVENTS) & 1:  # type: ignore[operator]  # an int for EVENTS; 1: POLLIN, more are ready
         for _ in range(most - 1):
             try:
                 batch.append(recv(sock, 1))
