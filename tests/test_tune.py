@@ -446,6 +446,54 @@ def test_xgboost_trainer_sweep_with_asha(tmp_path):
     assert (df[df.status == "STOPPED"].training_iteration < 6).all()
 
 
+def _slow_xgb_loop(config):
+    """The loop form, each round slowed down, every rank writing how many rounds it ran."""
+    import xgboost as xgb
+
+    from fabric import ml
+    from fabric.ml.trainers.xgboost import ReportCallback
+
+    df = ml.get_dataset_shard("train").to_pandas()
+    d = xgb.DMatrix(df[["a", "b", "c"]], label=df["y"])
+    out = os.path.join(config["out"], f"rank{ml.get_context().get_world_rank()}")
+
+    class Slow(xgb.callback.TrainingCallback):
+        def after_iteration(self, model, epoch, evals_log):
+            time.sleep(0.05)
+            with open(out, "w") as f:
+                f.write(str(model.num_boosted_rounds()))
+            return False
+
+    xgb.train({"objective": "binary:logistic", "eval_metric": "logloss", "max_depth": 2}, d,
+              num_boost_round=config["rounds"], evals=[(d, "train")],
+              callbacks=[Slow(), ReportCallback(num_boost_round=config["rounds"])])
+
+
+def test_stopping_a_two_worker_xgboost_trial_stops_both_ranks_at_one_round(tmp_path):
+    """A round's report has no barrier (xgboost's collective keeps the ranks in step): the stop
+    that rank 0 hears must still end every rank after the same round, not hang the other."""
+    import pandas as pd
+
+    from fabric import ml
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 3))
+    df = pd.DataFrame(X, columns=["a", "b", "c"])
+    df["y"] = (X[:, 0] > 0).astype(float)
+    out = tmp_path / "rounds"
+    out.mkdir()
+    trainer = ml.XGBoostTrainer(_slow_xgb_loop, train_loop_config={"rounds": 400, "out": str(out)},
+                                datasets={"train": ml.from_pandas(df)}, scaling_config=ml.ScalingConfig(num_workers=2))
+    grid = tune.Tuner(trainer, param_space={"train_loop_config": {"rounds": tune.grid_search([400])}},
+                      tune_config=_tc(metric="train-logloss", mode="min"),
+                      run_config=_rc(tmp_path, "xgbstop", stop={"training_iteration": 3})).fit()
+    assert grid.num_errors == 0, grid.errors
+    ran = [int((out / f"rank{r}").read_text()) for r in (0, 1)]
+    assert ran[0] == ran[1] and 3 <= ran[0] < 400, ran
+    assert grid.get_dataframe().training_iteration.max() == 3
+    assert fabric.get(fabric.put(7)) == 7  # the cluster keeps serving
+
+
 def test_torch_trainer_sweep(tmp_path):
     from fabric import ml
 

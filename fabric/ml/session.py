@@ -202,6 +202,27 @@ def report(metrics: dict, *, checkpoint=None) -> None:
     sess.reporter.report(m, checkpoint)
 
 
+def report_in_step(metrics: dict, any_rank=None) -> None:
+    """``report`` without the barrier, for a loop whose ranks a collective of its own already keeps
+    in step (XGBoost's callback: every round all-reduces). Rank 0's metrics go to the driver;
+    the other ranks send nothing. ``any_rank(flag)`` ORs a flag over that collective, so that all
+    ranks stop at the same round when the driver stopped the run (rank 0 hears of it first); it is
+    called only when the run can be stopped (tune). A reporter without this mode (a loop run by
+    hand, tune's function trainable) gets a plain ``report``."""
+    sess = _require("report")
+    m = check_metrics(metrics)
+    in_step = getattr(sess.reporter, "report_in_step", None)
+    if in_step is None:
+        report(m)
+        return
+    sess.iteration += 1
+    stop = in_step(m)
+    if stop is not None and any_rank is not None:
+        stop = any_rank(stop)
+    if stop:
+        raise StopTraining()
+
+
 def get_context() -> TrainContext:
     """This worker's rank, world size, experiment name, ... (a one-worker context outside a run)."""
     return _session.context if _session is not None else TrainContext()

@@ -47,6 +47,7 @@ log = logging.getLogger("fabric.ml")
 
 RECORD = "fabric_run.json"
 REPORT_TIMEOUT = settings.get().ml_report_timeout  # s a rank waits for the others
+STOP_CHECK_EVERY = 0.1  # s between report_in_step's stop checks that ask the hub
 
 __all__ = ["DataParallelTrainer", "TrainingFailedError", "load_result"]
 
@@ -212,6 +213,7 @@ class _GangReporter:
         self.sink, self.key = p["sink"], p["key"]
         self.index = p["start_index"]
         self.step = 0
+        self.asked = time.monotonic()  # when report_in_step last asked the hub whether the run was stopped
 
     def report(self, metrics: dict, checkpoint: Checkpoint | None):
         self.step += 1
@@ -236,6 +238,27 @@ class _GangReporter:
             stopped = self.sink.should_stop(self.key)
         if stopped:
             raise StopTraining()
+
+    def report_in_step(self, metrics: dict) -> bool | None:
+        """``session.report_in_step``: rank 0 pushes, no barrier. Returns whether rank 0 heard
+        that the run was stopped (False on the others), or None when nothing can stop this run
+        (no tune): then the ranks need not agree on a stop flag at all. The step still counts on
+        every rank, so later barriers (checkpoints) meet at the same step."""
+        self.step += 1
+        stoppable = self.p.get("stoppable", True)
+        stopped = False
+        if self.ctx.world_rank == 0:
+            if stoppable:
+                # free: the result of an earlier push; and at most every 0.1 s a round trip, since
+                # with rounds faster than a push's round trip no push may be done when looked at
+                stopped = self.sink.should_stop(self.key)
+                now = time.monotonic()
+                if not stopped and now - self.asked >= STOP_CHECK_EVERY:
+                    self.asked = now
+                    stopped = self.sink.check_stop(self.key)
+            self.sink.push(self.key, {"metrics": metrics, "checkpoint": None, "iteration": self.step,
+                                      "timestamp": time.time()})
+        return stopped if stoppable else None
 
     def _annotate(self, d: str):
         """Rank 0 adds the preprocessor and the framework's name to the checkpoint it saves."""
@@ -601,7 +624,8 @@ class _Run:
                 payload = {"key": key, "sink": sink, "shards": shards, "checkpoint": checkpoint,
                            "start_index": self.next_index, "run_dir": self.run_dir, "storage_options": self.opts,
                            "storage_path": self.storage_path, "name": self.name, "config": t._config(),
-                           "preprocessor": pre, "trial_name": self.name, "trial_id": run_id}
+                           "preprocessor": pre, "trial_name": self.name, "trial_id": run_id,
+                           "stoppable": self.on_report is not None}
                 futs = gang.run(_run_member, shipped, payload)
                 try:
                     self._watch(futs, hub, key, live)
