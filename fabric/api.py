@@ -798,7 +798,8 @@ class InstanceMethod:
 
 
 # ---------------------------------------------------------------------- fabric.gang
-_GANG_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 0, "timeout": None, "name": None, "min_warm": 0}
+_GANG_OPTIONS = {"cpus": 1, "gpus": 0, "memory": None, "retries": 0, "timeout": None, "name": None, "min_warm": 0,
+                 "runtime_env": None}
 
 
 class Gang:
@@ -826,14 +827,18 @@ class Gang:
         """Start ``func(*args, **kwargs)`` on every member; returns n Futures, rank 0 first.
 
         ``func`` is a plain function or a ``@fabric.fn`` (whose own resources are not used: the
-        gang's are). If one member fails, the others are stopped and get ``GangFailed``; a
-        member's crash reruns the whole gang while ``retries`` last."""
+        gang's are; so is the gang's ``runtime_env``, if it has one). If one member fails, the
+        others are stopped and get ``GangFailed``; a member's crash reruns the whole gang while
+        ``retries`` last."""
+        env = self._options.get("runtime_env")
         if isinstance(func, RemoteFunction):
-            rf = func
+            rf = func if env is None else self._fns.get(func) or self._fns.setdefault(
+                func, func.options(runtime_env=env))
         elif callable(func) and not inspect.isclass(func):
             rf = self._fns.get(func)
             if rf is None:
-                rf = self._fns[func] = RemoteFunction(func, _check_options("fabric.gang", {}, _FN_OPTIONS))
+                rf = self._fns[func] = RemoteFunction(func, _check_options("fabric.gang", {"runtime_env": env},
+                                                                           _FN_OPTIONS))
         else:
             raise TypeError(f"Gang.run() runs a function, got {type(func).__name__}")
         _bind(rf._sig, rf._name, args, kwargs)

@@ -129,6 +129,21 @@ def test_nested_calls_inherit_the_env_of_the_call_they_are_made_in(rt):
         child.remote().result()
 
 
+def gang_member():
+    return fabric.gang_context().rank, os.environ.get("RUNENV_X")
+
+
+def test_a_gang_runs_its_members_in_its_env(rt):
+    g = fabric.gang(1, runtime_env={"env_vars": {"RUNENV_X": "gang"}})
+    assert fabric.get(g.run(gang_member)) == [(0, "gang")]
+    own = fabric.fn(runtime_env={"env_vars": {"RUNENV_X": "fn"}})(gang_member)
+    assert fabric.get(fabric.gang(1).run(own)) == [(0, "fn")]
+    assert fabric.get(g.run(own)) == [(0, "gang")]  # the gang's env, as its resources, over the function's
+    with pytest.raises(TypeError, match="unknown key"):
+        fabric.gang(1, runtime_env={"conda": "x"})
+    assert plain.remote().result()["x"] is None
+
+
 def test_generators_and_async_functions_run_in_their_env(rt):
     @fabric.fn(runtime_env={"env_vars": {"RUNENV_X": "gen"}})
     def gen(n):
