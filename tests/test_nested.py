@@ -167,3 +167,20 @@ def test_fabric_wait_lends_its_cpu(cluster):
 
     assert down.remote(4).result(timeout=240) == 4
     assert wait_for(lambda: fabric.available_resources()["CPU"] == 2, timeout=30)
+
+
+@fabric.cls
+class Node:
+    """Each instance holds 1 CPU for life: a chain of 4 on 2 CPUs needs the waiting ones to lend."""
+
+    def down(self, n):
+        return 0 if n == 0 else 1 + Node.remote().down.remote(n - 1).result()
+
+    async def adown(self, n):
+        return 0 if n == 0 else 1 + await Node.remote().adown.remote(n - 1)
+
+
+def test_a_wait_in_an_instance_method_lends_its_cpus(cluster):
+    assert Node.remote().down.remote(3).result(timeout=300) == 3
+    assert Node.remote().adown.remote(3).result(timeout=300) == 3  # `await` in an async method
+    assert wait_for(lambda: fabric.available_resources()["CPU"] == 2, timeout=60)  # instances gone

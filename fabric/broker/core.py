@@ -970,14 +970,18 @@ class Broker(GangScheduling):
         """BLOCKED [call id]: the call ``ident`` runs waits for calls it submitted. Its CPUs are
         lent out (another worker may run on them, a new one started if none is idle), and the
         calls prefetched behind it are taken back (DROP; requeued on a ``d``): they may be the
-        very calls it waits for. A stale one (that call is not the one running) is ignored."""
+        very calls it waits for. An instance (its worker runs one call at a time) lends the
+        CPUs it holds for life the same way; the calls queued behind on it stay, being its own.
+        A stale one (that call is not the one running) is ignored."""
         w = self.workers.get(ident)
-        if (w is None or len(f) != 1 or w.lent is not None or w.held is None or w.actor is not None
+        if (w is None or len(f) != 1 or w.lent is not None or w.held is None
                 or w.gang is not None or next(iter(w.inflight), None) != f[0].bytes):
             return
         w.lent = w.held[0]
         w.ex.ledger.give((w.lent, 0, 0))
         self.blocked += 1
+        if w.actor is not None:
+            return
         self.partial.pop(w, None)
         for c in list(w.inflight.values())[1:]:
             if c.id not in self.dropping:
@@ -994,7 +998,7 @@ class Broker(GangScheduling):
         w.ex.ledger.take((w.lent, 0, 0))  # (it may oversubscribe: on purpose, see above)
         w.lent = None
         self.blocked -= 1
-        if len(w.inflight) < w.credit and not w.doomed:
+        if len(w.inflight) < w.credit and not w.doomed and w.actor is None:
             self.partial[w] = None
 
     def on_item(self, ident, head, f):

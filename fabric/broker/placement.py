@@ -82,7 +82,7 @@ def extra_worker_on(executors, spawns, shape, blocked):
         n += sum(1 for sp in spawns if sp[0] is ex and isinstance(sp[2], Call))
         most = max(1, r.room((shape[0], 0, 0), total=True)) if shape[0] else max(1, int(r.cpus))
         if blocked:
-            n -= sum(1 for w in ex.workers.values() if w.lent is not None and not w.gpus)
+            n -= sum(1 for w in ex.workers.values() if w.lent is not None and not w.gpus and w.actor is None)
         if n < most:
             return ex
     return None

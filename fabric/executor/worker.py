@@ -337,10 +337,9 @@ class Worker:
     # --------------------------------------------------------------- running one call
     def run(self, h: P.CallHeader, frames):
         """Run one call (``h``: its header; ``frames``: what follows its first frame)."""
-        kind = h.kind
-        if self.pool is not None or (kind != P.TASK and kind != P.GANG):
+        if self.pool is not None:  # a concurrent instance's calls share its CPUs: none lends them
             return self._run(h, frames)
-        self.lendable = h.call_id  # a plain call: its waits lend its CPUs (block())
+        self.lendable = h.call_id  # its waits lend its (or its instance's) CPUs: block()
         try:
             return self._run(h, frames)
         finally:
@@ -395,6 +394,7 @@ class Worker:
                 name, args = args[0], args[1:]
                 source = f"{type(self.instance).__name__}.{name} {self.label}"
                 self.output.local.ctx = (cid[:8], source.encode())
+                self.threads_lend = self.lendable is not None
                 value = getattr(self.instance, name)(*args, **kwargs)
             else:
                 value = self.create(self.code[code_hash], args, kwargs, h.concurrency, cid)
@@ -441,13 +441,13 @@ class Worker:
 
     def block(self):
         """A nested driver in this process is about to wait for results (fabric.get, .result(),
-        fabric.wait, ``await fut``, a Stream's next item). If it waits in the plain call running
-        here, tell the broker (BLOCKED): it lends this call's CPUs to other work and prefetches
-        nothing onto this worker meanwhile, so calls waiting on calls cannot exhaust the
-        cluster. The main thread's waits lend for the whole call; those of the user's own
-        threads while its function runs (so that no other thread sends while the main thread
-        streams items). Returns a token for ``unblock()``, or None: not told. Waits in
-        instances keep their CPUs."""
+        fabric.wait, ``await fut``, a Stream's next item). If it waits in the call running here
+        (a plain call, or a method of an instance of concurrency 1), tell the broker (BLOCKED):
+        it lends the CPUs to other work and prefetches nothing onto this worker meanwhile, so
+        calls waiting on calls cannot exhaust the cluster. The main thread's waits lend for the
+        whole call; those of the user's own threads while its function runs (so that no other
+        thread sends while the main thread streams items). Returns a token for ``unblock()``,
+        or None: not told. Waits in a concurrent instance keep its CPUs (its calls share them)."""
         cid = self.lendable
         if cid is None:
             return None
