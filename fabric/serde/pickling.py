@@ -3,8 +3,9 @@
 Data uses pickle protocol 5 with out-of-band buffers: numpy/arrow buffers become separate
 frames that ZeroMQ sends without copying. cloudpickle is the pickler, so lambdas and classes
 defined in ``__main__`` travel by value; plain pickle is the fast path for simple arguments.
-Futures inside arguments become references (``_dep``) that the worker resolves from the
-results the broker attached to the call. The pickler's other hook hands big numpy arrays to
+Futures among the arguments go to the driver's ``on_ref`` hook (``Client._ref``/``_nested``):
+a top-level one becomes a reference (``_dep``) that the worker resolves from the results the
+broker attached to the call, one inside a value a Future the worker reads. The pickler's other hook hands big numpy arrays to
 ``fabric.serde.shm``, and a large payload goes on to ``fabric.serde.transfer``.
 """
 from __future__ import annotations
