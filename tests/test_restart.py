@@ -351,3 +351,46 @@ def test_a_keyed_cluster_restarts_and_its_peers_redo_their_key_handshake(tmp_pat
         assert "restarted" in err
     finally:
         cl.stop()
+
+
+NESTED_DRIVER = r"""
+import os, sys, time, fabric
+fabric.init(address=os.environ["ADDR"])
+gate, started = os.environ["GATE"], os.environ["STARTED"]
+
+@fabric.fn
+def held(x, gate):
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return x
+
+@fabric.fn
+def read(futs, started):
+    open(started, "w").close()
+    return fabric.get(futs)  # a FETCH of a result not made yet
+
+r = read.remote([held.remote(5, gate)], started)
+while not os.path.exists(started):
+    time.sleep(0.01)
+time.sleep(0.3)
+print("SUBMITTED", flush=True)
+sys.stdin.readline()
+print("RESULT", r.result(timeout=120), flush=True)
+"""
+
+
+def test_a_nested_future_being_read_survives_a_broker_restart(journaled, tmp_path):
+    """A call waits on a Future it got inside a list (FETCH) when the broker is SIGKILLed: it
+    completes (its reader asks the new broker again, and the journal's re-run of the call reads
+    it afresh: whichever comes first gives the one outcome)."""
+    gate = tmp_path / "gate"
+
+    def meanwhile(p):
+        _kill_broker(journaled.address)
+        gate.touch()
+
+    rc, out, err = _drive(NESTED_DRIVER, dict(ADDR=journaled.address, GATE=str(gate),
+                                              STARTED=str(tmp_path / "started")), "SUBMITTED", meanwhile,
+                          timeout=150)
+    assert rc == 0, err
+    assert "RESULT [5]" in out, (out, err)
