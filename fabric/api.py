@@ -21,7 +21,7 @@ import cloudpickle
 from . import config
 from . import protocol as P
 from . import settings
-from .client import CallOptions, Client, Future, Part, Stream
+from .client import CallOptions, Client, Future, Part, Stream  # (client: also the wire names of Futures in values)
 from .errors import ConnectionFailed, FabricError, GetTimeout
 from .gangs import GangContext, gang_context
 from .resources import parse_memory
@@ -649,7 +649,7 @@ def _check_instance(where, o):
 
 
 def _name_request(client, body):
-    from .client import request
+    from .control import request
 
     rep = request(client.address, P.NAME, ctx=client.ctx, body=body)
     if "error" in rep:

@@ -177,7 +177,7 @@ def start(host, port, cpus, gpus, memory, no_executor, detach, autoscale, idle, 
     with config.private_open(config.state_file(), "w") as f:
         json.dump({"address": address, "broker_pid": cluster.procs[0].pid, "pids": cluster.pids,
                    "log_dir": cluster.log_dir, "keys": keys}, f)
-    from .client import request
+    from .control import request
 
     deadline = time.monotonic() + 10
     while True:
@@ -274,11 +274,12 @@ def executor(broker, cpus, gpus, memory, label):
 @click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
 def status(address, as_json):
     """Show executors, workers, resources and queue depth."""
-    from .client import request
+    from .control import ClusterStatus, request
 
     address = _address(address)
     try:
-        st = request(address, P.STATUS, timeout=3)
+        raw = request(address, P.STATUS, timeout=3)
+        st = ClusterStatus.parse(raw)
     except FabricError as e:
         raise click.ClickException(str(e)) from None
     rec = _recorded()
@@ -289,49 +290,48 @@ def status(address, as_json):
         decisions = last_decisions(rec["log_dir"], 5)
     gateways = _serve_gateways(address)
     if as_json:
-        click.echo(json.dumps({**st, "autoscaler": decisions, "serve": gateways}, indent=2))
+        click.echo(json.dumps({**raw, "autoscaler": decisions, "serve": gateways}, indent=2))
         return
     con, Table = _tables()
-    con.print(f"[bold]fabric cluster[/] {st['address']}  broker pid {st['pid']}  up {st['uptime_s']}s  "
-              f"drivers {st['drivers']}  pending calls {st['calls_pending']}  instances {st['instances']}")
+    con.print(f"[bold]fabric cluster[/] {st.address}  broker pid {st.pid}  up {st.uptime_s}s  "
+              f"drivers {st.drivers}  pending calls {st.calls_pending}  instances {st.instances}")
     hosts: dict = {}
-    for ex in st["executors"]:
-        kind = "gpu" if ex["gpus"] else "cpu"
-        hosts.setdefault(ex["host"], {}).setdefault(kind, 0)
-        hosts[ex["host"]][kind] += 1
+    for ex in st.executors:
+        hosts.setdefault(ex.host, {}).setdefault(ex.kind, 0)
+        hosts[ex.host][ex.kind] += 1
     t = Table(title="executors: " + ("; ".join(f"{h} {', '.join(f'{n} {k}' for k, n in sorted(ks.items()))}"
                                                for h, ks in sorted(hosts.items())) or "none"))
     for col in ("id", "host", "kind", "cpus (free)", "gpus (free)", "memory (free)", "workers", "busy",
                 "instances", "labels", "last seen"):
         t.add_column(col)
-    for ex in st["executors"]:
-        labels = ",".join(f"{k}={v}" for k, v in sorted((ex.get("labels") or {}).items()))
-        t.add_row(ex["id"][:8], ex["host"], "gpu" if ex["gpus"] else "cpu", f"{ex['cpus']:g} ({ex['free_cpus']:g})",
-                  f"{len(ex['gpus'])} ({len(ex['free_gpus'])})",
-                  f"{ex['memory'] >> 20}MiB ({ex['free_memory'] >> 20}MiB)", str(ex["workers"]), str(ex["busy"]),
-                  str(ex["instances"]), labels, f"{ex['last_seen_s']}s ago")
+    for ex in st.executors:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(ex.labels.items()))
+        t.add_row(ex.id[:8], ex.host, ex.kind, f"{ex.cpus:g} ({ex.free_cpus:g})",
+                  f"{len(ex.gpus)} ({len(ex.free_gpus)})",
+                  f"{ex.memory >> 20}MiB ({ex.free_memory >> 20}MiB)", str(ex.workers), str(ex.busy),
+                  str(ex.instances), labels, f"{ex.last_seen_s}s ago")
     con.print(t)
-    if st.get("functions"):
+    if st.functions:
         ft = Table(title="functions and classes with min_warm / max_containers (warm: workers holding their code)")
         for col in ("name", "kind", "running", "waiting", "warm", "min_warm", "max_containers"):
             ft.add_column(col)
-        for f in st["functions"]:
-            ft.add_row(f["name"], f["kind"], str(f["running"]), str(f["waiting"]), str(f["warm"]),
-                       str(f["min_warm"]), str(f["max_containers"] or "-"))
+        for f in st.functions:
+            ft.add_row(f.name, f.kind, str(f.running), str(f.waiting), str(f.warm),
+                       str(f.min_warm), str(f.max_containers or "-"))
         con.print(ft)
-    if st.get("named"):
+    if st.named:
         nt = Table(title="named instances")
         for col in ("name", "namespace", "class", "lifetime", "alive", "id"):
             nt.add_column(col)
-        for n in st["named"]:
-            nt.add_row(n["name"], n["namespace"], n["class"], "detached" if n["detached"] else "driver",
-                       "yes" if n["alive"] else "starting", n["actor"][-8:])
+        for n in st.named:
+            nt.add_row(n.name, n.namespace, n.cls, "detached" if n.detached else "driver",
+                       "yes" if n.alive else "starting", n.actor[-8:])
         con.print(nt)
     q = Table(title="queues")
     for col in ("cpus", "gpus", "memory", "queued"):
         q.add_column(col)
-    for row in st["queues"]:
-        q.add_row(f"{row['cpus']:g}", f"{row['gpus']:g}", f"{row['memory'] >> 20}MiB", str(row["depth"]))
+    for row in st.queues:
+        q.add_row(f"{row.cpus:g}", f"{row.gpus:g}", f"{row.memory >> 20}MiB", str(row.depth))
     con.print(q)
     if decisions:
         d = Table(title="autoscaler: last decisions")
@@ -352,9 +352,9 @@ def status(address, as_json):
                       f"{len(d['running_replicas'])}/{d['target_replicas']}", str(d["ongoing_requests"]),
                       str(d["queued_requests"]), str(d["replica_deaths"]))
         con.print(g)
-    s = st["stats"]
-    con.print(f"calls submitted {s['submitted']}  completed {s['completed']}  retried {s['retried']}  "
-              f"refused messages {s['refused']}")
+    s = st.stats
+    con.print(f"calls submitted {s.submitted}  completed {s.completed}  retried {s.retried}  "
+              f"refused messages {s.refused}")
 
 
 def _tables():
@@ -422,7 +422,7 @@ def serve(address, host, port, token_file, debug):
 @click.option("--address", help="broker address (default: the cluster `fabric start` recorded)")
 def stop(address):
     """Stop a cluster: its broker, executors and workers."""
-    from .client import request
+    from .control import request
 
     address = _address(address)
     rec = _recorded()

@@ -18,7 +18,7 @@ import time
 
 from . import config
 from . import protocol as P
-from .client import request
+from .control import request
 from .serde import shm
 
 

@@ -92,8 +92,17 @@ def test_the_core_never_imports_the_upper_layers():
 
 @pytest.mark.parametrize("layer", UPPER)
 def test_upper_layers_use_only_the_public_core(layer):
-    internals = ["fabric.broker", "fabric.executor", "fabric.protocol", "fabric.client"]
+    internals = ["fabric.broker", "fabric.executor", "fabric.protocol", "fabric.client", "fabric.connection",
+                 "fabric.futures", "fabric.control", "fabric.spill"]
     assert _violations(lambda n: n.startswith(layer), internals) == []
+
+
+def test_control_clients_do_not_import_the_driver():
+    """The autoscaler, `fabric status`/`stop` and a cluster stopping its broker ask through
+    fabric.control: none of them loads the driver's connection or its Futures."""
+    driver = ["fabric.client", "fabric.connection", "fabric.futures", "fabric.api"]
+    users = ("fabric.autoscale", "fabric.control", "fabric.cluster")
+    assert _violations(lambda n: n.startswith(users), driver) == []
 
 
 def _cycles(package, mods=None):

@@ -98,7 +98,7 @@ class Autoscaler:
         import zmq
 
         from .. import protocol as P
-        from ..client import request
+        from ..control import request
 
         if self._ctx is None:
             self._ctx = zmq.Context()

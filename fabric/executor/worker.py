@@ -222,8 +222,8 @@ class Worker:
         self.lendable = None         # that call's id: the main thread's waits in it lend its CPUs
         self.threads_lend = False    # while its function runs, waits on its other threads lend them too
         self.block_lock = threading.Lock()  # BLOCKED/UNBLOCKED may come from the user's threads
-        from .. import client as _client
-        _client.blocking = self  # a nested driver's waits call block()/unblock()
+        from .. import futures as _futures
+        _futures.blocking = self  # a nested driver's waits call block()/unblock()
         os.environ["FABRIC_WORKER_ID"] = self.ident.hex()  # a nested driver names its worker in HELLO
         s = settings.reload()
         sys.stdout = _Tee(sys.stdout, self.output)
