@@ -1,4 +1,4 @@
-"""Gang scheduling, mixed into the Broker (core.py): n members that start together or not at all.
+"""Gang scheduling (one part of the broker, see core.py): n members that start together or not at all.
 
 A gang (kind GANG) waits in one FIFO (``gang_queue``) until all n places are free at once, then
 takes them in one go: never part of a gang while waiting for the rest, so two gangs cannot hold
@@ -24,14 +24,21 @@ from . import placement
 from .state import DONE, HELD, QUEUED, RUNNING, SPAWNING, WAITING, Call, Gang
 
 log = logging.getLogger("fabric.broker")
-
 WARM_IDLE = 300.0  # seconds a kept gang worker waits for its driver's next gang of its shape
 
 
-class GangScheduling:
-    # A gang (kind GANG) is n members that start together or not at all. It waits in one FIFO
-    # (gang_queue) until all n places are free at once, then takes them in one go: never part of
-    # a gang while waiting for the rest, so two gangs cannot hold halves of each other's places.
+class Gangs:
+    """Shares the broker's tables (``st``, state.Tables) and its outbox (``out``); calls
+    outcomes, sched, workers (outcomes.py, scheduler.py, workers.py)."""
+
+    def __init__(self, st, out):
+        self.st = st
+        self.out = out
+
+    def wire(self, outcomes, sched, workers):
+        """The other parts it calls (built after it: they call it too)."""
+        self.outcomes, self.sched, self.workers = outcomes, sched, workers
+
     def check_gang(self, cid, did, kind, opts, frame):
         """SUBMIT of a gang: its last frame lists the members' call ids, rank 0 (``cid``) first."""
         if kind != P.GANG or not opts & P.HAS_GANG:
@@ -43,7 +50,7 @@ class GangScheduling:
             raise ProtocolError("a gang's first member id must be the SUBMIT's call id")
         if len(set(ids)) != len(ids) or any(m[:8] != did for m in ids):
             raise ProtocolError("a gang's member ids must be distinct and start with the driver's id")
-        if any(m in self.calls or m in self.results for m in ids[1:]):
+        if any(m in self.st.calls or m in self.st.results for m in ids[1:]):
             raise ProtocolError("a gang member id is already in use")
 
     def gang_ids(self, cid, did, h, f):
@@ -55,7 +62,7 @@ class GangScheduling:
         except Exception:  # noqa: BLE001 - a malformed frame: nothing more to answer
             return []
         return [m for m in dict.fromkeys(ids)
-                if m != cid and m[:8] == did and m not in self.calls and m not in self.results]
+                if m != cid and m[:8] == did and m not in self.st.calls and m not in self.st.results]
 
     def new_gang(self, lead):
         """The members of an admitted GANG call; they share the lead's (rank 0's) frames."""
@@ -65,31 +72,31 @@ class GangScheduling:
         ids = frames[-1].bytes if hasattr(frames[-1], "bytes") else bytes(frames[-1])
         for m in P.split_ids(ids)[1:]:
             c = Call(m, lead.driver, frames, h)
-            self.calls[m] = c
+            self.st.calls[m] = c
             members.append(c)
-        self.stats["submitted"] += len(members) - 1
+        self.st.stats["submitted"] += len(members) - 1
         g = Gang(lead, members)
         for r, c in enumerate(members):
             c.gang = (g, r)
-        self.gangs[g.id] = g
+        self.st.gangs[g.id] = g
 
     def enqueue_gang(self, g):
         if g.state == DONE:
             return
         why = self.gang_unschedulable(g)
         if why:
-            return self.finish(g.members[0], P.UNSCHEDULABLE, why.encode())  # and the others with it
+            return self.outcomes.finish(g.members[0], P.UNSCHEDULABLE, why.encode())  # and the others with it
         g.state = QUEUED
         for c in g.members:
             c.state = QUEUED
-        self.gang_queue.append(g)
+        self.st.gang_queue.append(g)
 
     def gang_unschedulable(self, g):
         """Why this cluster can never start ``g`` (not even idle), or None. No executor yet: wait."""
-        return placement.gang_unschedulable(list(self.executors.values()), g.shape, len(g.members))
+        return placement.gang_unschedulable(list(self.st.executors.values()), g.shape, len(g.members))
 
     def dispatch_gangs(self):
-        q = self.gang_queue
+        q = self.st.gang_queue
         while q:
             g = q[0]
             if g.state != QUEUED:
@@ -102,7 +109,7 @@ class GangScheduling:
             self.start_gang(g, plan)
 
     def plan_gang(self, g):
-        return placement.plan_gang(self.executors.values(), g.shape, len(g.members))
+        return placement.plan_gang(self.st.executors.values(), g.shape, len(g.members))
 
     def start_gang(self, g, plan):
         """Reserve every member's place and spawn its worker (or take a kept warm one); the CALLs
@@ -114,9 +121,9 @@ class GangScheduling:
             c.state = SPAWNING
             w = self.take_warm(g, ex) if g.warm and not devices else None
             if w is None:
-                g.tokens.add(self.spawn(ex, self.reserve(ex, g.shape, devices), c, None))
+                g.tokens.add(self.sched.spawn(ex, self.sched.reserve(ex, g.shape, devices), c, None))
                 continue
-            self.reserve(ex, g.shape, devices)
+            self.sched.reserve(ex, g.shape, devices)
             w.held = c.shape
             self.gang_member(g, rank, w)
             warm += 1
@@ -130,8 +137,8 @@ class GangScheduling:
         g.tokens.discard(token)
         w.held = c.shape
         if g.state != SPAWNING or c.state != SPAWNING:  # not this attempt's (its spawns are dropped)
-            self.release_worker(w)
-            return self.kill_worker(w)
+            self.workers.release_worker(w)
+            return self.workers.kill_worker(w)
         addr = info.get("addr")
         w.addr = addr if isinstance(addr, str) and 0 < len(addr) <= 256 else f"{w.ex.host}:0"
         self.gang_member(g, rank, w)
@@ -144,28 +151,27 @@ class GangScheduling:
         g.workers[rank] = w
         g.addrs[rank] = w.addr
 
-    # ---------------------------------------------------------------- warm gang workers (min_warm)
     def take_warm(self, g, ex):
         """A worker kept from this driver's earlier gang of ``g``'s shape on ``ex``, or None."""
         key = (g.members[0].driver, ex.ident, g.shape)
-        kept = self.warm_gang.get(key)
+        kept = self.st.warm_gang.get(key)
         while kept:
             w = kept.pop()
             w.spare = None
             if not kept:
-                del self.warm_gang[key]
-            if w.ident in self.workers and not w.doomed:
+                del self.st.warm_gang[key]
+            if w.ident in self.st.workers and not w.doomed:
                 return w
-            kept = self.warm_gang.get(key)
+            kept = self.st.warm_gang.get(key)
         return None
 
     def keep_warm_worker(self, g, w) -> bool:
         """Keep ``w`` (idle, holding nothing) for its driver's next gang of this shape, up to
         ``min_warm`` per executor. CPU gangs only: a GPU worker's devices are fixed at its start."""
-        if not g.warm or g.shape[1] or w.doomed or w.ident not in self.workers or w.addr is None:
+        if not g.warm or g.shape[1] or w.doomed or w.ident not in self.st.workers or w.addr is None:
             return False
         key = (g.members[0].driver, w.ex.ident, g.shape)
-        kept = self.warm_gang.setdefault(key, [])
+        kept = self.st.warm_gang.setdefault(key, [])
         if len(kept) >= g.warm:
             return False
         w.spare = (key, time.monotonic())
@@ -176,20 +182,20 @@ class GangScheduling:
         """``w`` is no longer kept warm (it died, or is being stopped)."""
         key = w.spare[0]
         w.spare = None
-        kept = self.warm_gang.get(key)
+        kept = self.st.warm_gang.get(key)
         if kept and w in kept:
             kept.remove(w)
         if not kept:
-            self.warm_gang.pop(key, None)
+            self.st.warm_gang.pop(key, None)
 
     def expire_warm(self, now, driver=None):
         """Stop kept gang workers unused for ``WARM_IDLE`` s, or all of ``driver``'s (it left)."""
-        for key, kept in list(self.warm_gang.items()):
+        for key, kept in list(self.st.warm_gang.items()):
             for w in list(kept):
                 if (driver is not None and key[0] == driver) or (driver is None and now - w.spare[1] > WARM_IDLE):
                     self.drop_warm(w)
-                    if w.ident in self.workers:
-                        self.kill_worker(w)
+                    if w.ident in self.st.workers:
+                        self.workers.kill_worker(w)
 
     def launch_gang(self, g):
         """Every member's worker is READY: send the n CALLs in this loop turn, each with its context."""
@@ -212,7 +218,7 @@ class GangScheduling:
             if c.code_hash not in w.code_seen:
                 w.code_seen.add(c.code_hash)
                 opts |= P.HAS_CODE
-                out.append(self.code[c.code_hash])
+                out.append(self.st.code[c.code_hash])
             out[0] += bytes([opts])
             if frames[1]:
                 out.append(frames[1])
@@ -225,7 +231,7 @@ class GangScheduling:
             w.inflight[c.id] = c
             c.worker, c.state, c.started = w, RUNNING, now
             if c.timeout:
-                heapq.heappush(self.timeouts, (now + c.timeout, next(self._seq), c))
+                heapq.heappush(self.st.timeouts, (now + c.timeout, next(self.st.seq), c))
             self.out.to_worker(w, out)  # one CALL per worker: never a BATCH
         log.info("gang %s: %d members started", g.id.hex(), n)
 
@@ -235,15 +241,15 @@ class GangScheduling:
         if c.state != RUNNING or g.state != RUNNING:
             return
         if status != P.OK:
-            return self.finish(c, status, None, frames)  # gang_outcome stops the others
+            return self.outcomes.finish(c, status, None, frames)  # gang_outcome stops the others
         c.state = HELD
         g.outcomes[rank] = frames
         g.held += 1
         if g.held == len(g.members):
             g.state = DONE
-            self.gangs.pop(g.id, None)
+            self.st.gangs.pop(g.id, None)
             for r, m in enumerate(g.members):
-                self.finish(m, P.OK, None, g.outcomes[r])
+                self.outcomes.finish(m, P.OK, None, g.outcomes[r])
             self.gang_release(g, keep=True)
 
     def gang_outcome(self, c, status, frames):
@@ -255,12 +261,12 @@ class GangScheduling:
             return
         if g.state in (WAITING, QUEUED):
             g.state = DONE
-            self.gangs.pop(g.id, None)
+            self.st.gangs.pop(g.id, None)
             if status != P.OK:
                 kept = [status, *frames]
                 for m in g.members:
                     if m.state != DONE:
-                        self.finish_copy(m, kept)
+                        self.outcomes.finish_copy(m, kept)
             return
         if status == P.OK:
             return
@@ -281,14 +287,14 @@ class GangScheduling:
         if retry and (not charge or g.retries > 0):
             if charge:
                 g.retries -= 1
-                self.stats["retried"] += 1
+                self.st.stats["retried"] += 1
             log.info("gang %s: rank %d of %d died (%s): starting the whole gang again (%d retries left)",
                      g.id.hex(), rank, n, why, g.retries)
             self.gang_release(g)
             for c in g.members:
                 c.state, c.worker, c.started = QUEUED, None, 0.0
             g.state = QUEUED
-            self.gang_queue.appendleft(g)
+            self.st.gang_queue.appendleft(g)
             return
         g.state = DONE
         self.gang_end(g, P.GANG_FAILED, f"gang member rank {rank} of {n} died ({why})"
@@ -298,21 +304,21 @@ class GangScheduling:
     def gang_end(self, g, status, msg):
         """Give every member without an outcome ``status``/``msg`` (a held OK result is delivered),
         then kill the gang's workers and return its places."""
-        self.gangs.pop(g.id, None)
+        self.st.gangs.pop(g.id, None)
         text = msg.encode()
         for r, c in enumerate(g.members):
             if c.state == HELD:
-                self.finish(c, P.OK, None, g.outcomes[r])
+                self.outcomes.finish(c, P.OK, None, g.outcomes[r])
             elif c.state != DONE:
-                self.finish(c, status, text)
+                self.outcomes.finish(c, status, text)
         self.gang_release(g)
 
     def gang_release(self, g, keep=False):
         """Drop this attempt: its pending spawns, and its workers (killed, or with ``keep`` after
         an OK end kept warm if the gang asked: min_warm), returning their places."""
         for tok in g.tokens:
-            sp = self.spawns.pop(tok, None)
-            if sp is not None and sp[0].ident in self.executors:
+            sp = self.st.spawns.pop(tok, None)
+            if sp is not None and sp[0].ident in self.st.executors:
                 sp[0].ledger.give(g.shape, sp[1])
         g.tokens = set()
         for w in g.workers:
@@ -320,10 +326,10 @@ class GangScheduling:
                 continue
             w.gang = None
             w.inflight.clear()
-            self.return_resources(w)
+            self.workers.return_resources(w)
             if keep and self.keep_warm_worker(g, w):
                 continue
-            if w.ident in self.workers:
-                self.kill_worker(w)
+            if w.ident in self.st.workers:
+                self.workers.kill_worker(w)
         n = len(g.members)
         g.workers, g.addrs, g.outcomes, g.held = [None] * n, [None] * n, [None] * n, 0

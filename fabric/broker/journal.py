@@ -16,8 +16,8 @@ loop turn: a process killed with SIGKILL loses nothing the kernel has accepted (
 whole machine may lose the last turn; ``fsync=True`` closes that too, at a cost per turn). A
 torn record at the end of the file (killed mid-write) is ignored on replay.
 
-Replay feeds the records through the broker's own state machine in order (``Broker.restore``),
-then the file is compacted to the live state: calls without an outcome, and outcomes not
+Replay (``restore``, below) feeds the records through the broker's own parts in order (admission,
+outcomes), then the file is compacted to the live state (``live_records``): calls without an outcome, and outcomes not
 released. Compaction also runs when the file has grown to ``COMPACT_BYTES`` and is mostly dead.
 """
 from __future__ import annotations
@@ -26,7 +26,9 @@ import logging
 import os
 import struct
 
+from .. import protocol as P
 from .. import settings
+from .state import Call
 
 log = logging.getLogger("fabric.broker")
 
@@ -150,3 +152,81 @@ class Journal:
             self.flush()
         finally:
             self.f.close()
+
+
+# ---------------------------------------------------------------------------- replay
+def restore(path, st, out, drivers, admission, outcomes, instances) -> int:
+    """Replay the journal at ``path`` through the broker's own parts; returns the records read.
+
+    Calls without an outcome are queued again (one that was running when the old broker
+    died runs again: execution is at-least-once, delivery of its outcome at-most-once per
+    driver). Outcomes not yet released are kept and re-sent when their driver rejoins and
+    asks. Instances cannot be replayed (their state lived in a worker): they end with
+    ACTOR_DIED saying so. The caller then opens the journal and compacts it.
+    """
+    n, st.restoring = 0, True
+    try:
+        for kind, fr in read(path):
+            n += 1
+            try:
+                replay(kind, fr, st, drivers, admission, outcomes)
+            except Exception as e:  # noqa: BLE001 - one bad record must not lose the rest
+                log.warning("journal %s: skipped record %d (kind %d): %s: %s", path, n, kind,
+                            type(e).__name__, e)
+        msg = (b"the broker restarted and an instance's state lives only in its worker: this instance "
+               b"is gone; create a new one")
+        for a in list(st.actors.values()):
+            instances.kill_actor(a, msg)
+        st.pending_actors.clear()
+    finally:
+        st.restoring = False
+        out.clear()
+    st.unsent = set(st.results)  # none of these reached its driver from this broker
+    return n
+
+
+def replay(kind, fr, st, drivers, admission, outcomes):
+    """Apply one journal record."""
+    if kind == CODE:
+        st.code[fr[0]] = fr[1]
+    elif kind == CALL:
+        h = P.unpack_call(fr[0])
+        cid = h[0]
+        if cid in st.calls or cid in st.results:
+            return
+        if h[2] != P.ACTOR_CALL and h[1] not in st.code:
+            return  # its code was lost: its driver re-sends the call, with code, when it rejoins
+        drivers.restored(cid[:8])
+        admission.admit(Call(cid, b"r" + cid[:8], fr, h), P.split_ids(fr[1]) if fr[1] else None)
+    elif kind == OUTCOME:
+        cid, status, frames = fr[0], fr[1][0], fr[2:]
+        call = st.calls.get(cid)
+        if call is not None:
+            outcomes.finish(call, status, None, frames)
+        else:
+            st.results[cid] = [status, *frames]
+    elif kind == FORGET:
+        for cid in P.split_ids(fr[0]):
+            st.results.pop(cid, None)
+            call = st.calls.get(cid)
+            if call is not None:
+                outcomes.finish(call, P.CANCELLED, b"", deliver=False)
+
+
+def live_records(st):
+    """The live state as journal records: what a compacted journal holds."""
+    for h, code in st.code.items():  # all of it: drivers send each function's code once
+        yield CODE, [h, code]
+    extra = []
+    for cid, r in st.results.items():
+        yield OUTCOME, [cid, bytes([r[0]]), *r[1:]]
+    for c in st.calls.values():
+        for dep, r in (c.depv or {}).items():  # resolved deps whose results were released
+            if dep not in st.results:
+                extra.append(dep)
+                yield OUTCOME, [dep, bytes([r[0]]), *r[1:]]
+    for c in st.calls.values():
+        if c.kind not in (P.ACTOR_CALL, P.GANG):  # gangs are not journaled: drivers re-send them
+            yield CALL, c.frames
+    if extra:
+        yield FORGET, [b"".join(extra)]

@@ -1,15 +1,18 @@
 """The broker's records: a call, an executor, a worker, an instance, a gang, a function's
 scaling options, and the GPU-share arithmetic. Plain data with small helpers; the broker
-(core.py, gangs.py) decides what happens to them."""
+(its parts, see core.py) decides what happens to them; ``Tables`` holds them all."""
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from ..resources import EPS, Ledger, gpu_share, pick_gpus  # noqa: F401 - EPS, gpu_share, pick_gpus: re-exported
 
 WAITING, QUEUED, SPAWNING, RUNNING, DONE = range(5)
 HELD = 5  # a gang member that finished OK: its outcome waits until its whole gang has finished
+# Tables.dropping's mark for a call prefetched behind one that BLOCKED: DROP sent to take it back
+TAKE_BACK = tuple([None, None, False])
 
 
 class Call:
@@ -129,3 +132,46 @@ class FnInfo:
         self.running = 0          # calls running (functions) or live instances (classes) under the cap
         self.capped = deque()     # calls/instances waiting for a place under max_containers
         self.drivers = set()      # connected drivers that use it: min_warm holds while one is
+
+
+class Tables:
+    """The broker's state: every table its parts share (admission, scheduler, workers,
+    instances, gangs, outcomes; see core.py). Plain data: the parts decide what changes."""
+
+    def __init__(self, epoch: str):
+        self.epoch = epoch                          # this broker's run: new after a restart
+        self.journal = None                         # the Journal, when the broker keeps one
+        self.restoring = False                      # replaying the journal: outcomes are not sent
+        self.unsent: set[bytes] = set()             # kept outcomes not delivered by this broker (restored, unreachable)
+        self.executors: dict[bytes, Executor] = {}  # executor identity -> Executor
+        self.workers: dict[bytes, Worker] = {}
+        self.idle: dict[Worker, None] = {}          # pool workers with nothing in flight
+        self.partial: dict[Worker, None] = {}       # pool workers that may take a prefetch
+        self.queues: dict[tuple, deque] = {}        # shape -> ready calls
+        self.calls: dict[bytes, Call] = {}          # every call without an outcome yet
+        self.results: dict[bytes, list] = {}        # outcome frames kept until RELEASE
+        self.waiters: dict[bytes, list] = {}        # dep id -> calls waiting for it
+        self.fetchers: dict[bytes, list] = {}       # call id -> r sockets that FETCHed its outcome
+        self.actors: dict[bytes, Actor] = {}
+        self.pending_actors: deque[Actor] = deque()
+        self.gangs: dict[bytes, Gang] = {}          # gangs without an outcome yet, by rank 0's call id
+        self.names: dict[tuple, dict] = {}          # (namespace, name) -> a named instance (NAME)
+        self.actor_names: dict[bytes, tuple] = {}   # instance id -> its (namespace, name)
+        self.restarts: dict[bytes, list] = {}       # instance id -> [restarts left, its ACTOR_NEW, max_restarts]
+        self.gang_queue: deque[Gang] = deque()      # gangs ready to start, FIFO
+        self.warm_gang: dict[tuple, list] = {}      # (driver, executor, shape) -> workers kept (min_warm)
+        self.dead_actors: OrderedDict[bytes, list] = OrderedDict()  # id -> the failure its calls get
+        self.spawns: dict[str, tuple] = {}          # spawn token -> (executor, devices, call|actor)
+        self.code: dict[bytes, object] = {}         # code hash -> code frame
+        self.avg_duration: dict[bytes, float] = {}  # code hash -> moving average of run time
+        # per function/class options (min_warm, max_containers): code hash -> FnInfo; only for
+        # code whose calls set one of them, so plain calls pay nothing
+        self.fns: dict[bytes, FnInfo] = {}
+        self.timeouts: list = []                    # heap of (deadline, seq, call)
+        # cancelled calls whose worker was sent DROP: id -> (force, recursive, it answered "running")
+        self.dropping: dict[bytes, tuple] = {}
+        self.blocked = 0                            # workers whose call waits on its own calls (BLOCKED)
+        self.seq = itertools.count()                # tie-breaker in the timeouts heap
+        self.tokens = itertools.count(1)            # spawn tokens
+        self.stats = {"submitted": 0, "completed": 0, "retried": 0, "refused": 0, "dropped": 0,
+                      "drop_too_late": 0}
