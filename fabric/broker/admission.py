@@ -51,8 +51,8 @@ class Admission:
 
     def on_submit(self, ident, head, f):
         did = ident[1:]
-        h = P.unpack_call(head)
-        cid = h[0]
+        h = P.CallHeader.read(head)
+        cid = h.call_id
         if cid[:8] != did:
             raise ProtocolError("call ids must start with the driver's id")
         d = self.drivers.seen(did)
@@ -66,7 +66,7 @@ class Admission:
             return
         kept = self.st.results.get(cid)
         if kept is not None:  # re-sent after a broker restart: its outcome is known already
-            ids = P.split_ids(f[-1].bytes) if h[-1] & P.HAS_GANG and f else [cid]  # a gang: all members
+            ids = P.split_ids(f[-1].bytes) if h.opts & P.HAS_GANG and f else [cid]  # a gang: all members
             for rid in ids:
                 r = self.st.results.get(rid)
                 if r is not None and rid in self.st.unsent:  # (one this broker sent is on its way: never twice)
@@ -113,7 +113,8 @@ class Admission:
                 self.refuse(ident, f"refused a SUBMIT inside a BATCH: {e}")
 
     def submit(self, cid, did, head, h, f, ask=True):
-        _, code_hash, kind, aid, cpus, gpus, mem, retries, timeout, nbuf, _, warm, _, _, opts = h
+        code_hash, kind, aid, opts, nbuf = h.code_hash, h.kind, h.actor_id, h.opts, h.nbuf
+        cpus, gpus, retries, timeout = h.cpus, h.gpus, h.retries, h.timeout
         i = (opts & P.HAS_CODE) + ((opts & P.HAS_DEPS) >> 1)
         if len(f) != i + 1 + nbuf + ((opts & P.HAS_GANG) >> 3):  # the gang frame follows the buffers
             raise ProtocolError(f"SUBMIT announces {i} optional frames, {nbuf} buffers and "
@@ -147,7 +148,7 @@ class Admission:
         payload = f[i]
         if len(payload) < 4096:
             payload = payload.bytes
-        hdr = head if not opts & P.HAS_CODE else head[:-1] + bytes([opts & ~P.HAS_CODE])
+        hdr = head if not opts & P.HAS_CODE else h._replace(opts=opts & ~P.HAS_CODE).pack()
         deps = f[i - 1].bytes if opts & P.HAS_DEPS else b""
         if opts & P.HAS_DEPS and not deps:
             raise ProtocolError("HAS_DEPS is set but the deps frame is empty")

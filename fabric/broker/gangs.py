@@ -67,7 +67,7 @@ class Gangs:
     def new_gang(self, lead):
         """The members of an admitted GANG call; they share the lead's (rank 0's) frames."""
         frames = lead.frames                   # [hdr, deps, payload, *buffers, member ids]
-        h = P.unpack_call(bytes(frames[0]))
+        h = P.CallHeader.read(bytes(frames[0]))
         members = [lead]
         ids = frames[-1].bytes if hasattr(frames[-1], "bytes") else bytes(frames[-1])
         for m in P.split_ids(ids)[1:]:
@@ -209,17 +209,17 @@ class Gangs:
         common = P.dumps_json({"gang": g.id.hex(), "world_size": n, "addresses": g.addrs})
         lead = g.members[0]
         frames = lead.frames                   # [hdr, deps, payload, *buffers, member ids]
-        hdr = bytes(frames[0])
+        h = P.CallHeader.read(bytes(frames[0]))
         now = time.monotonic()
         for r, c in enumerate(g.members):
             w = g.workers[r]
-            opts = hdr[-1] | P.HAS_GANG
-            out = [P.C[P.CALL] + c.id + hdr[16:-1]]
+            opts = h.opts | P.HAS_GANG
+            out = [P.C[P.CALL]]
             if c.code_hash not in w.code_seen:
                 w.code_seen.add(c.code_hash)
                 opts |= P.HAS_CODE
                 out.append(self.st.code[c.code_hash])
-            out[0] += bytes([opts])
+            out[0] += h._replace(call_id=c.id, opts=opts).pack()
             if frames[1]:
                 out.append(frames[1])
             out.extend(frames[2:-1])

@@ -190,11 +190,11 @@ def replay(kind, fr, st, drivers, admission, outcomes):
     if kind == CODE:
         st.code[fr[0]] = fr[1]
     elif kind == CALL:
-        h = P.unpack_call(fr[0])
-        cid = h[0]
+        h = P.CallHeader.read(fr[0])
+        cid = h.call_id
         if cid in st.calls or cid in st.results:
             return
-        if h[2] != P.ACTOR_CALL and h[1] not in st.code:
+        if h.kind != P.ACTOR_CALL and h.code_hash not in st.code:
             return  # its code was lost: its driver re-sends the call, with code, when it rejoins
         drivers.restored(cid[:8])
         admission.admit(Call(cid, b"r" + cid[:8], fr, h), P.split_ids(fr[1]) if fr[1] else None)

@@ -14,7 +14,9 @@ from .. import protocol as P
 
 def call_id_of(msg) -> bytes:
     """The call id of a queued CALL or RESULT message (its first frame: command + header)."""
-    return msg[0][4:20]
+    if msg[0][:4] == P.C[P.CALL]:
+        return P.CallHeader.read(msg[0][4:]).call_id
+    return P.ResultHeader.read(msg[0], 4).call_id
 
 
 class Outbox:

@@ -90,8 +90,8 @@ class Outcomes:
     def finish_copy(self, call, outcome):
         """Fail ``call`` with another call's failure (a failed dependency, a dead instance)."""
         status, hdr = outcome[0], outcome[1]
-        _, _, nbuf, dur, _ = P.unpack_result(hdr)  # kept outcomes hold their header as bytes
-        self.finish(call, status, None, [P.pack_result(call.id, status, nbuf, dur), *outcome[2:]])
+        r = P.unpack_result(hdr)  # kept outcomes hold their header as bytes
+        self.finish(call, status, None, [P.pack_result(call.id, status, r.nbuf, r.duration), *outcome[2:]])
 
     def on_release(self, ident, head, f):
         results, did = self.st.results, ident[1:]
@@ -125,8 +125,9 @@ class Outcomes:
                                          b"or its driver is gone, or it belongs to another cluster"])
 
     def on_put(self, ident, head, f):
-        cid, status, nbuf, _, _ = P.unpack_result(head)
-        if cid[:8] != ident[1:] or status != P.OK or len(f) != 1 + nbuf:
+        r = P.unpack_result(head)
+        cid = r.call_id
+        if cid[:8] != ident[1:] or r.status != P.OK or len(f) != 1 + r.nbuf:
             raise ProtocolError("malformed PUT")
         self.st.results[cid] = [P.OK, head, *f]
         if self.st.journal is not None:
@@ -170,7 +171,7 @@ class Outcomes:
     def cancel_started_instance_call(self, call, w):
         """An instance call that started runs to its end, but a generator method stops before
         its next item; the instance lives on."""
-        if not call.frames[0][-1] & P.STREAM:
+        if not P.CallHeader.read(call.frames[0]).opts & P.STREAM:
             return
         self.finish(call, P.CANCELLED, b"cancelled while running: the stream was closed", keep_slot=True)
         self.out.send([b"l" + w.ident[1:], P.C[P.INTERRUPT], call.id])

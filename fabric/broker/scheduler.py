@@ -78,7 +78,7 @@ class Scheduler:
         hdr = frames[0]
         if call.kind != P.ACTOR_CALL and call.code_hash not in w.code_seen:
             w.code_seen.add(call.code_hash)
-            out = [w.ident, P.C[P.CALL] + hdr[:-1] + bytes([hdr[-1] | P.HAS_CODE]), self.st.code[call.code_hash]]
+            out = [w.ident, P.C[P.CALL] + P.CallHeader.read(hdr).pack(P.HAS_CODE), self.st.code[call.code_hash]]
         else:
             out = [w.ident, P.C[P.CALL] + hdr]
         if frames[1]:

@@ -24,9 +24,10 @@ class Call:
         self.driver = driver            # the driver's result-socket identity
         self.frames = frames            # [hdr (no HAS_CODE), deps, payload, *buffers, (GANG: member ids)]
                                         # small ones as bytes
-        (_, self.code_hash, self.kind, self.actor, cpus, gpus, mem, self.retries, self.timeout, _, self.maxc,
-         self.warm, _, _, _) = h
-        self.shape = (cpus, gpus, mem)
+        self.code_hash, self.kind, self.actor, self.retries, self.timeout = (h.code_hash, h.kind, h.actor_id,
+                                                                            h.retries, h.timeout)
+        self.maxc, self.warm = h.max_containers, h.min_warm
+        self.shape = (h.cpus, h.gpus, h.memory)
         self.deps = None
         self.depv = None                # dep id -> its outcome frames, filled as deps resolve
         self.missing = 0

@@ -74,7 +74,7 @@ class Workers:
         w = self.st.workers.get(ident)
         if w is None:
             raise ProtocolError("result from an unknown worker")
-        cid, status, nbuf, duration, _ = P.unpack_result(head)
+        cid, status, nbuf, duration, _ = P.unpack_result(head)  # (a ResultHeader: exactly its bytes)
         if len(f) != 1 + nbuf:
             raise ProtocolError("DONE announces a different number of buffers")
         call = w.inflight.pop(cid, None)
@@ -155,9 +155,10 @@ class Workers:
         w = self.st.workers.get(ident)
         if w is None:
             raise ProtocolError("item from an unknown worker")
-        if len(f) != 1 + P.RESULT_HDR.unpack_from(head)[2]:
+        r = P.ResultHeader.read(head)
+        if len(f) != 1 + r.nbuf:
             raise ProtocolError("ITEM announces a different number of buffers")
-        call = w.inflight.get(head[:16])
+        call = w.inflight.get(r.call_id)
         if call is None or call.state != RUNNING:
             return  # cancelled (its consumer stopped) or timed out meanwhile
         self.out.to_driver(call.driver, [P.C[P.ITEM] + head, *f])
@@ -165,7 +166,7 @@ class Workers:
     def on_consumed(self, ident, head, f):
         """CONSUMED [call id + count]: the consumer of a stream took ``count`` items; its worker
         may run ahead of that by its window. Forwarded to the worker's output socket."""
-        call = self.st.calls.get(head[:16])
+        call = self.st.calls.get(head[:P.ID_LEN])  # (CONSUMED: call id + count, no result header)
         if call is None or call.state != RUNNING or call.driver[1:] != ident[1:]:
             return
         self.out.send([b"l" + call.worker.ident[1:], P.C[P.CONSUMED] + head])
