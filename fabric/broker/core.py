@@ -23,9 +23,10 @@ Instances (``@fabric.cls``) get a dedicated worker and a FIFO of their own.
 Modules: the broker is one object per part, composed here (``Broker``) and sharing one set of
 tables (``state.Tables``) and one outbox; each part is given the others it calls (``wire``):
 
-- ``core.py``: the loop, who may send what, the handler table, executors, drivers leaving, time;
+- ``core.py``: the loop, who may send what, the handler table, STATUS, drivers leaving, time;
 - ``outbox.py``: sending, and batching what a loop turn sends per peer;
-- ``drivers.py``: the ``Driver`` records, joining, rejoining, heartbeats;
+- ``drivers.py``: the ``Driver`` records, joining, rejoining, heartbeats; ``executors.py``: the same
+  for executors, and their workers' deaths;
 - ``admission.py``: SUBMIT and BATCH: checks, code, Future arguments, queues, min_warm/max_containers;
 - ``scheduler.py``: dispatching ready calls and spawning workers; ``placement.py`` decides where
   (pure functions, no sockets, no clock), reserving through each executor's ``resources.Ledger``;
@@ -56,7 +57,7 @@ from .. import security
 from .. import settings
 from ..errors import FabricError, ProtocolError
 from ..serde import shm  # only to remove a dead driver's shared memory: it holds no pickler
-from . import journal
+from .journal import COMPACT_BYTES, Journal, live_records, restore as replay_journal
 from .admission import Admission
 from .drivers import DRIVER_TIMEOUT, Drivers
 from .executors import Executors
@@ -151,8 +152,8 @@ class Broker:
     # ---------------------------------------------------------------- journal
     def restore(self, path):
         """Replay the journal at ``path`` (journal.restore), then keep writing it, compacted."""
-        n = journal.restore(path, self.st, self.out, self.drivers, self.admission, self.outcomes, self.instances)
-        self.st.journal = journal.Journal(path)
+        n = replay_journal(path, self.st, self.out, self.drivers, self.admission, self.outcomes, self.instances)
+        self.st.journal = Journal(path)
         self.compact()
         if n:
             log.warning("journal %s: restored %d records: %d calls to run, %d outcomes kept, %d drivers "
@@ -161,8 +162,8 @@ class Broker:
 
     def compact(self):
         """Rewrite the journal as the live state only."""
-        self.st.journal.rewrite(journal.live_records(self.st))
-        self.journal_limit = max(journal.COMPACT_BYTES, 2 * self.st.journal.size)
+        self.st.journal.rewrite(live_records(self.st))
+        self.journal_limit = max(COMPACT_BYTES, 2 * self.st.journal.size)
 
     # ---------------------------------------------------------------- loop
     def serve(self):
