@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from .connection import (BATCH_MAX, BROKER_TIMEOUT, BURST_GAP, DEFAULT_OPTIONS, HEARTBEAT_EVERY, MAX_PENDING,
                          PUT_SPILL, USER_IDLE, CallOptions, Client, Submission, _env_seconds, _identity)
-from .control import request
 from .futures import (_DONE, _ERRORS, _PENDING, Future, Part, ReadyFuture, Stream, _borrowed, _borrowed_part,
                       _done_future, _Raise, _StreamState)
 from .spill import delete_objects as _delete_objects
 
 __all__ = ["BATCH_MAX", "BROKER_TIMEOUT", "BURST_GAP", "DEFAULT_OPTIONS", "HEARTBEAT_EVERY", "MAX_PENDING",
-           "PUT_SPILL", "USER_IDLE", "CallOptions", "Client", "Submission", "request", "Future", "Part",
+           "PUT_SPILL", "USER_IDLE", "CallOptions", "Client", "Submission", "Future", "Part",
            "ReadyFuture", "Stream", "_env_seconds", "_identity", "_DONE", "_ERRORS", "_PENDING", "_borrowed",
            "_borrowed_part", "_done_future", "_Raise", "_StreamState", "_delete_objects"]
 
 
 def __getattr__(name):
+    if name == "request":  # lazily: importing fabric.control (its STATUS schema) costs a driver ~15 ms
+        from .control import request
+
+        return request
     if name == "blocking":  # the worker's hook lives in fabric.futures (set there, read there)
         from . import futures
 

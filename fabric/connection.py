@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import control
 from . import futures as _futures
 from . import protocol as P
 from . import security
@@ -511,7 +510,9 @@ class Client:
 
     def status(self, timeout=5.0) -> dict:
         """The broker's view of the cluster (what ``fabric status`` prints)."""
-        return control.request(self.address, P.STATUS, timeout=timeout, ctx=self.ctx)
+        from .control import request  # lazily: the STATUS schema is not needed to make calls
+
+        return request(self.address, P.STATUS, timeout=timeout, ctx=self.ctx)
 
     # ------------------------------------------------------------------ waiting and receiving
     # Leader/follower on the result socket: a thread that waits for results receives them itself

@@ -56,7 +56,6 @@ from .. import config
 from .. import security
 from .. import settings
 from ..errors import FabricError, ProtocolError
-from ..serde import shm  # only to remove a dead driver's shared memory: it holds no pickler
 from .journal import COMPACT_BYTES, Journal, live_records, restore as replay_journal
 from .admission import Admission
 from .drivers import DRIVER_TIMEOUT, Drivers
@@ -215,7 +214,7 @@ class Broker:
             except OSError:
                 pass
         if self.parent_pid:  # an embedded cluster outlives a killed driver: sweep its shared memory
-            shm.remove_shm(self.parent_pid)
+            config.remove_shm(self.parent_pid)
         log.info("stopped")
 
     def handle(self, frames):

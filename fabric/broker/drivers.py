@@ -17,7 +17,6 @@ from typing import Any
 from .. import config
 from .. import protocol as P
 from .. import settings
-from ..serde import shm  # only to remove a dead driver's shared memory: it holds no pickler
 
 log = logging.getLogger("fabric.broker")
 
@@ -40,7 +39,7 @@ class Driver:
         """A driver on this host that died (SIGKILL) leaves its shared-memory files: remove them."""
         pid = self.pid
         if isinstance(pid, int) and pid > 0 and self.host == socket.gethostname() and not config.pid_alive(pid):
-            shm.remove_shm(pid)
+            config.remove_shm(pid)
 
 
 class Drivers:

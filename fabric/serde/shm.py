@@ -165,16 +165,7 @@ class ShmPool:
             _discard(path, mm)
 
 
-def remove_shm(pid: int, directory: str = "/dev/shm") -> None:
-    """Remove the shared-memory files of driver ``pid``: what the broker of an embedded cluster
-    does when its driver has died, and the cluster when it stops."""
-    import glob
-
-    for path in glob.glob(os.path.join(directory, f"fabric-{pid}-*")):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+from ..config import remove_shm  # noqa: E402,F401  (in config: the broker calls it without importing serde)
 
 
 def sweep_shm(directory: str = "/dev/shm") -> int:
