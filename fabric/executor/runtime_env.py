@@ -190,6 +190,24 @@ def _from_drivers_store(wd: dict) -> bytes | None:
         return None
 
 
+def _own_copies(reqs: list[str], cwd: str | None, src: str) -> list[str]:
+    """``reqs`` with each local source folder replaced by a private copy under ``src``: pip builds
+    a folder in place (its ``build/``), so two executors of one host with caches of their own,
+    installing the same folder at once, corrupt each other's wheel (one came out without its
+    module). Other requirements pass as they are."""
+    out = []
+    for i, r in enumerate(reqs):
+        path = os.path.join(cwd or os.getcwd(), r)
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "pyproject.toml")) or \
+                os.path.isdir(path) and os.path.exists(os.path.join(path, "setup.py")):
+            copy = os.path.join(src, str(i), os.path.basename(os.path.normpath(path)))
+            shutil.copytree(path, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".git"))
+            out.append(copy)
+        else:
+            out.append(r)
+    return out
+
+
 def pip_target(reqs: list[str], cwd: str | None) -> str:
     """The folder where ``reqs`` are installed (``pip install --target``), installing them on first use."""
     final = os.path.join(cache_root(), "pip", pip_hash(reqs))
@@ -200,8 +218,10 @@ def pip_target(reqs: list[str], cwd: str | None) -> str:
             return final
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        src = f"{final}.tmp-src-{os.getpid()}"
+        args = _own_copies(reqs, cwd, src)
         cmd = [sys.executable, "-m", "pip", "install", "--target", tmp, "--no-input",
-               "--disable-pip-version-check", "--no-warn-script-location", "--", *reqs]
+               "--disable-pip-version-check", "--no-warn-script-location", "--", *args]
         print(f"[runtime_env] pip install {' '.join(reqs)}", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         tail: deque = deque(maxlen=PIP_TAIL)
@@ -216,6 +236,7 @@ def pip_target(reqs: list[str], cwd: str | None) -> str:
             tail.append(line)
             print(f"[pip] {line}", flush=True)
         rc = p.wait()
+        shutil.rmtree(src, ignore_errors=True)
         if rc != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             text = "\n".join(tail)
