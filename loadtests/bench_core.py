@@ -275,9 +275,33 @@ and 1,000,000 no-op calls, its RSS after them, and what 100,000 queued calls cos
 broker together.
 
 {ANALYSIS}"""
+    try:
+        with open(path) as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    if old:  # the page holds hand-written sections too: replace only the first table and its lines
+        text = _replace_table(old, tab, text)
     with open(path, "w") as f:
         f.write(text)
     print(f"wrote {path}")
+
+
+def _replace_table(old: str, tab: str, fresh: str) -> str:
+    """``old`` with its first core table (and the machine/date/command lines above it) taken from
+    ``fresh``; everything else on the page stays as it is."""
+    lines = old.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("| workload | fabric |")), None)
+    if start is None:
+        return fresh
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    head = [line for line in fresh.split("\n") if line.startswith(("- machine:", "- date:", "- command:"))]
+    top = start
+    while top > 0 and (lines[top - 1].startswith(("- machine:", "- date:", "- command:")) or not lines[top - 1]):
+        top -= 1
+    return "\n".join(lines[:top] + [""] + head + [""] + tab.split("\n") + lines[end:])
 
 
 
