@@ -144,7 +144,12 @@ def fabric_side(seconds, repeat=1):
         assert c.post("/v2/models/mlp_onnx/infer", content=OIP_BODY).status_code == 200, "oip"
     for name, url, script in [("noop", f"{base}/noop", None), ("mlp", f"{base}/mlp", mlp_lua),
                               ("oip-mlp", f"{base}/v2/models/mlp_onnx/infer", oip_lua)]:
+        before = batch_sizes(base)
         rows.append({"peer": "fabric", "route": name, **wrk_median(url, script, seconds, repeat)})
+        after = batch_sizes(base)
+        dep = {"noop": "noop", "mlp": "mlp", "oip-mlp": "mlp_onnx"}[name]
+        (s0, n0), (s1, n1) = before.get(dep, (0, 0)), after.get(dep, (0, 0))
+        rows[-1]["mean_batch"] = (s1 - s0) / (n1 - n0) if n1 > n0 else float("nan")
 
     # added latency at concurrency 1: HTTP (wrk -c1) against the handle from Python
     c1 = wrk_median(f"{base}/noop", None, max(2, seconds // 2), repeat, conns=1)
@@ -171,6 +176,20 @@ def fabric_side(seconds, repeat=1):
     return rows
 
 
+def batch_sizes(base) -> dict:
+    """deployment -> (sum, count) of the gateway's batch-size histogram: requests per replica call."""
+    import httpx
+
+    out: dict = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        for part, i in (("fabric_serve_batch_size_sum{", 0), ("fabric_serve_batch_size_count{", 1)):
+            if line.startswith(part):
+                dep = line.split('deployment="', 1)[1].split('"', 1)[0]
+                v = out.setdefault(dep, [0.0, 0.0])
+                v[i] = float(line.rsplit(" ", 1)[1])
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def peer_side():
     if not os.path.exists(PEERS_PY):
         return []
@@ -191,14 +210,14 @@ def table(rows):
     ray = {r["route"]: r for r in rows if r["peer"] == "ray-serve"}
     nan = float("nan")
     print(f"{'workload':<18}{'fabric req/s':>14}{'p50 ms':>9}{'p99 ms':>9}{'ray req/s':>12}{'ray p99':>9}{'ratio':>8}"
-          f"{'gw CPU us/req':>15}{'cluster CPU us/req':>20}")
+          f"{'gw CPU us/req':>15}{'cluster CPU us/req':>20}{'batch':>7}")
     for k in ("noop", "mlp", "oip-mlp"):
         a, b = f.get(k, {}), ray.get(k, {})
         ratio = a.get("rps", 0) / b["rps"] if b.get("rps") else nan
         print(f"{k:<18}{a.get('rps', nan):>14,.0f}{a.get('p50_ms', nan):>9.2f}"
               f"{a.get('p99_ms', nan):>9.2f}{b.get('rps', nan):>12,.0f}"
               f"{b.get('p99_ms', nan):>9.1f}{ratio:>7.1f}x{a.get('gateway_cpu_us_per_req', nan):>15,.0f}"
-              f"{a.get('cluster_cpu_us_per_req', nan):>20,.0f}")
+              f"{a.get('cluster_cpu_us_per_req', nan):>20,.0f}{a.get('mean_batch', nan):>7.1f}")
     c1 = f.get("noop c=1", {})
     print(f"added latency at c=1: HTTP p50 {c1.get('p50_ms', float('nan')):.3f} ms - handle p50 "
           f"{c1.get('handle_p50_ms', float('nan')):.3f} ms = {c1.get('added_p50_ms', float('nan')):.3f} ms (target < 1)")
