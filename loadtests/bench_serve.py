@@ -142,13 +142,11 @@ def fabric_side(seconds, repeat=1):
         assert c.get("/noop").status_code == 200
         assert c.post("/mlp", content=MLP_BODY).status_code == 200
         assert c.post("/v2/models/mlp_onnx/infer", content=OIP_BODY).status_code == 200, "oip"
-    for name, url, script in [("noop", f"{base}/noop", None), ("mlp", f"{base}/mlp", mlp_lua),
-                              ("oip-mlp", f"{base}/v2/models/mlp_onnx/infer", oip_lua)]:
-        before = batch_sizes(base)
+    for name, dep, url, script in [("noop", "noop", f"{base}/noop", None), ("mlp", "mlp", f"{base}/mlp", mlp_lua),
+                                   ("oip-mlp", "mlp_onnx", f"{base}/v2/models/mlp_onnx/infer", oip_lua)]:
+        s0, n0 = batch_sizes(base, dep)
         rows.append({"peer": "fabric", "route": name, **wrk_median(url, script, seconds, repeat)})
-        after = batch_sizes(base)
-        dep = {"noop": "noop", "mlp": "mlp", "oip-mlp": "mlp_onnx"}[name]
-        (s0, n0), (s1, n1) = before.get(dep, (0, 0)), after.get(dep, (0, 0))
+        s1, n1 = batch_sizes(base, dep)
         rows[-1]["mean_batch"] = (s1 - s0) / (n1 - n0) if n1 > n0 else float("nan")
 
     # added latency at concurrency 1: HTTP (wrk -c1) against the handle from Python
@@ -176,18 +174,18 @@ def fabric_side(seconds, repeat=1):
     return rows
 
 
-def batch_sizes(base) -> dict:
-    """deployment -> (sum, count) of the gateway's batch-size histogram: requests per replica call."""
+def batch_sizes(base, deployment) -> tuple[float, float]:
+    """(sum, count) of ``deployment``'s batch-size histogram on the gateway's /metrics: requests
+    per replica call, so the difference over a wrk run is that run's mean batch."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict = {}
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        for part, i in (("fabric_serve_batch_size_sum{", 0), ("fabric_serve_batch_size_count{", 1)):
-            if line.startswith(part):
-                dep = line.split('deployment="', 1)[1].split('"', 1)[0]
-                v = out.setdefault(dep, [0.0, 0.0])
-                v[i] = float(line.rsplit(" ", 1)[1])
-    return {k: tuple(v) for k, v in out.items()}
+    got = {"fabric_serve_batch_size_sum": 0.0, "fabric_serve_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics").text):
+        for sample in family.samples:
+            if sample.name in got and sample.labels.get("deployment") == deployment:
+                got[sample.name] = sample.value
+    return got["fabric_serve_batch_size_sum"], got["fabric_serve_batch_size_count"]
 
 
 def peer_side():
