@@ -215,3 +215,34 @@ def test_user_exception_is_500_type_and_message_traceback_only_in_debug(debug):
         assert "Traceback (most recent call last)" in got["traceback"] and "raise ValueError" in got["traceback"]
     else:
         assert set(got) == {"error"}
+
+
+def test_dispatcher_pipelines_slow_calls_and_coalesces_fast_ones():
+    d = Dispatcher(max_ongoing=8, pipeline=2, coalesce_below_s=0.005)
+    d.add_replica("r")
+    d.submit("a", 0)
+    assert d.schedule() == [("r", ["a"])]
+    d.submit("b", 0)
+    assert d.schedule() == [("r", ["b"])]                  # nothing measured yet: two deep
+    d.done("r", 1, elapsed=0.001)
+    d.done("r", 1, elapsed=0.001)                          # fast calls: one at a time
+    for x in "cde":
+        d.submit(x, 0)
+    assert d.schedule() == [("r", ["c", "d", "e"])]
+    d.submit("f", 0)
+    assert d.schedule() == []                              # f waits for the short call in flight
+    d.done("r", 3, elapsed=0.5)                            # that call was slow: pipelined again
+    assert d.schedule() == [("r", ["f"])]
+    d.submit("g", 0)
+    assert d.schedule() == [("r", ["g"])]                  # a second call beside f's
+    assert d.ongoing == 2
+
+
+def test_dispatcher_without_coalescing_keeps_its_pipeline():
+    d = Dispatcher(max_ongoing=8, pipeline=2)
+    d.add_replica("r")
+    d.done("gone", 1, elapsed=0.0001)                      # fast, but coalescing is off
+    d.submit("a", 0)
+    assert d.schedule() == [("r", ["a"])]
+    d.submit("b", 0)
+    assert d.schedule() == [("r", ["b"])]

