@@ -255,8 +255,9 @@ def command_of(frame0: bytes) -> int:
 _BATCHABLE = {SUBMIT, RESULT, CALL, ITEM}
 
 
-def unbatch(frames: list[zmq.Frame], start: int = 1) -> Iterator[tuple[int, bytes, list[zmq.Frame]]]:
-    """Yield ``(command, header bytes, frames)`` for each message inside a BATCH.
+def unbatch(frames: list[zmq.Frame], start: int = 1) -> Iterator[tuple[int, bytes, Any, list[zmq.Frame]]]:
+    """Yield ``(command, header bytes, header, frames)`` for each message inside a BATCH: the
+    header read once (a ResultHeader or a CallHeader), for the receiver to use as it is.
 
     Inner CALLs carry no dependency blobs (the broker never batches those)."""
     i, n = start, len(frames)
@@ -267,14 +268,15 @@ def unbatch(frames: list[zmq.Frame], start: int = 1) -> Iterator[tuple[int, byte
             raise ProtocolError(f"{NAMES[c]} cannot travel inside a BATCH")
         head = f0[4:]
         if c == RESULT or c == ITEM:
-            size = 2 + ResultHeader.read(head).nbuf
+            h: Any = ResultHeader.read(head)
+            size = 2 + h.nbuf
         else:
             h = CallHeader.read(head)
             o = h.opts
             size = 2 + (o & HAS_CODE) + ((o & HAS_DEPS) >> 1) + ((o & HAS_GANG) >> 3) + h.nbuf
         if i + size > n:
             raise ProtocolError("BATCH ends inside a message")
-        yield c, head, frames[i + 1:i + size]
+        yield c, head, h, frames[i + 1:i + size]
         i += size
 
 

@@ -68,7 +68,7 @@ class Played:
             if frames[0][:4] == P.C[P.CALL]:
                 ids.append(frames[0][4:4 + P.ID_LEN])
             elif frames[0] == P.C[P.BATCH]:
-                ids += [bytes(head[:P.ID_LEN]) for _, head, _ in P.unbatch([zmq.Frame(f) for f in frames])]
+                ids += [bytes(head[:P.ID_LEN]) for _, head, _, _ in P.unbatch([zmq.Frame(f) for f in frames])]
         return ids
 
     def done(self, cid, value):

@@ -49,9 +49,10 @@ class Admission:
         """The other parts it calls (built after it: they call it too)."""
         self.outcomes, self.instances, self.gangs = outcomes, instances, gangs
 
-    def on_submit(self, ident, head, f):
+    def on_submit(self, ident, head, f, h=None):
         did = ident[1:]
-        h = P.CallHeader.read(head)
+        if h is None:  # (inside a BATCH, unbatch has read it)
+            h = P.CallHeader.read(head)
         cid = h.call_id
         if cid[:8] != did:
             raise ProtocolError("call ids must start with the driver's id")
@@ -104,11 +105,11 @@ class Admission:
 
     def on_batch(self, ident, head, f):
         """Several SUBMITs in one message (a driver's burst)."""
-        for c, inner_head, frames in P.unbatch(f, 0):
+        for c, inner_head, h, frames in P.unbatch(f, 0):
             if c != P.SUBMIT:
                 raise ProtocolError("a driver's BATCH may hold SUBMITs only")
             try:
-                self.on_submit(ident, inner_head, frames)
+                self.on_submit(ident, inner_head, frames, h)
             except (ProtocolError, ValueError, KeyError, TypeError, IndexError) as e:
                 self.refuse(ident, f"refused a SUBMIT inside a BATCH: {e}")
 

@@ -109,6 +109,8 @@ class OutputChannel:
         return out
 
     def flush_on(self, sock, whole_lines=False):
+        if not self.parts and not self.dropped:  # (once per call: nothing printed is the rule; a
+            return                               # line another thread adds now goes within 0.1 s)
         for msg in self.take(whole_lines):
             sock.send_multipart(msg)
 
@@ -260,7 +262,7 @@ class Worker:
                     if f0[:4] == P.C[P.CALL]:
                         calls = [(P.CallHeader.read(f0[4:]), frames[1:])]
                     elif f0 == P.C[P.BATCH]:  # several calls in one message, run in order
-                        calls = [(P.CallHeader.read(head), f) for _, head, f in P.unbatch(frames)]
+                        calls = [(h, f) for _, _, h, f in P.unbatch(frames)]
                     elif f0 == P.C[P.WARM] and len(frames) == 3:  # a min_warm function: load it now
                         self.warm(frames[1].bytes, frames[2].bytes)
                         calls = ()
@@ -343,7 +345,10 @@ class Worker:
         try:
             return self._run(h, frames)
         finally:
-            self._close_window(end=True)
+            if self.blocked:
+                self._close_window(end=True)
+            else:  # _run closed the user's threads' window: only this thread could start a wait
+                self.lendable = None
 
     def _run(self, h: P.CallHeader, frames):
         cid, code_hash, kind, nbuf, opts = h.call_id, h.code_hash, h.kind, h.nbuf, h.opts
@@ -398,7 +403,7 @@ class Worker:
                 value = getattr(self.instance, name)(*args, **kwargs)
             else:
                 value = self.create(self.code[code_hash], args, kwargs, h.concurrency, cid)
-            if inspect.isawaitable(value):
+            if value is not None and inspect.isawaitable(value):
                 value = self.await_(value)
             if self.threads_lend:
                 self._close_window()
