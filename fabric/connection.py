@@ -89,9 +89,6 @@ _OPTION_TYPES = (("cpus", float), ("gpus", float), ("memory", int), ("retries", 
 DEFAULT_OPTIONS = CallOptions()
 
 
-_new_tuple = tuple.__new__
-
-
 class Submission(NamedTuple):
     """What a Future's call sent (``Future._sub``), kept until its outcome: a restarted broker
     gets it again. ``head`` never has HAS_CODE: the code goes with whichever SUBMIT is first on
@@ -212,15 +209,13 @@ class Client:
         shm_used: list = []
         # a Future given as an argument itself is resolved before the call runs; one inside an
         # argument's value arrives as a Future (as in Ray)
-        def on_ref(f):  # (called only when the arguments hold a Future)
-            if id(f) in {id(a) for a in args if isinstance(a, Future)} | \
-                    {id(v) for v in kwargs.values() if isinstance(v, Future)}:
-                return self._ref(f, deps)
-            return self._nested(f, held)
+        tops = {id(a) for a in args if isinstance(a, Future)}
+        if kwargs:
+            tops.update(id(v) for v in kwargs.values() if isinstance(v, Future))
         try:
             payload, bufs = serde.dumps_args(
                 args, kwargs, ref_type=Future, shm_pool=self.shm, shm_used=shm_used, transfer=self.transfer,
-                on_ref=on_ref)
+                on_ref=lambda f: self._ref(f, deps) if id(f) in tops else self._nested(f, held))
         except BaseException:
             self._unpin(deps)
             self._unborrow(held)
@@ -247,7 +242,7 @@ class Client:
         self.pending[cid] = fut
         if o.stream:  # its items may come before .remote() returns
             self.streams[cid] = _StreamState(fut, self, o.window)
-        fut._sub = _new_tuple(Submission, (head, code_blob, body, deps or None))  # (Submission's own __new__: ~1 us)
+        fut._sub = Submission(head, code_blob, body, deps or None)
         if members:
             for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
                 f._sub = fut._sub

@@ -166,7 +166,7 @@ class Broker:
 
     # ---------------------------------------------------------------- loop
     def serve(self):
-        sock, out, journal = self.sock, self.out, self.st.journal
+        sock = self.sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         next_tick = 0.0
@@ -186,8 +186,7 @@ class Broker:
                 if now >= next_tick:
                     next_tick = now + 0.5
                     self.tick(now)
-                if out.to_workers or out.to_drivers or journal is not None and journal.buf:
-                    self.flush()
+                self.flush()
         except Exception:
             log.exception("the broker loop failed")
             raise

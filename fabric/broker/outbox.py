@@ -49,16 +49,9 @@ class Outbox:
         return self.to_workers.pop(w, None)
 
     def _send_all(self, ident, msgs) -> bool:
-        try:
-            if len(msgs) == 1:
-                P.send(self.sock, [ident, *msgs[0]])
-            else:
-                P.send(self.sock, [ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
-            return True
-        except zmq.ZMQError as e:
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            return False
+        if len(msgs) == 1:
+            return self.send([ident, *msgs[0]])
+        return self.send([ident, P.C[P.BATCH], *[p for m in msgs for p in m]])
 
     def flush_worker(self, w):
         """Send what is queued for ``w`` now (a call that must travel alone keeps FIFO order)."""

@@ -16,7 +16,6 @@ from ..errors import ProtocolError
 from .state import DONE, QUEUED, RUNNING, TAKE_BACK
 
 log = logging.getLogger("fabric.broker")
-_RESULT = P.C[P.RESULT]
 
 
 class Outcomes:
@@ -49,9 +48,9 @@ class Outcomes:
                 self.workers.release_worker(w)
         self.st.calls.pop(call.id, None)
         self.st.stats["completed"] += 1
-        if deliver and call.driver[1:] in self.drivers.by_id:
-            if not self.st.restoring:  # (Outbox.to_driver, inline: once per call)
-                self.out.to_drivers.setdefault(call.driver, []).append([_RESULT + frames[0], *frames[1:]])
+        if deliver and call.driver[1:] in self.drivers:
+            if not self.st.restoring:
+                self.out.to_driver(call.driver, [P.C[P.RESULT] + frames[0], *frames[1:]])
             self.st.results[call.id] = [status, *frames]
             if self.st.journal is not None:
                 self.st.journal.outcome(call.id, status, frames)

@@ -111,8 +111,8 @@ class Scheduler:
         if call.deps:
             if not self.out.send(out):
                 self.workers.unreachable(w, [call.id])
-        else:  # (Outbox.to_worker, inline: once per call)
-            self.out.to_workers.setdefault(w, []).append(out[1:])
+        else:
+            self.out.to_worker(w, out[1:])
 
     def place_gpu_call(self, call):
         """GPU calls run in a worker started with CUDA_VISIBLE_DEVICES set to their devices: an

@@ -14,7 +14,8 @@ from .routing import AutoscalePolicy, Dispatcher
 RUNNING, STARTING = "RUNNING", "STARTING"
 # calls shorter than this on average go one at a time per replica, the requests that arrive
 # meanwhile leaving together as the next call (routing.Dispatcher): measured on 2 CPUs, batches
-# of 7.6 instead of 4.4 and 10-15 % more requests/s; slower calls are pipelined two deep
+# of 7.2-7.9 instead of 4.5 and a quarter less gateway CPU per request (docs/benchmarks.md);
+# slower calls are pipelined two deep
 COALESCE_BELOW_S = 0.005
 
 
