@@ -83,8 +83,9 @@ CALL = 70         # [cmd+call-hdr, (code), (deps), payload, *buffers, (gang), *d
 WARM = 71         # [cmd, code-hash, code]           load this code now (a function's min_warm)
 INTERRUPT = 72    # [cmd, call-id]                   (to the worker's log socket) raise fabric.Cancelled
                   # in the call it runs, if it is that one: fabric.cancel(fut, force=False)
-DROP = 73         # [cmd, call-id]                   (to the worker's log socket) a cancelled call sent to this
-                  # worker: do not start it if it has not started; answer DROPPED
+DROP = 73         # [cmd, call-id, (b"k")]           (to the worker's log socket) a cancelled call sent to this
+                  # worker: do not start it if it has not started; answer DROPPED. With "k": if it runs
+                  # it now, end this process (EXIT_STOPPED) instead of answering r
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
 
@@ -189,6 +190,7 @@ GANG_FAILED = 9   # payload: utf-8 message: a member of this call's gang failed,
 OUT_OF_MEMORY = 10  # payload: utf-8 message: the call's worker broke its memory= limit (or the host ran low)
 
 EXIT_MEMORY = 86  # a worker's exit code when it ends itself for breaking its call's memory= limit
+EXIT_STOPPED = 87  # a worker's exit code when it ends itself for a DROP "k" of the call it runs
 
 ID_LEN = 16
 

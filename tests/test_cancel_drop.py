@@ -51,12 +51,18 @@ class Played:
             s.connect(address)
             return s
 
+        self.dealer, self.x, self.n = dealer, x, 0
         self.ex = dealer(b"e" + x)
         self.ex.send_multipart([P.C[P.EXEC_HELLO], json.dumps({"cpus": 1, "memory": 1 << 30}).encode()])
         assert self.ex.poll(10000) and self.ex.recv_multipart()[0] == P.C[P.WELCOME]
-        self.wid = b"w" + x + b"\x00\x00\x00\x01"
-        self.w = dealer(self.wid)
-        self.log = dealer(b"l" + x + b"\x00\x00\x00\x01")
+        self.replace_worker()
+
+    def replace_worker(self):
+        """The executor's next pool worker (credit 4) says READY: its call and output sockets."""
+        self.n += 1
+        self.wid = b"w" + self.x + self.n.to_bytes(4, "big")
+        self.w = self.dealer(self.wid)
+        self.log = self.dealer(b"l" + self.x + self.n.to_bytes(4, "big"))
         self.w.send_multipart([P.C[P.READY], json.dumps({"kind": "pool", "pid": os.getpid(), "credit": 4}).encode()])
 
     def calls(self, n):
@@ -78,10 +84,12 @@ class Played:
         payload, bufs = serde.dumps_value(value)
         self.w.send_multipart([P.C[P.DONE] + P.pack_result(cid, P.OK, len(bufs), 0.09), payload, *bufs])
 
-    def drop_asked(self):
+    def drop_asked(self, stop=False):
+        """The id of the next DROP the worker's output socket gets; ``stop``: a DROP "k" (end
+        yourself if you run it), else a plain one."""
         assert self.log.poll(20000), "no DROP reached the worker's output socket"
         frames = self.log.recv_multipart()
-        assert frames[0] == P.C[P.DROP], frames
+        assert frames[0] == P.C[P.DROP] and frames[2:] == ([b"k"] if stop else []), frames
         return frames[1]
 
     def answer(self, cid, what):
@@ -108,6 +116,11 @@ class Played:
             if m[0] == P.C[P.KILL_WORKER]:
                 return m[1]
         return None
+
+    def died(self, running):
+        """The executor says the worker ended (as after a DROP "k"), naming the call it ran."""
+        self.ex.send_multipart([P.C[P.WORKER_DIED], self.wid,
+                                json.dumps({"exitcode": P.EXIT_STOPPED, "running": running.hex()}).encode()])
 
     def pending(self):
         return request(self.address, P.STATUS, timeout=5.0)["calls_pending"]
@@ -165,7 +178,8 @@ def test_running_before_the_head_is_done_is_cancelled_once_it_is_first(played):
     assert head.result(timeout=30) == "head"
     with pytest.raises(fabric.Cancelled, match="cancelled while running; its worker was replaced"):
         behind.result(timeout=30)
-    assert played.killed() == played.wid
+    assert played.drop_asked(stop=True) == behind.id  # it is first now: end yourself if you run it
+    played.died(running=behind.id)
     assert played.pending() == 0
 
 
@@ -180,3 +194,68 @@ def test_a_worker_lost_before_answering_gives_cancelled_not_a_rerun(played):
     with pytest.raises(fabric.Cancelled, match="its worker ended before it said whether the call had started"):
         behind.result(timeout=30)
     assert played.pending() == 0
+
+
+# A force cancel (or a timeout, or its driver leaving) of the call a worker is running ends that
+# worker, but the broker's view lags the worker's: the call may have finished there and the one
+# prefetched behind it started. So the worker is asked to end itself only if it still runs the
+# call (DROP "k"); a real worker's side is proved in test_errors.py and test_fuzz.py.
+
+def test_force_cancel_of_the_running_call_asks_its_worker_to_end_itself(played):
+    head, behind = played.head_and_prefetched()
+    assert head.cancel()
+    with pytest.raises(fabric.Cancelled, match="cancelled while running; its worker was replaced"):
+        head.result(timeout=30)
+    assert played.drop_asked(stop=True) == head.id
+    played.died(running=head.id)  # it ran it, so it ended itself: what it prefetched never started
+    assert not any(m[0] == P.C[P.KILL_WORKER] for m in _drain(played.ex))  # no kill: it ended itself
+    assert played.pending() == 1
+    played.replace_worker()
+    (again,) = played.calls(1)  # the prefetched call is requeued, uncharged, onto the new worker
+    assert again == behind.id
+    played.done(behind.id, "behind")
+    assert behind.result(timeout=30) == "behind" and played.pending() == 0
+
+
+def test_a_call_that_finished_before_its_stop_keeps_its_worker(played):
+    head, behind = played.head_and_prefetched()
+    assert head.cancel()
+    assert played.drop_asked(stop=True) == head.id
+    played.answer(head.id, b"f")  # it had finished: its DONE is on its way, and the next call began
+    played.done(head.id, "head")
+    played.done(behind.id, "behind")
+    assert behind.result(timeout=30) == "behind"  # ran once, on the same worker
+    with pytest.raises(fabric.Cancelled):
+        head.result(timeout=30)
+    nxt = job.remote("next")  # the worker is free: it gets the next call
+    assert played.calls(1) == [nxt.id]
+    played.done(nxt.id, "next")
+    assert nxt.result(timeout=30) == "next"
+    assert played.killed() is None  # past STOP_GRACE: nobody killed it
+
+
+def test_a_call_not_begun_when_stopped_frees_its_slot(played):
+    head = job.remote("head")
+    assert played.calls(1) == [head.id]
+    assert head.cancel()
+    assert played.drop_asked(stop=True) == head.id
+    played.answer(head.id, b"d")  # its CALL had not reached the worker: it is skipped, no DONE
+    nxt = job.remote("next")
+    assert played.calls(1) == [nxt.id]
+    played.done(nxt.id, "next")
+    assert nxt.result(timeout=30) == "next" and played.pending() == 0
+
+
+def test_a_worker_that_does_not_end_itself_is_killed(played):
+    head = job.remote("head")
+    assert played.calls(1) == [head.id]
+    assert head.cancel()
+    assert played.drop_asked(stop=True) == head.id  # no answer: its output thread is starved
+    assert played.killed() == played.wid
+
+
+def _drain(sock):
+    out = []
+    while sock.poll(300):
+        out.append(sock.recv_multipart())
+    return out

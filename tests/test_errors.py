@@ -208,6 +208,27 @@ def test_cancel_queued_and_running(cluster, tmp_path):
     assert done.result() == 7 and done.cancel() is False
 
 
+@fabric.fn(retries=0)
+def hog(mark):
+    import re
+
+    with open(mark, "w") as f:
+        f.write(str(os.getpid()))
+    re.match(r"(a+)+$", "a" * 64 + "b")  # backtracks for ages in C without letting go of the GIL
+
+
+def test_force_cancel_ends_a_worker_whose_call_holds_the_gil(cluster, tmp_path):
+    """The worker's output thread ends its process when asked to stop the call it runs (DROP
+    k); one starved of the GIL cannot, and the broker has its executor kill it instead."""
+    fut = hog.remote(str(tmp_path / "hog"))
+    pid = _pid_in(str(tmp_path / "hog"))
+    assert fut.cancel()
+    with pytest.raises(fabric.Cancelled, match="while running; its worker was replaced"):
+        fut.result(timeout=30)
+    assert wait_for(lambda: _gone(pid), timeout=30)
+    assert ok.remote(8).result(timeout=30) == 8
+
+
 def test_unpicklable_argument_is_refused_at_remote(cluster):
     with pytest.raises(fabric.SerializationError, match=r"argument 1 of type _thread.lock"):
         ok.remote.__func__  # noqa: B018 - the attribute exists

@@ -319,10 +319,14 @@ class Broker:
                      and not (c.kind == P.ACTOR_NEW and self.st.actor_names and self.instances.detached(c.actor))]:
             w = call.worker
             if call.state == RUNNING and w.actor is None:
-                if next(iter(w.inflight)) == call.id:
-                    self.workers.kill_worker(w)  # it is running this call
-                else:  # only prefetched: its worker drops it unless it started it (its DONE is ignored)
-                    self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])
+                if next(iter(w.inflight)) != call.id:  # only prefetched: its worker drops it unless
+                    self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])  # it started it
+                elif w.gang is None:  # it may run this call: if so it ends itself
+                    self.outcomes.finish(call, P.CANCELLED, b"driver left", deliver=False, keep_slot=True)
+                    self.workers.stop_call(w, call)
+                    continue
+                else:
+                    self.workers.kill_worker(w)
             self.outcomes.finish(call, P.CANCELLED, b"driver left", deliver=False)
         for a in [a for a in self.st.actors.values() if a.driver == rid and not self.instances.detached(a.id)]:
             self.instances.kill_actor(a, b"its driver left")
@@ -345,7 +349,11 @@ class Broker:
             if call.state != RUNNING or call.started + call.timeout > now + 1e-3:
                 continue
             w = call.worker
-            if w.actor is None:
+            if w.actor is None and w.gang is None:
+                self.outcomes.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
+                                                      f"its worker was killed and replaced".encode(), keep_slot=True)
+                self.workers.stop_call(w, call)
+            elif w.actor is None:
                 self.outcomes.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
                                                       f"its worker was killed and replaced".encode())
                 self.workers.kill_worker(w)
@@ -362,6 +370,8 @@ class Broker:
         if self.st.journal is not None and self.st.journal.size > self.journal_limit:
             self.compact()
         self.executors.expire(now)
+        if self.st.stopping:
+            self.workers.expire_stops(now)
         if self.st.gang_queue:
             self.st.gang_queue = deque(g for g in self.st.gang_queue if g.state == QUEUED)
         if self.st.warm_gang:

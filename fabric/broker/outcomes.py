@@ -179,9 +179,12 @@ class Outcomes:
     def cancel_running(self, call, w, force, recursive, seen):
         if recursive:
             self.cancel_children(w, force, seen)
-        if force or call.gang is not None:
+        if call.gang is not None:
             self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced")
             self.workers.kill_worker(w)
+        elif force:
+            self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced", keep_slot=True)
+            self.workers.stop_call(w, call)
         else:  # fabric.Cancelled is raised inside it; it keeps its worker's slot until it returns
             self.finish(call, P.CANCELLED, b"cancelled while running (fabric.Cancelled was raised inside it)",
                         keep_slot=True)
@@ -196,6 +199,8 @@ class Outcomes:
         if w is None or len(f) != 2:
             return
         cid, answer = f[0].bytes, f[1].bytes
+        if self.st.stopping and cid in self.st.stopping:
+            return self.workers.stopped(w, cid, answer)
         how = self.st.dropping.pop(cid, None)
         call = self.st.calls.get(cid)
         if how is None or call is None or call.worker is not w or call.state != RUNNING:

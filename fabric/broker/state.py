@@ -171,6 +171,8 @@ class Tables:
         self.timeouts: list = []                    # heap of (deadline, seq, call)
         # cancelled calls whose worker was sent DROP: id -> (force, recursive, it answered "running")
         self.dropping: dict[bytes, tuple] = {}
+        # plain calls ended while their worker may still run them (DROP "k"): id -> (deadline, worker)
+        self.stopping: dict[bytes, tuple] = {}
         self.blocked = 0                            # workers whose call waits on its own calls (BLOCKED)
         self.seq = itertools.count()                # tie-breaker in the timeouts heap
         self.tokens = itertools.count(1)            # spawn tokens

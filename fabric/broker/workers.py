@@ -20,6 +20,7 @@ from .state import DONE, QUEUED, RUNNING, SPAWNING, TAKE_BACK, Actor, Worker
 log = logging.getLogger("fabric.broker")
 _S = settings.get()
 ACTOR_PIPELINE = _S.actor_pipeline  # calls sent ahead to an instance's worker
+STOP_GRACE = 2.0  # s a worker asked to end itself (DROP "k") has before its executor kills it
 
 
 class Workers:
@@ -80,6 +81,8 @@ class Workers:
         call = w.inflight.pop(cid, None)
         if call is None:
             return  # cancelled or timed out meanwhile: it already has its outcome
+        if self.st.stopping:
+            self.st.stopping.pop(cid, None)  # it finished before it could be stopped
         if call.gang is not None:
             return self.gangs.gang_done(call, status, [head, *f])
         if call.kind == P.TASK:
@@ -299,6 +302,38 @@ class Workers:
         self.requeue([c for c in (w.inflight.pop(cid, None) for cid in unsent) if c is not None and c.state == RUNNING])
         if not w.inflight:
             self.kill_worker(w)
+
+    def stop_call(self, w, call):
+        """End the plain call ``call`` (just given its outcome, its slot kept) that ``w`` runs, by
+        ending ``w``. The broker's view lags the worker's: the call may have ended there and the
+        one prefetched behind it begun, which killing ``w`` now would run twice. So ``w`` is asked
+        to end itself if it still runs ``call`` (DROP "k"), which it decides under the lock it
+        starts calls under: what it holds besides then never started, and is requeued when its
+        executor says it died. Its DONE or a DROPPED says it had finished, or never began, the
+        call. A worker that says nothing within STOP_GRACE (its output thread starved of the
+        GIL) is killed as before."""
+        if not self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id, b"k"]):
+            return self.kill_worker(w)
+        self.st.stopping[call.id] = (time.monotonic() + STOP_GRACE, w)
+
+    def stopped(self, w, cid, answer):
+        """``w``'s DROPPED for a DROP "k": f, its DONE is on its way; d, it never started the call
+        and never will, so its slot is free now."""
+        del self.st.stopping[cid]
+        if answer == b"d" and w.inflight.pop(cid, None) is not None:
+            if not w.inflight:
+                self.release_worker(w)
+            elif len(w.inflight) < w.credit and not w.doomed and w.lent is None:
+                self.st.partial[w] = None
+
+    def expire_stops(self, now):
+        for cid, (deadline, w) in list(self.st.stopping.items()):
+            if deadline <= now:
+                del self.st.stopping[cid]
+                if self.st.workers.get(w.ident) is w and cid in w.inflight:
+                    log.warning("worker %s did not end itself within %gs of being asked to: killing it",
+                                w.ident.hex(), STOP_GRACE)
+                    self.kill_worker(w)
 
     def kill_worker(self, w):
         """Have the executor kill ``w``; calls it had prefetched go back to the queue uncharged."""

@@ -130,8 +130,8 @@ class OutputChannel:
                     self.on_consumed(f0[4:20], int.from_bytes(f0[20:28], "big"))  # a stream's driver took items
                 elif frames[0] == P.C[P.INTERRUPT] and len(frames) == 2 and self.on_interrupt is not None:
                     self.on_interrupt(frames[1])
-                elif frames[0] == P.C[P.DROP] and len(frames) == 2 and self.on_drop is not None:
-                    sock.send_multipart([P.C[P.DROPPED], frames[1], self.on_drop(frames[1])])
+                elif frames[0] == P.C[P.DROP] and len(frames) in (2, 3) and self.on_drop is not None:
+                    sock.send_multipart([P.C[P.DROPPED], frames[1], self.on_drop(frames[1], frames[2:] == [b"k"])])
             self.flush_on(sock, whole_lines=True)  # mid-call: the call's end flushes the rest
 
 
@@ -313,11 +313,15 @@ class Worker:
             self.begun_at = (i + P.ID_LEN) % len(self.begun)
         return True
 
-    def drop(self, cid) -> bytes:
+    def drop(self, cid, stop=False) -> bytes:
         """(output thread) DROP ``cid``: b"r" it runs now, b"f" it ran (its DONE is sent or being
-        made), b"d" it has not started and now never will (it is skipped when it comes)."""
+        made), b"d" it has not started and now never will (it is skipped when it comes). With
+        ``stop`` (DROP "k"), a call running now ends this process instead, before the main
+        thread can start another: the broker cancelled it, or its driver left."""
         with self.gate:
             if cid in self.active:
+                if stop:
+                    os._exit(P.EXIT_STOPPED)
                 return b"r"
             b, i = self.begun, self.begun.find(cid)
             while i >= 0:
