@@ -202,3 +202,59 @@ fabric.shutdown()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert "ERR the serve gateway exited (2): fabric serve: refusing to listen on 0.0.0.0 without a token" in r.stdout, \
         r.stdout + r.stderr
+
+
+def test_gateway_record_appears_only_once_it_listens(gw):
+    """serve.run connects as soon as the gateway's record names its port: a record written
+    before the socket is bound (uvicorn runs the lifespan first) made it 'Connection refused'."""
+    import socket
+
+    from fabric.serve import state
+
+    port = free_port()
+    env = {**os.environ, "FABRIC_ADDRESS": fabric.init()["address"]}
+    p = subprocess.Popen([sys.executable, "-m", "fabric.serve", "--port", str(port)], env=env, cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        while state.read(port) is None:
+            assert p.poll() is None, "the gateway exited"
+        with socket.create_connection(("127.0.0.1", port), timeout=5):  # the moment it is there
+            pass
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    assert state.read(port) is None  # and it goes with the gateway
+
+
+def test_embedded_gateway_stops_with_its_cluster_and_a_new_cluster_gets_its_own(tmp_path):
+    code = f"""
+import os, time
+import httpx
+import fabric
+from fabric import serve
+from fabric.serve import state
+
+@serve.deployment(cpus=0.1)
+def pid():
+    return os.getpid()
+
+fabric.init(num_cpus=1)
+serve.run(pid.bind(), name="p", route_prefix="/p", port={free_port()})
+first = serve.status()
+first["port"] = int(first["url"].rsplit(":", 1)[1])
+fabric.shutdown()                      # no serve.shutdown(): the gateway has no cluster left to serve
+t = time.monotonic()
+while state.read(first["port"]) is not None and time.monotonic() - t < 30:
+    time.sleep(0.1)
+stopped = state.read(first["port"]) is None
+fabric.init(num_cpus=1)
+serve.run(pid.bind(), name="p", route_prefix="/p", port={free_port()})
+now = serve.status()
+r = httpx.post(now["url"] + "/p", json=None, timeout=60, trust_env=False)
+print("OK", stopped, now["broker"] == fabric.init()["address"] != first["broker"], r.status_code)
+serve.shutdown()
+fabric.shutdown()
+"""
+    env = {**os.environ, "FABRIC_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert "OK True True 200" in r.stdout, r.stdout + r.stderr

@@ -103,8 +103,9 @@ def _broker_watch(address: str) -> list[str]:
 
 def _gateway(required=True) -> _Gateway | None:
     global _gw
-    if _gw is not None and (_gw.proc is None or _gw.proc.poll() is None) and state.read(_gw.port):
-        return _gw
+    if (_gw is not None and (_gw.proc is None or _gw.proc.poll() is None) and state.read(_gw.port)
+            and (not fabric.is_initialized() or _gw.rec["broker"] == fabric.init()["address"])):
+        return _gw  # (a gateway of a cluster shut down since is not this cluster's)
     _gw = None
     if fabric.is_initialized():
         addr = fabric.init()["address"]

@@ -123,14 +123,23 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         fabric.init(address=self.address)
         self.loop.create_task(self._ticker())
+
+    async def _ticker(self):
+        # uvicorn runs the lifespan before it binds its socket: the record that tells clients
+        # where to connect is written once it listens, or they would find the port closed
+        while self.server is not None and not self.server.started:
+            if self.server.should_exit:
+                return
+            await asyncio.sleep(0.005)
         self.publish()
+        await self._reconcile_forever()
 
     async def on_shutdown(self):
         for rt in [*self.deployments.values(), *self.pending.values()]:
             rt.close()
         state.remove(self.port)
 
-    async def _ticker(self):
+    async def _reconcile_forever(self):
         n = 0
         while True:
             await asyncio.sleep(0.05)
@@ -462,6 +471,8 @@ def main(argv=None):
                             lifespan="on", server_header=False, proxy_headers=False, date_header=False, **kw)
     server = gw.server = uvicorn.Server(config)
     watched = [p for p in (a.parent_pid, a.broker_pid) if p]
+    # an embedded cluster's broker listens on a socket file that goes with it (fabric.shutdown())
+    sock_file = address[len("ipc://"):] if a.parent_pid and address.startswith("ipc://") else None
     if watched:
         def watch():  # the driver that started it, or the cluster's broker, is gone: stop too
             while not server.should_exit:
@@ -471,6 +482,9 @@ def main(argv=None):
                     except ProcessLookupError:
                         server.should_exit = True
                         return
+                if sock_file is not None and not os.path.exists(sock_file):
+                    server.should_exit = True
+                    return
                 time.sleep(0.5)
 
         threading.Thread(target=watch, daemon=True).start()
