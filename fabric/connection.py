@@ -43,6 +43,8 @@ from .futures import (_DONE, _NOTHING, Future, Part, ReadyFuture, _borrowed, _bo
                       _Raise, _StreamState, _tls)
 from .spill import Spilled
 
+_new = tuple.__new__  # a NamedTuple from a tuple, without its Python-level __new__
+
 log = logging.getLogger("fabric.client")
 
 USER_IDLE = 0.05  # seconds without a waiting user thread before the IO thread receives
@@ -207,15 +209,20 @@ class Client:
         deps: list[Future] = []
         held: list[Future] = []
         shm_used: list = []
-        # a Future given as an argument itself is resolved before the call runs; one inside an
-        # argument's value arrives as a Future (as in Ray)
-        tops = {id(a) for a in args if isinstance(a, Future)}
-        if kwargs:
-            tops.update(id(v) for v in kwargs.values() if isinstance(v, Future))
+        tops = None
+
+        def on_ref(f):
+            # a Future given as an argument itself is resolved before the call runs; one inside an
+            # argument's value arrives as a Future (as in Ray). (Which are which is worked out at
+            # the first Future met: most calls have none.)
+            nonlocal tops
+            if tops is None:
+                tops = {id(a) for a in (*args, *kwargs.values()) if isinstance(a, Future)}
+            return self._ref(f, deps) if id(f) in tops else self._nested(f, held)
+
         try:
-            payload, bufs = serde.dumps_args(
-                args, kwargs, ref_type=Future, shm_pool=self.shm, shm_used=shm_used, transfer=self.transfer,
-                on_ref=lambda f: self._ref(f, deps) if id(f) in tops else self._nested(f, held))
+            payload, bufs = serde.dumps_args(args, kwargs, ref_type=Future, shm_pool=self.shm, shm_used=shm_used,
+                                             transfer=self.transfer, on_ref=on_ref)
         except BaseException:
             self._unpin(deps)
             self._unborrow(held)
@@ -242,7 +249,7 @@ class Client:
         self.pending[cid] = fut
         if o.stream:  # its items may come before .remote() returns
             self.streams[cid] = _StreamState(fut, self, o.window)
-        fut._sub = Submission(head, code_blob, body, deps or None)
+        fut._sub = _new(Submission, (head, code_blob, body, deps or None))  # (as CallHeader.of)
         if members:
             for f in members[1:]:  # any member still pending re-sends the gang's one SUBMIT
                 f._sub = fut._sub
