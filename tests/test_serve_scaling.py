@@ -208,6 +208,7 @@ def test_gateway_record_appears_only_once_it_listens(gw):
     """serve.run connects as soon as the gateway's record names its port: a record written
     before the socket is bound (uvicorn runs the lifespan first) made it 'Connection refused'."""
     import socket
+    import time
 
     from fabric.serve import state
 
@@ -216,8 +217,11 @@ def test_gateway_record_appears_only_once_it_listens(gw):
     p = subprocess.Popen([sys.executable, "-m", "fabric.serve", "--port", str(port)], env=env, cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + 60
         while state.read(port) is None:
             assert p.poll() is None, "the gateway exited"
+            assert time.monotonic() < deadline, "the gateway wrote no record within 60s"
+            time.sleep(0.001)
         with socket.create_connection(("127.0.0.1", port), timeout=5):  # the moment it is there
             pass
     finally:
