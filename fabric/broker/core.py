@@ -322,8 +322,7 @@ class Broker:
                 if next(iter(w.inflight)) != call.id:  # only prefetched: its worker drops it unless
                     self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])  # it started it
                 elif w.gang is None:  # it may run this call: if so it ends itself
-                    self.outcomes.finish(call, P.CANCELLED, b"driver left", deliver=False, keep_slot=True)
-                    self.workers.stop_call(w, call)
+                    self.workers.stop_call(w, call, P.CANCELLED, b"driver left", deliver=False)
                     continue
                 else:
                     self.workers.kill_worker(w)
@@ -349,14 +348,13 @@ class Broker:
             if call.state != RUNNING or call.started + call.timeout > now + 1e-3:
                 continue
             w = call.worker
-            if w.actor is None and w.gang is None:
-                self.outcomes.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
-                                                      f"its worker was killed and replaced".encode(), keep_slot=True)
-                self.workers.stop_call(w, call)
-            elif w.actor is None:
-                self.outcomes.finish(call, P.TIMEOUT, f"the call ran longer than its timeout of {call.timeout:g}s; "
-                                                      f"its worker was killed and replaced".encode())
-                self.workers.kill_worker(w)
+            if w.actor is None:
+                msg = f"the call ran longer than its timeout of {call.timeout:g}s; its worker was killed and replaced"
+                if w.gang is None:
+                    self.workers.stop_call(w, call, P.TIMEOUT, msg.encode())
+                else:
+                    self.outcomes.finish(call, P.TIMEOUT, msg.encode())
+                    self.workers.kill_worker(w)
             else:
                 # the caller gets its answer now; the call keeps its slot until the instance is
                 # done with it, so the next call's clock starts when that one really starts

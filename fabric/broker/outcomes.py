@@ -179,12 +179,12 @@ class Outcomes:
     def cancel_running(self, call, w, force, recursive, seen):
         if recursive:
             self.cancel_children(w, force, seen)
-        if call.gang is not None:
-            self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced")
+        if force or call.gang is not None:
+            msg = b"cancelled while running; its worker was replaced"
+            if call.gang is None:
+                return self.workers.stop_call(w, call, P.CANCELLED, msg)
+            self.finish(call, P.CANCELLED, msg)
             self.workers.kill_worker(w)
-        elif force:
-            self.finish(call, P.CANCELLED, b"cancelled while running; its worker was replaced", keep_slot=True)
-            self.workers.stop_call(w, call)
         else:  # fabric.Cancelled is raised inside it; it keeps its worker's slot until it returns
             self.finish(call, P.CANCELLED, b"cancelled while running (fabric.Cancelled was raised inside it)",
                         keep_slot=True)
@@ -208,10 +208,7 @@ class Outcomes:
         if how is TAKE_BACK:  # prefetched behind a call that blocked (on_blocked)
             if answer == b"d" and w.inflight.pop(cid, None) is not None:
                 self.workers.requeue([call])
-                if not w.inflight:  # the blocked call ended meanwhile: the worker is free
-                    self.workers.release_worker(w)
-                elif len(w.inflight) < w.credit and not w.doomed and w.lent is None:
-                    self.st.partial[w] = None
+                self.workers.slot_freed(w)  # (the blocked call may have ended meanwhile)
             return
         if answer == b"d":
             self.st.stats["dropped"] += 1  # (cancelled calls a worker held and never started)

@@ -303,15 +303,16 @@ class Workers:
         if not w.inflight:
             self.kill_worker(w)
 
-    def stop_call(self, w, call):
-        """End the plain call ``call`` (just given its outcome, its slot kept) that ``w`` runs, by
-        ending ``w``. The broker's view lags the worker's: the call may have ended there and the
-        one prefetched behind it begun, which killing ``w`` now would run twice. So ``w`` is asked
-        to end itself if it still runs ``call`` (DROP "k"), which it decides under the lock it
-        starts calls under: what it holds besides then never started, and is requeued when its
-        executor says it died. Its DONE or a DROPPED says it had finished, or never began, the
-        call. A worker that says nothing within STOP_GRACE (its output thread starved of the
-        GIL) is killed as before."""
+    def stop_call(self, w, call, status, message, deliver=True):
+        """Give the plain call ``call`` that ``w`` runs its outcome now, and end it by ending
+        ``w``; the call keeps its slot on ``w`` meanwhile. The broker's view lags the worker's:
+        the call may have ended there and the one prefetched behind it begun, which killing ``w``
+        now would run twice. So ``w`` is asked to end itself if it still runs ``call`` (DROP
+        "k"), which it decides under the lock it starts calls under: what it holds besides then
+        never started, and is requeued when its executor says it died. Its DONE or a DROPPED
+        says it had finished, or never began, the call. A worker that says nothing within
+        STOP_GRACE (its output thread starved of the GIL) is killed as before."""
+        self.outcomes.finish(call, status, message, deliver=deliver, keep_slot=True)
         if not self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id, b"k"]):
             return self.kill_worker(w)
         self.st.stopping[call.id] = (time.monotonic() + STOP_GRACE, w)
@@ -321,10 +322,15 @@ class Workers:
         and never will, so its slot is free now."""
         del self.st.stopping[cid]
         if answer == b"d" and w.inflight.pop(cid, None) is not None:
-            if not w.inflight:
-                self.release_worker(w)
-            elif len(w.inflight) < w.credit and not w.doomed and w.lent is None:
-                self.st.partial[w] = None
+            self.slot_freed(w)
+
+    def slot_freed(self, w):
+        """A plain worker holds one call fewer without a DONE (a DROP answered d): it is free, or
+        can take another."""
+        if not w.inflight:
+            self.release_worker(w)
+        elif len(w.inflight) < w.credit and not w.doomed and w.lent is None:
+            self.st.partial[w] = None
 
     def expire_stops(self, now):
         for cid, (deadline, w) in list(self.st.stopping.items()):
