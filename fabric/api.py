@@ -19,6 +19,7 @@ from collections import deque
 import cloudpickle
 
 from . import config
+from . import futures as futures_mod
 from . import protocol as P
 from . import settings
 from .client import CallOptions, Client, Future, Part, Stream  # (client: also the wire names of Futures in values)
@@ -889,7 +890,16 @@ def get(futures, timeout: float | None = None):
         if len(done) < len(futures):
             raise GetTimeout(f"{len(futures) - len(done)} of {len(futures)} calls did not finish within {timeout}s "
                              f"({futures[0]._client.fate()})")
-    return [f.result() for f in futures]
+        return [f.result() for f in futures]
+    # In order, so the first failure raises as soon as it is known. Inside a call the whole
+    # list is one wait (one BLOCKED/UNBLOCKED): the waits of each result() nest in it, and the
+    # call's worker is not offered work between two of them, only to have it taken back
+    token = futures_mod._block() if any(not f.done() for f in futures) else None
+    try:
+        return [f.result() for f in futures]
+    finally:
+        if token is not None:
+            futures_mod.blocking.unblock(token)
 
 
 def wait(futures, num_returns: int = 1, timeout: float | None = None):

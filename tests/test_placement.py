@@ -65,6 +65,18 @@ def test_prefetch_only_short_calls_behind_short_ones():
     assert pl.pick_worker({}, partial, call(2, cpus=0.5), {CODE: 0.001}, 10.0) is None  # another shape
 
 
+def test_nothing_is_prefetched_behind_a_call_that_waited_on_nested_calls():
+    """It said BLOCKED once (its CPUs were lent, what was behind it taken back): it may wait
+    again, on the very calls that would be queued behind it."""
+    ex = executor(1, cpus=1)
+    w = worker(ex, 1)
+    head = call(1)
+    busy(w, head, started=10.0)
+    assert pl.pick_worker({}, {w: None}, call(2), {CODE: 0.001}, 10.0) is w
+    head.waited = True
+    assert pl.pick_worker({}, {w: None}, call(2), {CODE: 0.001}, 10.0) is None
+
+
 def test_prefetch_goes_to_the_least_loaded_busy_worker():
     ex = executor(1, cpus=2)
     a, b = worker(ex, 1), worker(ex, 2)

@@ -320,7 +320,8 @@ class Broker:
             w = call.worker
             if call.state == RUNNING and w.actor is None:
                 if next(iter(w.inflight)) != call.id:  # only prefetched: its worker drops it unless
-                    self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])  # it started it
+                    if call.id not in self.st.dropping:  # it started it (one DROP per copy sent)
+                        self.out.send([b"l" + w.ident[1:], P.C[P.DROP], call.id])
                 elif w.gang is None:  # it may run this call: if so it ends itself
                     self.workers.stop_call(w, call, P.CANCELLED, b"driver left", deliver=False)
                     continue

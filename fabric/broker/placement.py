@@ -60,6 +60,8 @@ def pick_worker(idle, partial, call, durations, now):
         if w.held != shape or (best is not None and n >= len(best.inflight)) or (depth and n >= depth):
             continue
         head = next(iter(w.inflight.values()))
+        if head.waited:  # it waited on calls it submitted (BLOCKED) and may again: they may be
+            continue     # the very calls prefetched, taken back at its next wait
         expected = durations.get(head.code_hash, 1e9)
         if expected < PREFETCH_ONE_BELOW and now - head.started < max(4 * expected, 4 * PREFETCH_BELOW):
             best = w

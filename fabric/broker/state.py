@@ -17,7 +17,8 @@ TAKE_BACK = tuple([None, None, False])
 
 class Call:
     __slots__ = ("id", "driver", "frames", "code_hash", "kind", "actor", "shape", "retries",
-                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang", "maxc", "warm", "deaths")
+                 "timeout", "deps", "depv", "missing", "worker", "started", "state", "gang", "maxc", "warm", "deaths",
+                 "waited")
 
     def __init__(self, cid, driver, frames, h):
         self.id = cid
@@ -36,6 +37,7 @@ class Call:
         self.state = WAITING
         self.gang = None                # (Gang, rank) for the members of a gang
         self.deaths = 0                 # workers that died with it next, running nothing (see lose_worker)
+        self.waited = False             # it said BLOCKED once: it waits on calls it submits, may again
 
 
 class Executor:

@@ -129,6 +129,7 @@ class Workers:
         w.lent = w.held[0]
         w.ex.ledger.give((w.lent, 0, 0))
         self.st.blocked += 1
+        w.inflight[f[0].bytes].waited = True  # nothing is prefetched behind it again (placement)
         if w.actor is not None:
             return
         self.st.partial.pop(w, None)

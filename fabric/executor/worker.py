@@ -216,7 +216,10 @@ class Worker:
         # `gate`, against the thread that starts calls, whether it runs ("r"), ran ("f") or never will
         self.gate = threading.Lock()
         self.active: set[bytes] = set()    # ids of the calls running now, on any thread
-        self.dropped: set[bytes] = set()   # ids this worker must not start
+        # id -> how many of its CALLs this worker must skip: one per DROP answered d. A call taken
+        # back (DROP) may be sent here again before the first copy was read; each copy that comes
+        # was answered for once, so the count, not a set, keeps either from running (issue 18)
+        self.dropped: dict[bytes, int] = {}
         self.begun = bytearray(P.ID_LEN * BEGUN_KEEP)  # ring of the ids of the last calls started
         self.begun_at = 0
         self.output.on_drop = self.drop
@@ -304,8 +307,12 @@ class Worker:
     def begin(self, cid) -> bool:
         """Start call ``cid``, unless the broker dropped it (DROP) before it started."""
         with self.gate:
-            if self.dropped and cid in self.dropped:
-                self.dropped.discard(cid)
+            n = self.dropped.get(cid) if self.dropped else None
+            if n is not None:
+                if n > 1:
+                    self.dropped[cid] = n - 1
+                else:
+                    del self.dropped[cid]
                 return False
             self.active.add(cid)
             i = self.begun_at
@@ -328,7 +335,7 @@ class Worker:
                 if i % P.ID_LEN == 0:
                     return b"f"
                 i = b.find(cid, i + 1)
-            self.dropped.add(cid)
+            self.dropped[cid] = self.dropped.get(cid, 0) + 1
             return b"d"
 
     def skip(self, h: P.CallHeader, frames):
