@@ -894,7 +894,8 @@ def get(futures, timeout: float | None = None):
     # In order, so the first failure raises as soon as it is known. Inside a call the whole
     # list is one wait (one BLOCKED/UNBLOCKED): the waits of each result() nest in it, and the
     # call's worker is not offered work between two of them, only to have it taken back
-    token = futures_mod._block() if any(not f.done() for f in futures) else None
+    token = (futures_mod._block() if futures_mod.blocking is not None and any(not f.done() for f in futures)
+             else None)  # (a plain driver has no worker hook: nothing to check)
     try:
         return [f.result() for f in futures]
     finally:

@@ -133,10 +133,14 @@ def test_optuna_search_sweep(tmp_path):
 
     grid = tune.Tuner(objective, param_space={"x": tune.uniform(-10, 10), "n": tune.randint(0, 3)},
                       tune_config=_tc(metric="loss", mode="min", num_samples=25,
-                                      search_alg=tune.OptunaSearch(seed=0)),
+                                      search_alg=tune.OptunaSearch(seed=0), max_concurrent_trials=1),
                       run_config=_rc(tmp_path)).fit()
     assert len(grid) == 25 and grid.num_errors == 0
-    assert grid.get_best_result().metrics["loss"] < 1.0
+    # one trial at a time, so TPE sees every result before it suggests the next and a seeded
+    # study suggests the same points each run (with trials in flight, which results it has seen
+    # depends on timing, and the best of 25 landed at 1.003 once)
+    best = grid.get_best_result().metrics["loss"]
+    assert best < 1.0
 
 
 def test_optuna_pruning_fed_by_reports(tmp_path):
