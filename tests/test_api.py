@@ -215,6 +215,21 @@ def test_shared_memory_files_are_reused_only_when_the_worker_let_go(cluster):
     fabric.kill(k)
 
 
+def test_a_call_that_writes_to_its_array_argument_leaves_the_next_call_its_own(cluster):
+    """Workers keep their mapping of a reused shared-memory file between calls, unless a call
+    wrote to it: each call sees the array its driver sent, whatever the call before did."""
+    @fabric.fn
+    def sum_then_bump(arr):
+        s = float(arr.sum())
+        arr[::1000] += 1.0  # in place, on pages all through the file
+        return s
+
+    n = 300_000  # 2.4 MB: above the shared-memory threshold
+    for i in range(4):
+        assert sum_then_bump.remote(np.full(n, float(i))).result() == n * i
+        assert total.remote(np.full(n, float(i))).result()[0] == n * i  # a reader after the writer
+
+
 def test_lambdas_and_main_classes_travel_by_value(cluster):
     class Point:
         def __init__(self, x):

@@ -60,6 +60,75 @@ def test_a_big_array_goes_through_shared_memory_and_its_file_is_reused(tmp_path)
         pool.close()
 
 
+def _through(pool, a):
+    """One call's argument path: the driver copies ``a`` into a pooled file, the 'worker' (this
+    process) maps it; returns the file's path and what the worker sees."""
+    used: list = []
+    payload, bufs = serde.dumps_args((a,), {}, shm_pool=pool, shm_used=used)
+    (back,), _ = serde.loads_args(payload, bufs)
+    return used, back
+
+
+def test_a_worker_keeps_its_mapping_of_a_file_it_may_see_again(tmp_path):
+    """A kept mapping saves the page faults of the next array the driver writes into the same
+    file, and shows that array's bytes, not the last one's."""
+    pool = serde.ShmPool(str(tmp_path), arena=0)
+    n = serde.SHM_THRESHOLD // 8 + 1000
+    try:
+        maps = []
+        for i in range(3):
+            used, back = _through(pool, np.full(n, float(i)))
+            assert used[0][1] not in shm._kept  # this call has it
+            assert back.min() == back.max() == float(i)  # the driver's new bytes, through the kept pages
+            del back
+            assert serde.release_mappings()
+            maps.append(shm._kept[used[0][1]])
+            pool.give_back(used, True)
+        assert maps[0] is maps[1] is maps[2]  # one mapping served the three calls
+        # the driver removes the file: its kept mapping goes at the next check
+        pool.give_back([pool.take(n * 8)], False)
+        assert not os.listdir(tmp_path)
+        shm.forget_removed(every=0)
+        assert used[0][1] not in shm._kept
+    finally:
+        pool.close()
+
+
+def test_a_mapping_the_call_wrote_to_is_not_kept(tmp_path):
+    """A written page is the worker's own copy: kept, it would show the old call's bytes where
+    the driver wrote the next array. So the mapping goes, and the next call maps afresh."""
+    pool = serde.ShmPool(str(tmp_path), arena=0)
+    n = serde.SHM_THRESHOLD // 8 + 1000
+    try:
+        used, back = _through(pool, np.zeros(n))
+        back[n // 2] = -1.0  # one page in the middle
+        del back
+        assert serde.release_mappings()  # the file is still the driver's to reuse
+        assert used[0][1] not in shm._kept
+        pool.give_back(used, True)
+        used, back = _through(pool, np.ones(n))
+        assert back.min() == back.max() == 1.0
+        del back
+        assert serde.release_mappings() and used[0][1] in shm._kept
+        pool.give_back(used, True)
+    finally:
+        pool.close()
+        shm.forget_removed(every=0)
+
+
+def test_a_mapping_user_code_still_views_is_neither_kept_nor_reused(tmp_path):
+    pool = serde.ShmPool(str(tmp_path), arena=0)
+    try:
+        used, back = _through(pool, np.arange(serde.SHM_THRESHOLD // 8 + 1, dtype=np.float64))
+        part = back[10:20]  # a view of a view: it holds the mapping too
+        del back
+        assert not serde.release_mappings()
+        assert used[0][1] not in shm._kept and part[0] == 10.0
+        pool.give_back(used, False)
+    finally:
+        pool.close()
+
+
 def test_remove_shm_removes_one_drivers_files_only(tmp_path):
     mine, other = tmp_path / "fabric-4242-aa", tmp_path / "fabric-4243-bb"
     mine.write_bytes(b"x")

@@ -251,6 +251,7 @@ class Worker:
                 poller.register(self.results_in, zmq.POLLIN)  # a concurrent instance started
                 self.polled.add(self.results_in)
             events = dict(poller.poll(1000))
+            shm.forget_removed()  # (at most once a second) unmap files the driver has removed
             if not events:
                 if os.getppid() != self.ppid:
                     return  # our executor is gone
