@@ -116,6 +116,20 @@ def test_a_mapping_the_call_wrote_to_is_not_kept(tmp_path):
         shm.forget_removed(every=0)
 
 
+def test_where_page_states_cannot_be_read_no_mapping_is_kept(tmp_path, monkeypatch):
+    """No /proc/self/pagemap (or one that shows no page states): a written page could not be
+    told, so every mapping goes after its call, as before mappings were kept."""
+    monkeypatch.setattr(shm, "_pagemap", {os.getpid(): None})
+    pool = serde.ShmPool(str(tmp_path), arena=0)
+    try:
+        used, back = _through(pool, np.ones(serde.SHM_THRESHOLD // 8 + 1))
+        del back
+        assert serde.release_mappings() and used[0][1] not in shm._kept
+        pool.give_back(used, True)
+    finally:
+        pool.close()
+
+
 def test_a_mapping_user_code_still_views_is_neither_kept_nor_reused(tmp_path):
     pool = serde.ShmPool(str(tmp_path), arena=0)
     try:

@@ -118,7 +118,34 @@ def _close(mm) -> None:
 
 
 _PAGE = mmap.PAGESIZE
-_pagemap: list = []  # the open /proc/self/pagemap, or None where it cannot be read
+_pagemap: dict[int, int | None] = {}  # pid -> its open /proc/self/pagemap (None: cannot be read)
+
+
+def _pagemap_fd() -> int | None:
+    """This process's /proc/self/pagemap, opened once per pid (a forked child must not read its
+    parent's) and trusted only after it reports a page just written as this process's own."""
+    pid = os.getpid()
+    if pid in _pagemap:
+        return _pagemap[pid]
+    fd = None
+    try:
+        import ctypes
+
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        probe = mmap.mmap(-1, _PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        probe[0] = 1  # a private page this process wrote: present, not file-backed
+        ref = ctypes.c_char.from_buffer(probe)
+        entry = int.from_bytes(os.pread(fd, 8, ctypes.addressof(ref) // _PAGE * 8), "little")
+        del ref
+        probe.close()
+        if entry >> 61 != 4:
+            raise OSError("pagemap does not show page states here")
+    except (OSError, ImportError, ValueError, TypeError, BufferError):
+        if fd is not None:
+            os.close(fd)
+        fd = None
+    _pagemap[pid] = fd
+    return fd
 
 
 def _written(mm, nbytes: int) -> bool:
@@ -130,14 +157,9 @@ def _written(mm, nbytes: int) -> bool:
 
     import numpy as np
 
-    if not _pagemap:
-        try:
-            _pagemap.append(os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC))
-        except OSError:
-            _pagemap.append(None)
-    fd = _pagemap[0]
-    if fd is None or nbytes <= 0:
-        return fd is None
+    fd = _pagemap_fd()
+    if fd is None:
+        return True
     try:
         ref = ctypes.c_char.from_buffer(mm)
         first = ctypes.addressof(ref) // _PAGE
