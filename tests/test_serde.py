@@ -82,6 +82,7 @@ def test_a_worker_keeps_its_mapping_of_a_file_it_may_see_again(tmp_path):
             assert back.min() == back.max() == float(i)  # the driver's new bytes, through the kept pages
             del back
             assert serde.release_mappings()
+            shm.settle()  # (the worker runs it after sending the call's DONE)
             maps.append(shm._kept[used[0][1]])
             pool.give_back(used, True)
         assert maps[0] is maps[1] is maps[2]  # one mapping served the three calls
@@ -104,12 +105,36 @@ def test_a_mapping_the_call_wrote_to_is_not_kept(tmp_path):
         back[n // 2] = -1.0  # one page in the middle
         del back
         assert serde.release_mappings()  # the file is still the driver's to reuse
+        shm.settle()
         assert used[0][1] not in shm._kept
         pool.give_back(used, True)
         used, back = _through(pool, np.ones(n))
         assert back.min() == back.max() == 1.0
         del back
-        assert serde.release_mappings() and used[0][1] in shm._kept
+        assert serde.release_mappings()
+        shm.settle()
+        assert used[0][1] in shm._kept
+        pool.give_back(used, True)
+    finally:
+        pool.close()
+        shm.forget_removed(every=0)
+
+
+def test_the_next_argument_settles_what_the_last_call_let_go_of(tmp_path):
+    """settle() runs after the DONE is sent; a next argument that comes first runs it itself,
+    so a written mapping is never handed to the next call."""
+    pool = serde.ShmPool(str(tmp_path), arena=0)
+    n = serde.SHM_THRESHOLD // 8 + 1000
+    try:
+        used, back = _through(pool, np.zeros(n))
+        back[::512] = -1.0
+        del back
+        assert serde.release_mappings() and shm._settling
+        pool.give_back(used, True)
+        used, back = _through(pool, np.full(n, 2.0))  # no settle() in between
+        assert not shm._settling and back.min() == back.max() == 2.0
+        del back
+        assert serde.release_mappings()
         pool.give_back(used, True)
     finally:
         pool.close()
@@ -124,7 +149,9 @@ def test_where_page_states_cannot_be_read_no_mapping_is_kept(tmp_path, monkeypat
     try:
         used, back = _through(pool, np.ones(serde.SHM_THRESHOLD // 8 + 1))
         del back
-        assert serde.release_mappings() and used[0][1] not in shm._kept
+        assert serde.release_mappings()
+        shm.settle()
+        assert used[0][1] not in shm._kept
         pool.give_back(used, True)
     finally:
         pool.close()

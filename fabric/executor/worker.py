@@ -304,6 +304,7 @@ class Worker:
             if mark is not None:
                 mark[:P.ID_LEN] = _NO_CALL
             P.send(sock, out)
+            shm.settle()  # after the DONE: keep or unmap the call's shared-memory mappings
 
     def begin(self, cid) -> bool:
         """Start call ``cid``, unless the broker dropped it (DROP) before it started."""
