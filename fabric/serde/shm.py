@@ -5,8 +5,9 @@ bytes or more into a file under ``/dev/shm`` instead of sending it over the sock
 maps it privately (copy-on-write). This module is the whole allocator of those files: their
 names (``fabric-<driver pid>-<random>``), the driver's pool that reuses them, the worker's side
 that maps them and reports whether it let go, and the clean-up of a dead driver's files.
-It imports no pickler (``fabric.serde.pickling`` decides which arrays come here), which is why
-the broker may use it, for that clean-up alone (tests/test_layering.py).
+It imports no pickler (``fabric.serde.pickling`` decides which arrays come here); the broker's
+part of the clean-up, ``remove_shm``, lives in ``fabric.config`` so the broker imports no serde
+(tests/test_layering.py).
 """
 from __future__ import annotations
 
