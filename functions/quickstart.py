@@ -126,10 +126,10 @@ def main():
 
     # one interface: the same datasets, scaling, preprocessor, fit() and Result for every framework
     trainers = {
-        "xgboost": lambda: ml.XGBoostTrainer(
+        "xgboost": lambda **rc: ml.XGBoostTrainer(
             params={"objective": "binary:logistic", "eval_metric": "logloss", "max_depth": 4, "eta": 0.2,
                     "tree_method": "hist"}, label_column=LABEL, num_boost_round=30,
-            run_config=ml.RunConfig(name="quickstart-xgboost"), **common),
+            run_config=ml.RunConfig(name="quickstart-xgboost", **rc), **common),
         "torch": lambda: ml.TorchTrainer(torch_loop, train_loop_config={"lr": 0.01, "epochs": 2},
                                          run_config=ml.RunConfig(name="quickstart-torch"), **common),
     }
@@ -144,7 +144,9 @@ def main():
 
     def sweep():
         tuner = tune.Tuner(
-            trainers["xgboost"](),
+            # ASHA stops trials at its rungs (rounds 5 and 20), and a stopped trial can still be the
+            # best one: a checkpoint every 5 rounds gives every trial one where it stopped
+            trainers["xgboost"](checkpoint_config=ml.CheckpointConfig(checkpoint_frequency=5)),
             param_space={"params": {"max_depth": tune.randint(2, 7), "eta": tune.loguniform(0.05, 0.5)}},
             tune_config=tune.TuneConfig(metric="valid-logloss", mode="min", num_samples=4,
                                         scheduler=tune.ASHAScheduler(max_t=30, grace_period=5)),
