@@ -300,7 +300,10 @@ def test_autoscaler_scales_deployment_pods_from_zero_and_back(api, tmp_path):
         assert fake.deployments["fabric-executor-cpu"]["replicas"] >= 1
         assert wait_for(lambda: fake.deployments["fabric-executor-cpu"]["replicas"] == 0, timeout=60), \
             list(scaler.decisions)[-5:]
-        assert any(d.action == "terminate" for d in scaler.decisions)
+        # the scaler records a decision once the provider call returns, a moment after the
+        # Deployment's replicas changed: wait for the record, do not race it
+        assert wait_for(lambda: any(d.action == "terminate" for d in scaler.decisions), timeout=10), \
+            list(scaler.decisions)[-5:]
     finally:
         scaler.stop()
         fabric.shutdown()
