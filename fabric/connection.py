@@ -135,6 +135,7 @@ class Client:
         self.unfetched: weakref.WeakValueDictionary[bytes, Future] = weakref.WeakValueDictionary()
         self._counter = itertools.count(1)
         self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
+        self.arena_told = False                        # ARENA sent to this broker (again after a rejoin)
         self.transfer = serde.Transfer(address)            # large payloads through the object store?
         self.closed = False
         self.log_to_driver = True
@@ -297,6 +298,7 @@ class Client:
             self.epoch = epoch
             self.rejoins += 1
             self.code_sent.clear()
+            self.arena_told = False
             if self.outq:
                 self._flush_out()
             if self.abandoned:  # failed here as lost: a journal may still hold them; nobody waits
@@ -592,6 +594,10 @@ class Client:
                 if now - self.last_check > 0.1:
                     self.last_check = now
                     self._check_broker(now)
+                    if self.shm is not None and self.shm.arena_ready and not self.arena_told:
+                        self.arena_told = True  # idle workers on this host map it ahead (broker/arenas.py)
+                        self._send_d([P.C[P.ARENA], P.dumps_json({"path": self.shm.arena_path,
+                                                                    "bytes": self.shm.arena_ready})])
             except zmq.ZMQError:
                 if self.closed:
                     return

@@ -46,6 +46,8 @@ NAME = 12         # [cmd, json]                      (control clients) register 
 FETCH = 13        # [cmd, ids]                       send me these results (any driver's): a Future
                   # that travelled inside a value is read where it arrived (docs/protocol.md FETCH)
 SHUTDOWN = 9      # [cmd]                            stop the cluster (control clients and drivers)
+ARENA = 14        # [cmd, json]                      {"path", "bytes"}: the driver's shared-memory arena is
+                  # made; the broker has idle workers on its host map it ahead (MAP_ARENA)
 # any direction
 BATCH = 10        # [cmd, *message, *message, ...]   several SUBMIT, RESULT or CALL messages in one:
                   # each inner message keeps its own first frame; its length follows from its header
@@ -86,6 +88,8 @@ INTERRUPT = 72    # [cmd, call-id]                   (to the worker's log socket
 DROP = 73         # [cmd, call-id, (b"k")]           (to the worker's log socket) a cancelled call sent to this
                   # worker: do not start it if it has not started; answer DROPPED. With "k": if it runs
                   # it now, end this process (EXIT_STOPPED) instead of answering r
+MAP_ARENA = 74    # [cmd, json]                      {"path", "bytes"}: map this driver's arena now, while idle
+                  # (an optimisation only: a worker may ignore it)
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, int) and k.isupper() and k != "VERSION"}
 

@@ -230,6 +230,98 @@ def test_a_call_that_writes_to_its_array_argument_leaves_the_next_call_its_own(c
         assert total.remote(np.full(n, float(i))).result()[0] == n * i  # a reader after the writer
 
 
+ARENA_SCRIPT = """
+import os, resource, time
+import numpy as np
+import fabric
+from fabric import api
+
+fabric.init(num_cpus=2)
+path = api._state.client.shm.arena_path
+
+@fabric.fn
+def mapped(p):
+    import os
+    with open("/proc/self/maps") as f:
+        return os.getpid(), p in f.read()
+
+@fabric.fn
+def faults_summing(a):
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    s = float(a.sum())
+    return s, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+seen = {}
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not (len(seen) == 2 and all(seen.values())):
+    for pid, ok in fabric.get([mapped.remote(path) for _ in range(4)]):
+        seen[pid] = seen.get(pid) or ok
+    time.sleep(0.1)
+print("MAPPED", sorted(seen.values()))
+for value in (1.5, 3.0):
+    a = np.full(4 << 20, value)  # 32 MiB: into the 128 MiB arena
+    s, faults = faults_summing.remote(a).result()
+    print("SUM", s == float(a.sum()), "FAULTS", faults)
+fabric.shutdown()
+"""
+
+
+def test_idle_workers_map_a_new_drivers_arena_before_its_first_big_argument():
+    """ARENA / MAP_ARENA: a fresh driver's first big argument reads through pages its worker
+    mapped while idle; read afresh, its 32 MiB would take hundreds of page faults at least
+    (thousands with no fault-around)."""
+    from conftest import run_script
+
+    out = run_script(ARENA_SCRIPT, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "MAPPED [True, True]" in lines, out.stdout  # both idle workers mapped it, uncalled
+    sums = [ln.split() for ln in lines if ln.startswith("SUM")]
+    assert len(sums) == 2 and all(s[1] == "True" for s in sums), out.stdout
+    assert all(int(s[3]) < 100 for s in sums), out.stdout
+
+
+def test_a_bad_arena_message_is_refused_and_a_bogus_one_mapped_by_no_worker(cluster):
+    """ARENA is a driver's hint: one the broker cannot read is refused with the reason; one that
+    names a file no worker should map is passed on, ignored, and the cluster keeps serving."""
+    import json
+    import zmq
+
+    from fabric import api, protocol as P
+
+    @fabric.fn
+    def maps():
+        with open("/proc/self/maps") as f:
+            return f.read()
+
+    ctx = zmq.Context()
+    try:
+        did = os.urandom(8)
+        d, r = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for s, ident in ((d, b"d" + did), (r, b"r" + did)):
+            s.setsockopt(zmq.ROUTING_ID, ident)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(api._state.client.address)
+            s.send_multipart([P.C[P.HELLO], json.dumps({"pid": os.getpid(), "host": os.uname().nodename}).encode()])
+            assert s.poll(5000) and P.command_of(s.recv_multipart()[0]) == P.WELCOME
+        for body in (b"{", b'{"path": "/dev/shm/fabric-1-ab"}', b'{"path": 5, "bytes": 10}',
+                     b'{"path": "/dev/shm/fabric-1-ab", "bytes": -1}', b'{"path": "/dev/shm/x", "bytes": 1.5}'):
+            d.send_multipart([P.C[P.ARENA], body])
+            assert r.poll(5000), body
+            cmd, why = r.recv_multipart()
+            assert P.command_of(cmd) == P.ERROR and (b"ARENA" in why or b"json" in why), (body, why)
+        d.send_multipart([P.C[P.ARENA], json.dumps({"path": "/etc/passwd",
+                                                     "bytes": os.stat("/etc/passwd").st_size}).encode()])
+        time.sleep(1.2)  # the broker hands arenas out at once and every 0.5 s to workers that became idle
+        assert not any("/etc/passwd" in m for m in fabric.get([maps.remote() for _ in range(4)]))
+        assert square.remote(12).result(timeout=30) == 144
+        a = np.arange(400_000, dtype=np.float64)  # and the real arena still serves big arguments
+        assert total.remote(a).result()[0] == a.sum()
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_lambdas_and_main_classes_travel_by_value(cluster):
     class Point:
         def __init__(self, x):

@@ -243,11 +243,16 @@ BODIES = {
         "token": TOKENS}),
     P.WORKER_DIED: st.fixed_dictionaries({}, optional={"exitcode": FIELD, "token": TOKENS}),
     P.HEARTBEAT: st.just({}),
+    P.ARENA: st.fixed_dictionaries({}, optional={  # a worker told of any of these maps none
+        "path": st.one_of(st.sampled_from(["/dev/shm/fabric-1-00ab", "/etc/passwd", "/dev/zero", "", "/dev/shm/",
+                                           "/dev/shm/fabric-1-00ab/../../../etc/passwd", "x" * 5000]), LOOSE),
+        "bytes": FIELD}),
 }
 DEPTHS = st.one_of(st.integers(1, 3000), st.sampled_from([2, 100, 200, 201, 999, 1000, 1001, 5000, 100_000]))
 ROLE_OF = {P.HELLO: "drc", P.SUBMIT: "d", P.BATCH: "d", P.CANCEL: "d", P.RELEASE: "d", P.PUT: "d",
            P.KILL_ACTOR: "d", P.BYE: "d", P.STATUS: "dc", P.SHUTDOWN: "c", P.EXEC_HELLO: "e", P.HEARTBEAT: "e",
-           P.WORKER_DIED: "e", P.EXEC_BYE: "e", P.READY: "w", P.DONE: "w", P.WLOG: "wl", P.DROPPED: "l"}
+           P.WORKER_DIED: "e", P.EXEC_BYE: "e", P.READY: "w", P.DONE: "w", P.WLOG: "wl", P.DROPPED: "l",
+           P.ARENA: "d"}
 N4 = st.one_of(st.sampled_from([1, 2, 0, 2**32 - 1]), st.integers(0, 2**32 - 1))
 
 
@@ -379,7 +384,8 @@ def message(draw, pool, code_hashes):
         ident = draw(sender(pool, ROLE_OF.get(c)))
         frames = draw(result_frames(pool, ident, c))
     elif what == "json":
-        c = draw(st.sampled_from([P.HELLO, P.EXEC_HELLO, P.READY, P.HEARTBEAT, P.WELCOME, P.STATUS_REPLY, P.SPAWN]))
+        c = draw(st.sampled_from([P.HELLO, P.EXEC_HELLO, P.READY, P.HEARTBEAT, P.WELCOME, P.STATUS_REPLY, P.SPAWN,
+                                  P.ARENA]))
         ident = draw(sender(pool, ROLE_OF.get(c)))
         frames = _fix_count(draw, [P.C[c], _json_frame(draw, c)])
     elif what == "worker-died":

@@ -187,3 +187,77 @@ def test_small_simple_arguments_take_plain_pickle():
 def test_an_unpicklable_argument_is_named():
     with pytest.raises(SerializationError, match="argument 1 of type _thread.lock"):
         serde.dumps_args((1, threading.Lock()), {})
+
+
+# --- a driver's arena, mapped ahead by idle workers (ARENA / MAP_ARENA, broker/arenas.py) ----
+ARENA = 4 << 20
+
+
+@pytest.fixture
+def arena_pool():
+    """A driver's pool in /dev/shm (where MAP_ARENA looks) with a small arena, once it is made."""
+    from conftest import wait_for
+
+    pool = serde.ShmPool("/dev/shm", arena=ARENA)
+    try:
+        assert wait_for(lambda: pool.arena_ready)
+        yield pool
+    finally:
+        pool.close()
+        shm.forget_removed(every=0)
+
+
+def test_a_drivers_arena_appears_whole_under_its_name(arena_pool):
+    """Made under another name and renamed: a worker told of it finds it whole or not at all."""
+    assert arena_pool.arena_ready == ARENA and os.stat(arena_pool.arena_path).st_size == ARENA
+    mine = [n for n in os.listdir("/dev/shm") if n.startswith(f"fabric-{os.getpid()}-")]
+    assert mine == [os.path.basename(arena_pool.arena_path)]  # no half-made file left beside it
+
+
+def test_an_arena_mapped_ahead_serves_the_first_argument_written_into_it(arena_pool):
+    path = arena_pool.arena_path
+    assert shm.map_arena(path, ARENA)
+    mm = shm._kept[path]
+    assert not shm._written(mm, ARENA)  # the file's own pages, mapped, none copied
+    n = ARENA // 8 - 1000
+    assert n * 8 >= serde.SHM_THRESHOLD
+    for value in (7.0, -2.5):  # the driver writes one array, then the next, into the arena
+        used, back = _through(arena_pool, np.full(n, value))
+        assert used[0][1] == path and back.min() == back.max() == value
+        del back
+        assert serde.release_mappings()
+        shm.settle()
+        assert shm._kept[path] is mm  # the mapping made ahead read both arrays
+        arena_pool.give_back(used, True)
+    assert shm.map_arena(path, ARENA) and shm._kept[path] is mm  # told again: nothing to do
+
+
+def test_map_arena_maps_only_a_whole_fabric_file_of_this_user(arena_pool, tmp_path):
+    """MAP_ARENA is a hint a driver's message leads to: anything but a ``fabric-*`` regular file
+    of this user under /dev/shm, of the size said, is ignored, and nothing blocks on a FIFO."""
+    path = arena_pool.arena_path
+    made = []
+    try:
+        fifo = f"/dev/shm/fabric-{os.getpid()}-{os.urandom(6).hex()}"
+        os.mkfifo(fifo, 0o600)
+        link = f"/dev/shm/fabric-{os.getpid()}-{os.urandom(6).hex()}"
+        os.symlink(path, link)
+        other = f"/dev/shm/fabric-{os.getpid()}-{os.urandom(6).hex()}"
+        with open(other, "wb") as f:
+            f.truncate(ARENA)
+        made += [fifo, link, other]
+        refused = [(path, ARENA + 1), (path, ARENA - 1), (path, str(ARENA)), (path, True), (path, 0), (path, -1),
+                   (path, 1 << 40), (path, None), (None, ARENA), (123, ARENA), (path + "/x", ARENA),
+                   (str(tmp_path / os.path.basename(path)), ARENA), ("/etc/passwd", os.stat("/etc/passwd").st_size),
+                   (path.replace("fabric-", "other-"), ARENA), ("/dev/shm/../shm/" + os.path.basename(path), ARENA),
+                   (fifo, 0), (fifo, ARENA), (link, ARENA)]
+        if os.getuid() == 0:  # root may give a file away: one of another user is not mapped
+            os.chown(other, 12345, -1)
+            refused.append((other, ARENA))
+        for p, n in refused:
+            assert not shm.map_arena(p, n), (p, n)
+        assert path not in shm._kept and not any(m in shm._kept for m in made)
+        assert shm.map_arena(path, ARENA)  # and the arena itself still is
+    finally:
+        for m in made:
+            os.unlink(m)

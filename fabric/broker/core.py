@@ -26,7 +26,8 @@ tables (``state.Tables``) and one outbox; each part is given the others it calls
 - ``core.py``: the loop, who may send what, the handler table, STATUS, drivers leaving, time;
 - ``outbox.py``: sending, and batching what a loop turn sends per peer;
 - ``drivers.py``: the ``Driver`` records, joining, rejoining, heartbeats; ``executors.py``: the same
-  for executors, and their workers' deaths;
+  for executors, and their workers' deaths; ``arenas.py``: drivers' shared-memory arenas, mapped
+  ahead by idle workers;
 - ``admission.py``: SUBMIT and BATCH: checks, code, Future arguments, queues, min_warm/max_containers;
 - ``scheduler.py``: dispatching ready calls and spawning workers; ``placement.py`` decides where
   (pure functions, no sockets, no clock), reserving through each executor's ``resources.Ledger``;
@@ -58,6 +59,7 @@ from .. import settings
 from ..errors import FabricError, ProtocolError
 from .journal import COMPACT_BYTES, Journal, live_records, restore as replay_journal
 from .admission import Admission
+from .arenas import Arenas
 from .drivers import DRIVER_TIMEOUT, Drivers
 from .executors import Executors
 from .gangs import Gangs
@@ -106,6 +108,7 @@ class Broker:
         sc = self.sched = Scheduler(st, out)
         gg = self.gangs = Gangs(st, out)
         ex = self.executors = Executors(st, out, wk, sc)
+        self.arenas = Arenas(st, out, self.drivers)
         ad.wire(outcomes=oc, instances=ins, gangs=gg)
         oc.wire(admission=ad, workers=wk, instances=ins, gangs=gg)
         wk.wire(admission=ad, outcomes=oc, sched=sc, instances=ins, gangs=gg)
@@ -122,12 +125,12 @@ class Broker:
             P.WORKER_DIED: ex.on_worker_died, P.EXEC_BYE: ex.on_exec_bye,
             P.BLOCKED: wk.on_blocked, P.UNBLOCKED: wk.on_unblocked,
             P.READY: wk.on_ready, P.DONE: wk.on_done, P.ITEM: wk.on_item, P.CONSUMED: wk.on_consumed,
-            P.WLOG: wk.on_wlog, P.DROPPED: oc.on_dropped,
+            P.WLOG: wk.on_wlog, P.DROPPED: oc.on_dropped, P.ARENA: self.arenas.on_arena,
         }
         # which identity prefixes may send which commands
         self._allowed = {
             ord("d"): {P.HELLO, P.SUBMIT, P.BATCH, P.CANCEL, P.CONSUMED, P.RELEASE, P.FETCH, P.PUT, P.KILL_ACTOR,
-                       P.BYE, P.STATUS, P.SHUTDOWN, P.HEARTBEAT},
+                       P.BYE, P.STATUS, P.SHUTDOWN, P.HEARTBEAT, P.ARENA},
             ord("r"): {P.HELLO},
             ord("c"): {P.HELLO, P.STATUS, P.SHUTDOWN, P.NAME},
             ord("e"): {P.EXEC_HELLO, P.HEARTBEAT, P.WORKER_DIED, P.EXEC_BYE},
@@ -314,6 +317,7 @@ class Broker:
         """A driver said BYE, or was silent too long: its calls and instances end (named
         detached instances excepted), its kept outcomes are dropped."""
         self.drivers.leave(did)
+        self.arenas.forget(did)
         rid = b"r" + did
         for call in [c for c in self.st.calls.values() if c.driver == rid
                      and not (c.kind == P.ACTOR_NEW and self.st.actor_names and self.instances.detached(c.actor))]:
@@ -366,6 +370,8 @@ class Broker:
     def tick(self, now):
         if self.st.fns:
             self.admission.keep_warm()
+        if self.arenas:  # workers that became idle since: map the drivers' arenas ahead
+            self.arenas.share()
         if self.st.journal is not None and self.st.journal.size > self.journal_limit:
             self.compact()
         self.executors.expire(now)

@@ -62,7 +62,7 @@ class Executor:
 
 class Worker:
     __slots__ = ("ident", "ex", "inflight", "held", "gpus", "actor", "credit", "code_seen", "pid", "pool",
-                 "doomed", "killed", "gang", "addr", "spare", "lent")
+                 "doomed", "killed", "gang", "addr", "spare", "lent", "arenas")
 
     def __init__(self, ident, ex, info):
         self.ident = ident
@@ -81,6 +81,7 @@ class Worker:
         self.addr = None                # "host:port" a gang member may listen on (a spawned worker's READY)
         self.spare = None               # (key, since) while kept warm for its driver's next gang (min_warm)
         self.lent = None                # CPUs of its call lent out while that call waits on its own (BLOCKED)
+        self.arenas = set()             # drivers' arenas it was told to map ahead (MAP_ARENA, arenas.py)
 
 
 class Actor:

@@ -343,8 +343,9 @@ class ExecutorDaemon:
             return
         biggest, size = None, 0
         for n, (p, _, _) in self.procs.items():
-            try:
-                rss = psutil.Process(p.pid).memory_info().rss
+            try:  # its own memory: shared pages (a driver's arena it maps, libraries) free nothing
+                mi = psutil.Process(p.pid).memory_info()
+                rss = mi.rss - getattr(mi, "shared", 0)
             except psutil.Error:
                 continue
             if rss > size and n not in self.oom_killed:

@@ -270,6 +270,9 @@ class Worker:
                     elif f0 == P.C[P.WARM] and len(frames) == 3:  # a min_warm function: load it now
                         self.warm(frames[1].bytes, frames[2].bytes)
                         calls = ()
+                    elif f0 == P.C[P.MAP_ARENA] and len(frames) == 2:  # a driver's arena: map it now
+                        self.map_arena(frames[1].bytes)
+                        calls = ()
                     else:
                         calls = ()  # nothing else is for workers; the broker never sends it
                     del frames
@@ -579,6 +582,17 @@ class Worker:
             self.code[code_hash] = load_code(code)
         except Exception as e:  # noqa: BLE001 - its first call reports the failure
             self.code[code_hash] = _Unloadable(e)
+
+    @staticmethod
+    def map_arena(raw: bytes) -> None:
+        """MAP_ARENA: while idle, map the driver's arena its next large argument is copied into
+        (shm.map_arena checks the file; a message it cannot use is ignored: it is only a hint)."""
+        try:
+            info = P.loads_json(raw)
+        except Exception:  # noqa: BLE001 - the broker checked it; a worker never fails on a hint
+            return
+        if isinstance(info, dict):
+            shm.map_arena(info.get("path"), info.get("bytes"))
 
     def watch_memory(self, limit):
         """Enforce ``memory=``: a thread ends this process, with EXIT_MEMORY, as soon as its private
