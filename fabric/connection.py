@@ -134,8 +134,6 @@ class Client:
         self.lent_here: weakref.WeakValueDictionary[bytes, Future] = weakref.WeakValueDictionary()
         self.unfetched: weakref.WeakValueDictionary[bytes, Future] = weakref.WeakValueDictionary()
         self._counter = itertools.count(1)
-        self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
-        self.arena_told = False                        # ARENA sent to this broker (again after a rejoin)
         self.transfer = serde.Transfer(address)            # large payloads through the object store?
         self.closed = False
         self.log_to_driver = True
@@ -177,6 +175,9 @@ class Client:
             self.epoch = str(info.get("epoch", "")).encode()
             self.answers_beats = bool(info.get("heartbeat"))
         self.heard = time.monotonic()
+        # made once the broker took us (its arena file would outlive a refused driver)
+        self.shm = serde.ShmPool("/dev/shm") if shm and os.path.isdir("/dev/shm") else None
+        self.arena_told = False                        # ARENA sent to this broker (again after a rejoin)
         self.io = threading.Thread(target=self._io_loop, name="fabric-io", daemon=True)
         self.io.start()
 

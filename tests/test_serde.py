@@ -261,3 +261,21 @@ def test_map_arena_maps_only_a_whole_fabric_file_of_this_user(arena_pool, tmp_pa
     finally:
         for m in made:
             os.unlink(m)
+
+
+def test_a_driver_no_broker_takes_leaves_no_shared_memory_behind(tmp_path):
+    """The pool (and its arena file) is made once the broker took the driver: a refused or
+    unanswered driver leaves nothing in /dev/shm (no later driver of its user might sweep it)."""
+    import time
+
+    from fabric.connection import Client
+    from fabric.errors import ConnectionFailed
+
+    def mine():
+        return {n for n in os.listdir("/dev/shm") if n.startswith(f"fabric-{os.getpid()}-")}
+
+    before = mine()
+    with pytest.raises(ConnectionFailed, match="no fabric broker answered"):
+        Client(f"ipc://{tmp_path}/no-broker", shm=True, connect_timeout=0.3)
+    time.sleep(0.5)  # (an arena would be made within ~0.1 s)
+    assert mine() == before
