@@ -42,6 +42,14 @@ def started(tmp_path_factory):
     subprocess.run(FABRIC + ["stop"], env=env, capture_output=True, timeout=60)
 
 
+def test_idle_workers_of_a_started_cluster_map_a_local_drivers_arena(started):
+    """ARENA / MAP_ARENA over tcp:// to a `fabric start` cluster on this host: each of its 3
+    pool workers (2 executors) maps the driver's arena while idle (test_api.py has the rest)."""
+    from test_api import check_arena_mapped_ahead
+
+    check_arena_mapped_ahead({**started["env"], "FABRIC_ADDRESS": started["address"]}, workers=3)
+
+
 def test_contract_script_on_embedded_and_started_clusters(started):
     demo = open(os.path.join(REPO, "functions", "contract_demo.py")).read()
     embedded = run_script(demo, timeout=120)
