@@ -287,11 +287,13 @@ class ShmPool:
     def _make_arena(self, nbytes: int, path: str):
         # made under another name and renamed when whole, so a worker told of it (MAP_ARENA)
         # finds the file complete or not at all
-        tmp = self._path()
+        tmp, mm = self._path(), None
         try:
             _, _, mm = self._new(nbytes, tmp, prefault=True)
             os.rename(tmp, path)
         except OSError:  # no room in /dev/shm: go without
+            if mm is not None:
+                _close(mm)
             try:
                 os.unlink(tmp)
             except OSError:
