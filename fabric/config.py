@@ -144,6 +144,11 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+# Shared-memory mappings a worker keeps between calls (fabric.serde.shm), and so the arenas per
+# host the broker has idle workers map ahead (fabric.broker.arenas): one value for both sides.
+KEEP_MAPPINGS = 4
+
+
 def remove_shm(pid: int, directory: str = "/dev/shm") -> None:
     """Remove the shared-memory files of driver ``pid`` (``fabric-<pid>-*``, made by
     ``fabric.serde.shm``): what the broker of an embedded cluster does when its driver has died,

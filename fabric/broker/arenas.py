@@ -12,9 +12,8 @@ itself and may ignore the message, as an optimisation is never needed for a call
 from __future__ import annotations
 
 from .. import protocol as P
+from ..config import KEEP_MAPPINGS as KEEP  # mappings a worker keeps
 from ..errors import ProtocolError
-
-KEEP = 4  # fabric.serde.shm.KEEP_MAPPINGS: mappings a worker keeps
 MAX_PATH = 4096
 
 
@@ -24,6 +23,7 @@ class Arenas:
     def __init__(self, st, out, drivers):
         self.st, self.out, self.drivers = st, out, drivers
         self.by_driver: dict[bytes, tuple[str, bytes, str]] = {}  # oldest first
+        self.newest: dict[str, list[tuple[str, bytes]]] = {}  # host -> its newest KEEP, oldest first
 
     def __bool__(self):
         return bool(self.by_driver)
@@ -39,16 +39,21 @@ class Arenas:
             return  # its host is unknown: no worker can be known to share it
         self.forget(did)
         self.by_driver[did] = (path, P.dumps_json({"path": path, "bytes": size}), d.host)
+        self._rank()
         self.share()
 
-    def share(self):
-        """MAP_ARENA to each idle pool worker not yet told of the newest arenas of its host."""
+    def _rank(self):
+        """Each host's newest KEEP arenas: worked out when an arena comes or goes, not per tick."""
         newest: dict[str, list] = {}
         for path, msg, host in reversed(self.by_driver.values()):
             if len(newest.setdefault(host, [])) < KEEP:
                 newest[host].append((path, msg))
+        self.newest = {host: arenas[::-1] for host, arenas in newest.items()}
+
+    def share(self):
+        """MAP_ARENA to each idle pool worker not yet told of the newest arenas of its host."""
         for w in self.st.idle:
-            for path, msg in reversed(newest.get(w.ex.host, ())):
+            for path, msg in self.newest.get(w.ex.host, ()):
                 if path not in w.arenas and not w.doomed:
                     w.arenas.add(path)
                     self.out.send([w.ident, P.C[P.MAP_ARENA], msg])
@@ -57,5 +62,6 @@ class Arenas:
         """The driver left (or made a new arena): its arena is no longer handed out."""
         gone = self.by_driver.pop(did, None)
         if gone is not None:
+            self._rank()
             for w in self.st.workers.values():
                 w.arenas.discard(gone[0])

@@ -591,8 +591,7 @@ class Worker:
             info = P.loads_json(raw)
         except Exception:  # noqa: BLE001 - the broker checked it; a worker never fails on a hint
             return
-        if isinstance(info, dict):
-            shm.map_arena(info.get("path"), info.get("bytes"))
+        shm.map_arena(info.get("path"), info.get("bytes"))
 
     def watch_memory(self, limit):
         """Enforce ``memory=``: a thread ends this process, with EXIT_MEMORY, as soon as its private

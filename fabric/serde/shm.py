@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 
-from .. import settings
+from .. import config, settings
 from ..errors import SerializationError
 
 SHM_THRESHOLD = settings.get().shm_threshold
@@ -38,7 +38,7 @@ _kept: dict[str, mmap.mmap] = {}
 _settling: list[tuple[str, mmap.mmap, int]] = []  # let go of by a call, not yet checked (settle)
 _kept_lock = threading.Lock()
 _kept_checked = 0.0
-KEEP_MAPPINGS = 4
+KEEP_MAPPINGS = config.KEEP_MAPPINGS
 
 
 def track_mappings() -> None:
@@ -59,7 +59,7 @@ def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool, 
         if mm is not None:
             _close(mm)
         with open(path, "rb") as f:  # the whole file, so a later, larger array in it fits too
-            mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _map_private(f.fileno())
     # every array the call makes of it has ``root`` as its numpy base (numpy collapses views
     # of views to it): so release_mappings can tell from root's references whether one is left
     root = np.frombuffer(mm, dtype=np.uint8, count=nbytes)
@@ -67,6 +67,12 @@ def _shm_ndarray(host: str, path: str, dtype: str, shape: tuple, fortran: bool, 
     if maps is not None:
         maps.append((path, mm, root, nbytes))
     return root.view(np.dtype(dtype)).reshape(shape, order="F" if fortran else "C")
+
+
+def _map_private(fd: int) -> mmap.mmap:
+    """The whole file, privately: the file's own pages are read, and a page user code writes
+    becomes this process's copy (release_mappings then stops keeping the mapping)."""
+    return mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def release_mappings() -> bool:
@@ -141,7 +147,7 @@ def map_arena(path, nbytes) -> bool:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size != nbytes:
             return False
-        mm = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = _map_private(fd)
     except (OSError, ValueError):
         return False
     finally:
@@ -337,7 +343,7 @@ class ShmPool:
             _discard(path, mm)
 
 
-from ..config import remove_shm  # noqa: E402,F401  (in config: the broker calls it without importing serde)
+remove_shm = config.remove_shm  # in config: the broker calls it without importing serde
 
 
 def sweep_shm(directory: str = "/dev/shm") -> int:
