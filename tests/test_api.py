@@ -230,6 +230,29 @@ def test_a_call_that_writes_to_its_array_argument_leaves_the_next_call_its_own(c
         assert total.remote(np.full(n, float(i))).result()[0] == n * i  # a reader after the writer
 
 
+def test_a_worker_settles_a_calls_mappings_once_idle_not_at_the_next_call(cluster):
+    """The check whether a call's shared-memory mappings can be kept (a page-table walk) runs
+    once the worker idles after the DONE, off the reply's path: by the time a later call comes,
+    the mapping is kept already, though no call with an array made the worker look."""
+    @fabric.cls
+    class Holder:
+        def take(self, arr):
+            return float(arr.sum())
+
+        def state(self):
+            from fabric.serde import shm
+            return sorted(shm._kept), len(shm._settling)
+
+    h = Holder.remote()
+    a = np.full(300_000, 2.0)  # 2.4 MB: above the shared-memory threshold
+    assert h.take.remote(a).result() == a.sum()
+    time.sleep(0.3)  # idle: well past SETTLE_IDLE_MS
+    kept, settling = h.state.remote().result()
+    assert settling == 0
+    assert any(os.path.basename(p).startswith(f"fabric-{os.getpid()}-") for p in kept), kept
+    fabric.kill(h)
+
+
 ARENA_SCRIPT = """
 import os, resource, time
 import numpy as np

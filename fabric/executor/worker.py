@@ -250,7 +250,9 @@ class Worker:
             if self.results_in is not None and self.results_in not in self.polled:
                 poller.register(self.results_in, zmq.POLLIN)  # a concurrent instance started
                 self.polled.add(self.results_in)
-            events = dict(poller.poll(1000))
+            events = dict(poller.poll(shm.SETTLE_IDLE_MS if shm.unsettled() else 1000))
+            if not events:
+                shm.settle()  # idle since the last DONE went: keep or unmap its mappings now
             shm.forget_removed()  # (at most once a second) unmap files the driver has removed
             if not events:
                 if os.getppid() != self.ppid:
@@ -306,8 +308,7 @@ class Worker:
             self.active.discard(cid)
             if mark is not None:
                 mark[:P.ID_LEN] = _NO_CALL
-            P.send(sock, out)
-            shm.settle()  # after the DONE: keep or unmap the call's shared-memory mappings
+            P.send(sock, out)  # its shared-memory mappings are settled once this worker idles
 
     def begin(self, cid) -> bool:
         """Start call ``cid``, unless the broker dropped it (DROP) before it started."""
