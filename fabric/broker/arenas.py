@@ -14,6 +14,7 @@ from __future__ import annotations
 from .. import protocol as P
 from ..config import KEEP_MAPPINGS as KEEP  # mappings a worker keeps
 from ..errors import ProtocolError
+
 MAX_PATH = 4096
 
 

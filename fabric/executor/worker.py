@@ -251,10 +251,9 @@ class Worker:
                 poller.register(self.results_in, zmq.POLLIN)  # a concurrent instance started
                 self.polled.add(self.results_in)
             events = dict(poller.poll(shm.SETTLE_IDLE_MS if shm.unsettled() else 1000))
-            if not events:
-                shm.settle()  # idle since the last DONE went: keep or unmap its mappings now
             shm.forget_removed()  # (at most once a second) unmap files the driver has removed
             if not events:
+                shm.settle()  # idle since the last DONE went: keep or unmap its mappings now
                 if os.getppid() != self.ppid:
                     return  # our executor is gone
                 continue
