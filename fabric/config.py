@@ -160,3 +160,18 @@ def remove_shm(pid: int, directory: str = "/dev/shm") -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def quiet_gc(young: int = 20_000) -> None:
+    """For fabric's own long-running processes (the broker, a worker), once their modules are
+    loaded: move everything allocated so far out of the cyclic GC's sight (``gc.freeze``) and
+    collect the youngest generation every ``young`` allocations, not every 700. Measured on the
+    pipelined instance bench: the full collections, each a walk over every tracked object
+    (the loaded modules included), were ~3 us of the broker's CPU per call. A call's own objects
+    die young and are freed by reference counting either way; only cycles wait longer."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(young, g1, g2)

@@ -476,7 +476,7 @@ class Client:
             return
         st.received += 1
         it = Future(cid, self, f"{st.fut.label}[{idx}]")
-        it._state, it._status, it._head, it._frames = _DONE, P.OK, head, frames
+        it._state, it._status, it._frames = _DONE, P.OK, frames
         st.items.append(it)
         self.woken.append(st)
 
@@ -625,7 +625,7 @@ class Client:
                 h = read_result(f0, 4)
                 fut = pending.pop(h.call_id, None)
                 if fut is not None:
-                    fut._head, fut._frames, fut._status = h, frames[1:], h.status
+                    fut._frames, fut._status, fut._flags, fut._sub = frames[1:], h.status, h.flags, None
                     done.append(fut)
                 else:
                     self._unexpected(h.call_id)
@@ -636,7 +636,7 @@ class Client:
                         continue
                     fut = pending.pop(h.call_id, None)
                     if fut is not None:
-                        fut._head, fut._frames, fut._status = h, fr, h.status
+                        fut._frames, fut._status, fut._flags, fut._sub = fr, h.status, h.flags, None
                         done.append(fut)
                     else:
                         self._unexpected(h.call_id)
@@ -673,8 +673,7 @@ class Client:
                     self._unborrow(held)
         for fut in done:
             if fut._shm:
-                head = fut._head
-                reuse = head is not None and head.status == P.OK and bool(head.flags & P.SHM_FREE)
+                reuse = fut._status == P.OK and bool(fut._flags & P.SHM_FREE)
                 self.shm.give_back(fut._shm, reuse=reuse)
                 fut._shm = None
             if fut._callbacks:

@@ -41,7 +41,7 @@ _NOTHING = object()
 class Future:
     """The eventual outcome of one call. ``result()``, ``done()``, ``cancel()``, ``await fut``."""
 
-    __slots__ = ("id", "_client", "_state", "_status", "_head", "_frames", "_value", "_callbacks", "label",
+    __slots__ = ("id", "_client", "_state", "_status", "_flags", "_frames", "_value", "_callbacks", "label",
                  "_shm", "_pin", "_sub", "__weakref__")
 
     def __init__(self, cid: bytes, client: "Client | None", label: str):
@@ -49,7 +49,7 @@ class Future:
         self._client = client
         self._state = _PENDING
         self._status: int | None = None
-        self._head: P.ResultHeader | None = None
+        self._flags = 0  # the result header's flags (SHM_FREE)
         self._frames: list | None = None
         self._value: Any = _NOTHING
         self._callbacks: list | None = None
@@ -57,7 +57,8 @@ class Future:
         self._shm: list | None = None
         self._pin = 0
         self._sub: Any = None  # what was submitted (a connection.Submission), kept until the outcome:
-        # re-sent to a restarted broker
+        # re-sent to a restarted broker. (A done Future keeps no header object: each one is a
+        # container the cyclic GC scans for as long as the user holds the Future.)
 
     def __repr__(self):
         state = "pending" if self._state == _PENDING else ("ok" if self._status == P.OK else "failed")

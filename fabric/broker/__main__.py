@@ -62,7 +62,9 @@ def main(argv=None):
                         format="%(asctime)s %(levelname)s broker: %(message)s")
     if a.restart:
         return supervise([x for x in argv if x != "--restart"], logging.getLogger("fabric.broker"))
-    Broker(a.address, parent_pid=a.parent_pid, journal=a.journal).serve()
+    broker = Broker(a.address, parent_pid=a.parent_pid, journal=a.journal)
+    config.quiet_gc()
+    broker.serve()
     return 0
 
 

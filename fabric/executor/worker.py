@@ -732,6 +732,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the driver's terminal
     w = Worker(a.broker, bytes.fromhex(a.executor_id), a.n, a.kind, a.token, a.credit)
     signal.signal(signal.SIGUSR1, w._on_sigusr1)
+    config.quiet_gc()
     try:
         w.serve()
     finally:
