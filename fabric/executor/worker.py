@@ -54,6 +54,9 @@ MEMORY_POLL = settings.get().memory_poll  # seconds between memory checks
 # ids of the last calls begun, kept to answer DROP ("finished"): more than any worker's credit,
 # so a call whose DONE the broker has not read yet is always among them
 BEGUN_KEEP = max(4096, 2 * settings.get().actor_pipeline)
+# results that are never awaitable, checked before inspect.isawaitable (an ABC check, ~0.3 us)
+_PLAIN = (type(None), int, float, str, bytes, bool, list, tuple, dict)
+
 
 class OutputChannel:
     """Collects what user code prints and ships it to the drivers, rate-limited."""
@@ -419,7 +422,7 @@ class Worker:
                 value = getattr(self.instance, name)(*args, **kwargs)
             else:
                 value = self.create(self.code[code_hash], args, kwargs, h.concurrency, cid)
-            if value is not None and inspect.isawaitable(value):
+            if type(value) not in _PLAIN and inspect.isawaitable(value):
                 value = self.await_(value)
             if self.threads_lend:
                 self._close_window()
