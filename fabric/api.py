@@ -602,11 +602,19 @@ class RemoteClass:
         return InstanceHandle(self, aid, ready, client, owner=named is None or not named["detached"])
 
     def _register(self, client, aid, named):
-        streams = sorted(n for n in dir(self._cls) if inspect.isgeneratorfunction(getattr(self._cls, n, None))
-                         or inspect.isasyncgenfunction(getattr(self._cls, n, None)))
+        streams, returns = [], {}
+        for n in sorted(dir(self._cls)):
+            m = getattr(self._cls, n, None)
+            if inspect.isgeneratorfunction(m) or inspect.isasyncgenfunction(m):
+                streams.append(n)
+            elif (k := (getattr(m, "__fabric_method__", None) or {}).get("num_returns", 1)) != 1:
+                returns[n] = k
+        # what a handle found by name needs to call as this one does (it knows the class by name only)
+        calls = {"max_task_retries": self._options["max_task_retries"], "timeout": self._options["timeout"],
+                 "returns": returns}
         rep = _name_request(client, {"op": "register", "name": named["name"], "namespace": named["namespace"],
                                      "actor": aid.hex(), "driver": client.id.hex(), "class": self._name,
-                                     "streams": streams, "detached": named["detached"],
+                                     "streams": streams, "calls": calls, "detached": named["detached"],
                                      "get_if_exists": named["get_if_exists"]})
         if rep["created"]:
             return None
@@ -667,8 +675,8 @@ def get_instance(name: str, namespace: str | None = None) -> "InstanceHandle":
     _check_instance("fabric.get_instance()", {"name": name, "namespace": namespace})
     client = _client()
     rep = _name_request(client, {"op": "lookup", "name": name, "namespace": namespace})
-    return InstanceHandle(_NamedClass(rep["class"], rep["streams"]), bytes.fromhex(rep["actor"]), None, client,
-                          owner=False)
+    return InstanceHandle(_NamedClass(rep["class"], rep["streams"], rep.get("calls")), bytes.fromhex(rep["actor"]),
+                          None, client, owner=False)
 
 
 def _gen_method(self, *args, **kwargs):
@@ -679,16 +687,36 @@ def _any_method(self, *args, **kwargs):
     """Stands in for a method of a class known by name only: the instance checks it."""
 
 
-class _NamedClass:
-    """The class of an instance found by name: its methods are checked where it runs, and the
-    generator methods its creator named stream."""
+def _returning(n):
+    def method(self, *args, **kwargs):
+        """Stands in for a ``@fabric.method(num_returns=n)`` of a class known by name only."""
 
-    def __init__(self, name, streams):
-        self._name, self._options, self._streams = name, {"timeout": None}, tuple(streams)
-        self._cls = type(name, (), {s: _gen_method for s in self._streams})
+    method.__fabric_method__ = {"num_returns": n}
+    return method
+
+
+class _NamedClass:
+    """The class of an instance found by name: its methods are checked where it runs; the
+    generator methods its creator named stream, and its calls keep the creator's per-call options
+    (``max_task_retries``, ``timeout``, each method's ``num_returns``). Those come from another
+    driver through the broker, so what is not well formed is left at its default."""
+
+    def __init__(self, name, streams, calls=None):
+        self._name, self._streams = name, tuple(streams)
+        c = calls if isinstance(calls, dict) else {}
+        retries, timeout, returns = c.get("max_task_retries"), c.get("timeout"), c.get("returns")
+        ok_int = isinstance(retries, int) and not isinstance(retries, bool) and -1 <= retries <= 10000
+        ok_timeout = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
+        self._options = {"timeout": timeout if ok_timeout else None, "max_task_retries": retries if ok_int else 0}
+        returns = {m: n for m, n in (returns.items() if isinstance(returns, dict) else ())
+                   if isinstance(m, str) and type(n) is int and 1 < n <= 1000}
+        self._calls = {"max_task_retries": self._options["max_task_retries"], "timeout": self._options["timeout"],
+                       "returns": returns}
+        self._cls = type(name, (), {**{m: _returning(n) for m, n in returns.items()},
+                                    **{s: _gen_method for s in self._streams}})
 
     def __reduce__(self):
-        return _NamedClass, (self._name, self._streams)
+        return _NamedClass, (self._name, self._streams, self._calls)
 
 
 def _own_attrs(klass):

@@ -4,6 +4,7 @@ instance outliving its creator, names in `fabric status`. Embedded and `fabric s
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,6 +76,50 @@ def test_dropping_the_creators_handles_ends_a_named_instance_but_not_a_detached_
     fabric.kill(h)
 
 
+def test_a_handle_found_by_name_keeps_the_classes_call_options(cluster, tmp_path):
+    """fabric.get_instance knows the class by its name only: its calls still re-run after a
+    restart (max_task_retries), split their values (num_returns) and time out as the creator's."""
+    folder = str(tmp_path)
+
+    @fabric.cls(cpus=0, max_restarts=1, max_task_retries=1)
+    class Sturdy:
+        def die_once(self):
+            mark = os.path.join(folder, "died")
+            if not os.path.exists(mark):
+                open(mark, "w").close()
+                os._exit(1)
+            return "second run"
+
+        @fabric.method(num_returns=2)
+        def pair(self):
+            return 1, 2
+
+    owner = Sturdy.options(name="sturdy").remote()  # its creator holds it: a named instance ends with its handles
+    h = fabric.get_instance("sturdy")
+    a, b = h.pair.remote()
+    assert (a.result(timeout=60), b.result(timeout=30)) == (1, 2)
+    assert h.die_once.remote().result(timeout=90) == "second run"  # re-run on the new instance
+
+    @fabric.fn
+    def from_inside():  # another driver, which got the handle by name from the broker alone
+        x, y = fabric.get_instance("sturdy").pair.remote()
+        return x.result(timeout=30) + y.result(timeout=30)
+
+    assert from_inside.remote().result(timeout=60) == 3
+    fabric.kill(owner)
+
+    @fabric.cls(cpus=0, timeout=1)
+    class Slow:
+        def nap(self, s):
+            time.sleep(s)
+            return s
+
+    slow = Slow.options(name="slow").remote()
+    with pytest.raises(fabric.TaskTimeout):
+        fabric.get_instance("slow").nap.remote(30).result(timeout=60)
+    fabric.kill(slow)
+
+
 def test_bad_names_and_options_are_refused_clearly(cluster):
     for opts, msg in [({"name": 3}, "name must be a string of 1 to 200 characters"),
                       ({"name": ""}, "name must be a string"),
@@ -95,8 +140,10 @@ def test_bad_names_and_options_are_refused_clearly(cluster):
     from fabric.client import request
 
     client = api._client()
+    aid = (client.id + bytes(8)).hex()
     for body in ({"op": "lookup"}, {"op": "drop", "name": "x"}, {"op": "register", "name": "x", "actor": "00",
-                                                                   "driver": "00"}):
+                                                                   "driver": "00"},
+                 {"op": "register", "name": "x", "actor": aid, "driver": client.id.hex(), "calls": [1]}):
         with pytest.raises(fabric.ProtocolError):
             request(client.address, P.NAME, ctx=client.ctx, body=body)
     assert Counter.options(name="after").remote(1).inc.remote().result(timeout=60) == 2  # the cluster serves on
@@ -109,6 +156,8 @@ fabric.init(address={address!r})
 class Keeper:
     def __init__(self, n): self.n = n
     def add(self, k): self.n += k; return self.n
+    @fabric.method(num_returns=2)
+    def both(self): return self.n, -self.n
 k = Keeper.options(name="keeper", lifetime="detached").remote(40)
 assert k.add.remote(1).result(timeout=60) == 41
 o = Keeper.options(name="owned-by-first").remote(0)
@@ -122,6 +171,8 @@ import time, fabric
 fabric.init(address={address!r})
 k = fabric.get_instance("keeper")
 assert k.add.remote(1).result(timeout=60) == 42, "its state outlived its creator"
+x, y = k.both.remote()  # the class's per-call options came with the name
+assert (x.result(timeout=60), y.result(timeout=60)) == (42, -42)
 deadline = time.time() + 60
 while True:  # the other driver's own instance ended with it
     try:

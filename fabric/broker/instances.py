@@ -186,10 +186,10 @@ class Instances:
 
     def on_name(self, ident, head, f):
         """NAME [json] from a control client: ``{"op": "register", "name", "namespace", "actor",
-        "driver", "class", "streams", "detached", "get_if_exists"}`` reserves a name for an
+        "driver", "class", "streams", "calls", "detached", "get_if_exists"}`` reserves a name for an
         instance its driver is about to create (or, with get_if_exists, answers the instance
         that has it); ``{"op": "lookup", "name", "namespace"}`` finds one. The answer is a
-        NAME_REPLY: the instance (``actor``, ``class``, ``streams``, ``created``) or ``error``."""
+        NAME_REPLY: the instance (``actor``, ``class``, ``streams``, ``calls``, ``created``) or ``error``."""
         req = P.loads_json(f[0].bytes) if f else {}
         name, ns = req.get("name"), req.get("namespace") or "default"
         if not isinstance(name, str) or not 0 < len(name) <= 200 or not isinstance(ns, str) or len(ns) > 200:
@@ -204,7 +204,8 @@ class Instances:
         where = f"{name!r}" + ("" if ns == "default" else f" in namespace {ns!r}")
         if req.get("op") == "lookup":
             reply = ({"error": f"no instance named {where} is alive on this cluster"} if e is None else
-                     {"actor": e["actor"].hex(), "class": e["class"], "streams": e["streams"], "created": False})
+                     {"actor": e["actor"].hex(), "class": e["class"], "streams": e["streams"], "calls": e["calls"],
+                      "created": False})
         elif req.get("op") == "register":
             aid, driver = bytes.fromhex(str(req.get("actor"))), bytes.fromhex(str(req.get("driver")))
             streams = req.get("streams") or []
@@ -212,13 +213,19 @@ class Instances:
                 raise ProtocolError("NAME register needs the instance id of a connected driver")
             if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
                 raise ProtocolError("NAME streams must be a list of method names")
+            calls = req.get("calls") or {}
+            if not isinstance(calls, dict) or len(calls) > 10 or len(calls.get("returns") or ()) > 1000:
+                raise ProtocolError("NAME calls must be an object of the class's per-call options")
             if e is None:
                 self.st.names[key] = e = {"actor": aid, "class": str(req.get("class", "?"))[:200], "streams": streams[:1000],
-                                          "detached": bool(req.get("detached")), "since": time.monotonic()}
+                                          "calls": calls, "detached": bool(req.get("detached")),
+                                          "since": time.monotonic()}
                 self.st.actor_names[aid] = key
-                reply = {"actor": aid.hex(), "class": e["class"], "streams": e["streams"], "created": True}
+                reply = {"actor": aid.hex(), "class": e["class"], "streams": e["streams"], "calls": e["calls"],
+                         "created": True}
             elif req.get("get_if_exists"):
-                reply = {"actor": e["actor"].hex(), "class": e["class"], "streams": e["streams"], "created": False}
+                reply = {"actor": e["actor"].hex(), "class": e["class"], "streams": e["streams"], "calls": e["calls"],
+                         "created": False}
             else:
                 reply = {"error": f"an instance named {where} exists already (of class {e['class']}); names are "
                                   f"unique: pick another, or pass get_if_exists=True to get that one"}
