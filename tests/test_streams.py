@@ -308,6 +308,11 @@ def test_bad_options_and_uses_are_refused_clearly(cluster):
 
     with pytest.raises(fabric.SerializationError):
         takes.remote(s)
+    for use in (fabric.wait, fabric.get):
+        with pytest.raises(TypeError, match="got the Stream of generator call gen: iterate it for its items, "
+                                            "or pass stream.future"):
+            use([s, takes.remote(1)])
+    assert fabric.wait([s.future], timeout=30)[0] == [s.future]
     assert [f.result() for f in s] == [1]
 
     @fabric.fn
