@@ -199,6 +199,24 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def round_ratios(runs: dict) -> str:
+    """Each round's ratio of fabric to each peer, row by row (with ``--interleave``): whether a
+    ratio holds run after run, not only in the medians."""
+    lines = []
+    for key, label, higher in METRICS:
+        for peer, prow in runs.items():
+            if peer == "fabric":
+                continue
+            cells = []
+            for fab, r in zip(runs["fabric"], prow):
+                v, f = (r or {}).get(key), fab.get(key)
+                cells.append(f"{(f / v if higher else v / f):.2f}x" if v and f else "-")
+            if any(c != "-" for c in cells):
+                lines.append(f"  {label} vs {(next((r for r in prow if r), {}) or {}).get('peer', peer)}, "
+                             f"round by round: " + " ".join(cells))
+    return "per-round ratios (above 1: fabric better):\n" + "\n".join(lines)
+
+
 def _fmt(v):
     if v is None:
         return "-"
@@ -215,6 +233,8 @@ def main():
     ap.add_argument("--peers-python", default=os.path.join(REPO, ".venv-peers", "bin", "python"))
     ap.add_argument("--memory", action="store_true", help="also measure memory over 1,000,000 calls")
     ap.add_argument("--write", help="write the table into this markdown file (docs/benchmarks.md)")
+    ap.add_argument("--interleave", action="store_true", help="run fabric and the peers round by round (fabric, "
+                    "then each peer, --repeat times) and print each round's ratios, not only the medians'")
     ap.add_argument("--keys", action="store_true", help="fabric with CurveZMQ keys on (the default keys of a "
                     "tcp:// cluster; here on the embedded cluster's socket): what the encryption costs")
     a = ap.parse_args()
@@ -223,21 +243,43 @@ def main():
 
         os.environ["FABRIC_KEYS"] = security.ensure_default()  # inherited by the startup row's process
         print(f"CurveZMQ keys on: {os.environ['FABRIC_KEYS']}", flush=True)
-    results = {}
-    rows = []
-    for i in range(a.repeat):
-        rows.append(bench_fabric(a.cpus, a.memory and i == 0))
-        print(f"fabric run {i + 1}: " + json.dumps({k: round(v, 3) for k, v in rows[-1].items()}), flush=True)
-    results["fabric"] = median_rows(rows)
     peers = [p for p in a.peers.split(",") if p]
     if peers and not os.path.exists(a.peers_python):
         sys.exit(f"no peers venv at {a.peers_python}: run `bash loadtests/setup_peers.sh` first, or --peers ''")
+    runs: dict[str, list] = {"fabric": [], **{p: [] for p in peers}}
+
+    def fabric_run(i):
+        runs["fabric"].append(bench_fabric(a.cpus, a.memory and i == 0))
+        print(f"fabric run {i + 1}: " + json.dumps({k: round(v, 3) for k, v in runs["fabric"][-1].items()}),
+              flush=True)
+
+    def peer_run(peer):
+        r = run_peer(a.peers_python, peer, a.cpus)
+        runs[peer].append(r)
+        if a.interleave and r:
+            print(f"{r['peer']} run {len(runs[peer])}: " + json.dumps({k: round(v, 3) for k, v in r.items()
+                                                                      if k != "peer"}), flush=True)
+
+    if a.interleave:  # round by round, fabric then each peer: ratios of runs made minutes apart
+        for i in range(a.repeat):
+            fabric_run(i)
+            for peer in peers:
+                peer_run(peer)
+    else:
+        for i in range(a.repeat):
+            fabric_run(i)
+        for peer in peers:
+            for _ in range(a.repeat):
+                peer_run(peer)
+    results = {"fabric": median_rows(runs["fabric"])}
     for peer in peers:
-        prow = [r for r in (run_peer(a.peers_python, peer, a.cpus) for _ in range(a.repeat)) if r]
+        prow = [r for r in runs[peer] if r]
         if prow:
             name = prow[0]["peer"]
             results[name] = median_rows(prow)
             print(f"{name}: " + json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
+    if a.interleave:
+        print(round_ratios(runs))
     out = table(results)
     print(out)
     if a.write:

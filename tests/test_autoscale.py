@@ -253,6 +253,30 @@ def test_local_gpu_pool_scales_from_zero_with_fake_devices(tmp_path):
         cluster.stop()
 
 
+def test_instances_waiting_for_a_place_scale_the_cluster_out(tmp_path):
+    """An instance holds its CPUs for life: instances beyond the executors' CPUs are demand
+    (STATUS counts them in its queues), so the autoscaler adds executors for them."""
+    fabric.shutdown()
+    cluster = LocalCluster(log_dir=str(tmp_path)).start(executor=False)
+    cluster.start_autoscaler(1, 3, idle=30, extra_args=["--interval", "0.2"])
+    try:
+        assert wait_for(lambda: len((_status(cluster.address) or {}).get("executors", [])) == 1, timeout=20)
+        fabric.init(address=cluster.address)
+
+        @fabric.cls(cpus=1)
+        class Holder:
+            def where(self):
+                return os.getppid()  # its executor daemon
+
+        hs = [Holder.remote() for _ in range(3)]
+        assert len({h.where.remote().result(timeout=60) for h in hs}) == 3  # one executor each
+        launches = [d for d in last_decisions(str(tmp_path), 50) if d["action"] == "launch" and d["code"] != "below_min"]
+        assert sum(d["count"] for d in launches) == 2, format_decisions(last_decisions(str(tmp_path), 50))
+    finally:
+        fabric.shutdown()
+        cluster.stop()
+
+
 def test_fabric_start_autoscale_starts_min_and_stops_clean(tmp_path, monkeypatch):
     from conftest import free_port
 

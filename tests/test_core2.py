@@ -46,6 +46,29 @@ def test_cluster_views(cluster, tmp_path):
     assert wait_for(lambda: fabric.available_resources()["CPU"] == 2)
 
 
+def test_an_instance_waiting_for_a_place_is_queued_demand(cluster):
+    """STATUS counts instances waiting for resources in its queues (what `fabric status` shows
+    and the autoscaler scales for), and the waiting one starts once the holder is killed."""
+    @fabric.cls(cpus=2)
+    class Whole:
+        def ping(self):
+            return "pong"
+
+    first = Whole.remote()
+    assert first.ping.remote().result(timeout=60) == "pong"
+    second = Whole.remote()  # no place: the first holds both CPUs for life
+
+    def waiting():
+        return [q for q in fabric.cluster_status()["queues"] if q.get("instances")]
+
+    assert wait_for(lambda: waiting(), timeout=30)
+    assert waiting() == [{"cpus": 2.0, "gpus": 0.0, "memory": 0, "depth": 1, "instances": 1}]
+    fabric.kill(first)
+    assert second.ping.remote().result(timeout=60) == "pong"
+    assert waiting() == []
+    fabric.kill(second)
+
+
 def test_fractional_cpus_pack_two_calls_per_core(cluster, tmp_path):
     """Four calls of cpus=0.5 run at once on 2 CPUs (with cpus=1 only two could: the barrier
     would time out and they would see fewer than 4)."""

@@ -203,7 +203,7 @@ class Policy:
         no_executor = not executors and not instances
         queued_anywhere = any(x.get("depth", 0) > 0 for x in status.get("queues", []))
         hidden = (kind == "cpu" and no_executor and not queued_anywhere and status.get("calls_pending", 0) > 0)
-        if hidden:  # e.g. an instance waiting for a place: not in the queues, but needs an executor
+        if hidden:  # calls pending but none queued (from a status without instance demand): they need an executor
             queued_units = 1.0
         need = math.ceil(queued_units + running_units - 1e-9)
         # min_warm of functions and classes (while a driver that uses them is connected): a floor

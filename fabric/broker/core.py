@@ -287,8 +287,13 @@ class Broker:
                 "instances": sum(1 for w in ex.workers.values() if w.actor is not None),
                 "last_seen_s": round(now - ex.last_seen, 2), "labels": ex.info.get("labels", {}),
             })
-        queues = [{"cpus": s[0], "gpus": s[1], "memory": s[2], "depth": sum(1 for c in q if c.state == QUEUED)}
-                  for s, q in self.st.queues.items()]
+        demand = {s: {"cpus": s[0], "gpus": s[1], "memory": s[2], "depth": sum(1 for c in q if c.state == QUEUED)}
+                  for s, q in self.st.queues.items()}
+        for a in self.st.pending_actors:  # an instance waiting for a place is demand for its shape too
+            d = demand.setdefault(a.shape, {"cpus": a.shape[0], "gpus": a.shape[1], "memory": a.shape[2], "depth": 0})
+            d["depth"] += 1
+            d["instances"] = d.get("instances", 0) + 1
+        queues = list(demand.values())
         for g in self.st.gang_queue:  # a waiting gang is demand for all of its members
             if g.state == QUEUED:
                 queues.append({"cpus": g.shape[0], "gpus": g.shape[1], "memory": g.shape[2],
