@@ -59,6 +59,7 @@ PUT_SPILL = settings.get().put_spill
 # to restart a broker and replay its journal, short enough that nobody waits for ever
 BROKER_TIMEOUT = 30.0
 HEARTBEAT_EVERY = 1.0  # seconds between a driver's HEARTBEATs (the broker answers each)
+WAIT_WARN = settings.get().wait_warn  # seconds a call waits for resources before the driver says why
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,11 @@ class Client:
         self.gone: ConnectionFailed | None = None      # set while the broker is declared gone
         self.abandoned: set[bytes] = set()             # ids failed that way: a late outcome is dropped
         self.last_check = 0.0
+        # the watchdog of calls that wait for resources no executor has free (_watch_waits)
+        self.watch_prev: set[bytes] = set()
+        self.watch_at = time.monotonic()
+        self.warned: dict[tuple, float] = {}           # shape -> when it was last warned about
+        self.watching = False
         self.spilled = Spilled()                       # store copies of large put() objects
         hello = P.dumps_json({"pid": os.getpid(), "host": os.uname().nodename, "name": name,
                               "worker": settings.get().worker_id})  # a nested driver's worker
@@ -590,6 +596,9 @@ class Client:
                 if now - self.last_beat > HEARTBEAT_EVERY:  # the broker drops a driver it has not heard from
                     self.last_beat = now
                     self._send_d([P.C[P.HEARTBEAT], self.epoch])
+                if WAIT_WARN > 0 and now - self.watch_at > WAIT_WARN and not self.watching:
+                    self.watch_at = now
+                    self._watch_waits(now)
                 if now - self.last_check > 0.1:
                     self.last_check = now
                     self._check_broker(now)
@@ -751,12 +760,47 @@ class Client:
             self._send_d([P.C[P.CANCEL], ids])
             self._send_d([P.C[P.RELEASE], ids])
 
+    def _watch_waits(self, now):
+        """Every WAIT_WARN seconds (IO thread): the plain calls and new instances pending at the
+        last look and still pending have waited that long. If some wait for resources that no
+        executor has free, a STATUS (in a thread of its own, so no slow answer holds this loop)
+        tells why, and the driver logs it, once per shape per 6 looks. Costs a set of the
+        pending ids per look; nothing on the call path."""
+        prev, self.watch_prev = self.watch_prev, set(self.pending)
+        waiting: dict[tuple, list] = {}
+        for cid in prev & self.watch_prev:
+            f = self.pending.get(cid)
+            sub = f._sub if f is not None else None
+            if not sub:
+                continue
+            h = P.CallHeader.read(sub[0])
+            shape = (h.cpus, h.gpus, h.memory)
+            if h.kind in (P.TASK, P.ACTOR_NEW) and now - self.warned.get(shape, -1e18) >= 6 * WAIT_WARN:
+                waiting.setdefault(shape, []).append(f.label)
+        if waiting:
+            self.watching = True
+            threading.Thread(target=self._warn_starved, args=(waiting,), name="fabric-wait-watch", daemon=True).start()
+
+    def _warn_starved(self, waiting):
+        from .resources import starved
+
+        try:
+            found = starved(waiting, self.status(timeout=5))
+        except Exception:  # noqa: BLE001 - a broker too slow to answer is reported by _check_broker
+            found = []
+        finally:
+            self.watching = False
+        for shape, msg in found:
+            self.warned[shape] = time.monotonic()
+            log.warning("fabric: %s (waited over %gs: FABRIC_WAIT_WARN)", msg, WAIT_WARN)
+
     def fate(self) -> str:
-        """What a GetTimeout says about the call: it keeps running only if the broker is there."""
+        """What a GetTimeout says about the call: it is still on the cluster only if the broker is there
+        (queued or running: the driver is not told when a call starts)."""
         silent = time.monotonic() - self.heard
         if self.gone is None and (silent < min(2.5 * HEARTBEAT_EVERY, self.broker_timeout / 2)
                                   or not self.answers_beats):
-            return "it keeps running"
+            return "it keeps running, or waits for a place, on the cluster"
         return (f"the broker at {self.address} has not answered for {silent:.0f}s: if it is gone, "
                 f"the call fails with ConnectionFailed after FABRIC_BROKER_TIMEOUT={self.broker_timeout:g}s")
 

@@ -138,3 +138,41 @@ class Ledger:
             if d in self.gpu_free:
                 c = self.gpu_free[d] + share
                 self.gpu_free[d] = 1.0 if c > 1 - EPS else c
+
+
+def starved(waiting: dict, status: dict) -> list[tuple[tuple, str]]:
+    """Which long-waiting calls wait for resources that no executor has free, and why: the
+    driver's warning that such a call is neither lost nor running (Ray's "cannot be scheduled
+    right now"). ``waiting`` maps a shape ``(cpus, gpus, memory)`` to the labels of this
+    driver's calls of that shape that have waited long; ``status`` is the broker's STATUS.
+    A shape is starved while the broker still queues it (not a cap, not its arguments) and no
+    executor's free resources, as the broker's own ``Ledger`` counts them, fit one call. Pure:
+    the watchdog in ``fabric.connection`` brings both and says the result."""
+    queued = {(q.get("cpus"), q.get("gpus"), q.get("memory")) for q in status.get("queues") or () if q.get("depth")}
+    exs = status.get("executors") or []
+    ledgers = []
+    for e in exs:
+        lg = Ledger(e.get("cpus", 0), e.get("gpus") or (), e.get("memory", 0))
+        lg.free_cpus, lg.free_mem = float(e.get("free_cpus", 0)), int(e.get("free_memory", 0))
+        lg.gpu_free = {int(d): float(c) for d, c in (e.get("gpu_free") or {}).items()}
+        ledgers.append(lg)
+    if not ledgers:  # no executor yet: the broker's grace at zero, or an autoscaler, answers that
+        return []
+    total = sum(lg.cpus for lg in ledgers)
+    free = sum(lg.free_cpus for lg in ledgers)
+    held = sum(int(e.get("instances", 0)) for e in exs)
+    out = []
+    for shape, labels in sorted(waiting.items()):
+        if shape not in queued or any(lg.fits(shape) for lg in ledgers):
+            continue
+        cpus, gpus, mem = shape
+        need = f"cpus={cpus:g}" + (f" gpus={gpus:g}" if gpus else "") + (f" memory={mem / 2**20:.0f}MiB" if mem else "")
+        names = sorted(set(labels))
+        named = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        calls = f"1 call ({named}) waits" if len(labels) == 1 else f"{len(labels)} calls ({named}) wait"
+        holders = ("" if not held else "; 1 instance holds its resources for life" if held == 1
+                   else f"; {held} instances hold theirs for life")
+        out.append((shape, f"{calls} for {need}, which no executor has free now ({free:g} of {total:g} CPUs "
+                           f"free{holders}). They start when resources free up: fabric.kill the instances you "
+                           f"no longer need, give a class fewer cpus (@fabric.cls(cpus=0)), or add an executor"))
+    return out

@@ -96,6 +96,9 @@ class Settings:
     broker_timeout: str | None = _var(
         "FABRIC_BROKER_TIMEOUT", None, "driver", "seconds of silence after which the broker is treated as "
         "gone: pending calls raise `ConnectionFailed`", shown="30 s", kind="seconds")
+    wait_warn: float = _var(
+        "FABRIC_WAIT_WARN", 10.0, "driver", "seconds a call may wait for resources no executor has free before "
+        "the driver logs a warning that says what holds them (0: never)")
     transfer: str | None = _var(
         "FABRIC_TRANSFER", None, "driver, workers", "large objects through the object store: `auto` (across "
         "hosts, when a store is configured), `store` (always), `broker` (never)", shown="`auto`", kind="mode")

@@ -69,6 +69,36 @@ def test_an_instance_waiting_for_a_place_is_queued_demand(cluster):
     fabric.kill(second)
 
 
+def test_a_call_waiting_for_resources_is_warned_about_and_runs_once_they_free(cluster, caplog, monkeypatch):
+    """A call queued behind instances that hold every CPU is not lost, nor silent: after
+    FABRIC_WAIT_WARN the driver logs what it waits for and what holds the cluster."""
+    from fabric import connection
+
+    monkeypatch.setattr(connection, "WAIT_WARN", 0.3)
+
+    @fabric.cls(cpus=2)
+    class Hog:
+        def ping(self):
+            return "pong"
+
+    @fabric.fn
+    def starved_call():
+        return "ran"
+
+    hog = Hog.remote()
+    assert hog.ping.remote().result(timeout=60) == "pong"
+    with caplog.at_level(logging.WARNING, logger="fabric.client"):
+        fut = starved_call.remote()
+        assert wait_for(lambda: any("starved_call" in r.getMessage() for r in caplog.records), timeout=30)
+    [msg] = [r.getMessage() for r in caplog.records if "starved_call" in r.getMessage()]
+    assert "1 call (starved_call) waits for cpus=1, which no executor has free now (0 of 2 CPUs free; " \
+           "1 instance holds its resources for life)" in msg and "fabric.kill" in msg, msg
+    with pytest.raises(fabric.GetTimeout, match="it keeps running, or waits for a place, on the cluster"):
+        fut.result(timeout=0.2)
+    fabric.kill(hog)
+    assert fut.result(timeout=60) == "ran"
+
+
 def test_fractional_cpus_pack_two_calls_per_core(cluster, tmp_path):
     """Four calls of cpus=0.5 run at once on 2 CPUs (with cpus=1 only two could: the barrier
     would time out and they would see fewer than 4)."""

@@ -1,13 +1,13 @@
 """The resource ledger (fabric/resources.py): what a shape takes from an executor, what it gives
 back, and how many fit. Pure: no cluster. The broker reserves through it and the autoscaler's
 policy sizes pools with its ``room``, so the two cannot drift apart (they once did on fractional
-GPUs)."""
+GPUs). Also ``starved``, which the driver's wait warning reads a STATUS with."""
 import itertools
 
 import pytest
 
 from fabric.autoscale.policy import Pool
-from fabric.resources import EPS, Ledger, gpu_share, pick_gpus
+from fabric.resources import EPS, Ledger, gpu_share, pick_gpus, starved
 
 
 def test_take_and_give_cpus_and_memory():
@@ -124,3 +124,41 @@ def test_the_autoscaler_counts_a_pool_worker_per_cpu_call():
     assert pool.slots(1, 0) == 4 and pool.slots(0.5, 0) == 4 and pool.slots(0, 0) == 4
     assert pool.slots(2, 0) == 2 and pool.slots(3, 0) == 1 and pool.slots(5, 0) == 0
     assert Pool("cpu", 0, 4, cpus=0.5).slots(0.25, 0) == 1
+
+
+# ------------------------------------------------- starved: the driver's wait warning, pure
+def _ex(cpus=2.0, free=0.0, gpus=(), gpu_free=None, memory=8 << 30, free_memory=8 << 30, instances=0):
+    return {"cpus": cpus, "free_cpus": free, "gpus": list(gpus), "memory": memory, "free_memory": free_memory,
+            "gpu_free": {str(d): c for d, c in (gpu_free or {}).items()}, "instances": instances}
+
+
+def test_starved_names_the_calls_what_they_need_and_what_holds_the_cluster():
+    shape = (1.0, 0.0, 0)
+    st = {"executors": [_ex(free=0.0, instances=2)], "queues": [{"cpus": 1.0, "gpus": 0.0, "memory": 0, "depth": 3}]}
+    [(got, msg)] = starved({shape: ["f", "f", "g"]}, st)
+    assert got == shape
+    assert msg.startswith("3 calls (f, g) wait for cpus=1, which no executor has free now (0 of 2 CPUs free; "
+                          "2 instances hold theirs for life)")
+    assert "fabric.kill" in msg and "@fabric.cls(cpus=0)" in msg and "add an executor" in msg
+    one = starved({shape: ["h"]}, {**st, "executors": [_ex(free=0.5, instances=1)]})
+    assert "1 call (h) waits" in one[0][1] and "1 instance holds its resources for life" in one[0][1]
+    many = starved({shape: [f"fn{i}" for i in range(5)]}, st)
+    assert "(fn0, fn1, fn2 and 2 more)" in many[0][1]
+
+
+def test_starved_is_quiet_when_a_call_can_start_or_is_not_queued_for_resources():
+    shape = (1.0, 0.0, 0)
+    queued = [{"cpus": 1.0, "gpus": 0.0, "memory": 0, "depth": 1}]
+    assert starved({shape: ["f"]}, {"executors": [_ex(free=1.0)], "queues": queued}) == []  # it fits: placed soon
+    assert starved({shape: ["f"]}, {"executors": [_ex(free=0.0)], "queues": []}) == []  # not queued: a cap, args
+    assert starved({shape: ["f"]}, {"executors": [], "queues": queued}) == []  # no executor: the broker says so
+    assert starved({shape: ["f"]}, {"executors": [_ex(free=0.0), _ex(free=1.0)], "queues": queued}) == []
+    gpu = (1.0, 0.5, 0)  # half a GPU: a device with half of it free fits, as the broker's Ledger counts it
+    gq = [{"cpus": 1.0, "gpus": 0.5, "memory": 0, "depth": 1}]
+    assert starved({gpu: ["g"]}, {"executors": [_ex(free=1.0, gpus=[0], gpu_free={0: 0.5})], "queues": gq}) == []
+    [(_, msg)] = starved({gpu: ["g"]}, {"executors": [_ex(free=1.0, gpus=[0], gpu_free={0: 0.25})], "queues": gq})
+    assert "for cpus=1 gpus=0.5," in msg
+    mem = (1.0, 0.0, 4 << 30)
+    mq = [{"cpus": 1.0, "gpus": 0.0, "memory": 4 << 30, "depth": 1}]
+    [(_, msg)] = starved({mem: ["m"]}, {"executors": [_ex(free=2.0, free_memory=1 << 30)], "queues": mq})
+    assert "for cpus=1 memory=4096MiB," in msg
