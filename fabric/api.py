@@ -899,10 +899,10 @@ def _check_futures(where, futures):
     except TypeError:
         raise TypeError(f"{where} expects a list of Futures, got {type(futures).__name__}") from None
     for f in futures:
-        if isinstance(f, Stream):
-            raise TypeError(f"{where} expects Futures, got the Stream of generator call {f.future.label}: iterate "
-                            f"it for its items, or pass stream.future (done when the generator ends)")
         if not isinstance(f, Future):
+            if isinstance(f, Stream):
+                raise TypeError(f"{where} expects Futures, got the Stream of generator call {f.future.label}: "
+                                f"iterate it for its items, or pass stream.future (done when the generator ends)")
             raise TypeError(f"{where} expects Futures (from .remote() or fabric.put()), got {type(f).__name__}")
     return futures
 
