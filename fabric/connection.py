@@ -765,10 +765,11 @@ class Client:
         last look and still pending have waited that long. If some wait for resources that no
         executor has free, a STATUS (in a thread of its own, so no slow answer holds this loop)
         tells why, and the driver logs it, once per shape per 6 looks. Costs a set of the
-        pending ids per look; nothing on the call path."""
+        pending ids per look, and the headers of at most 1,000 of the old ones (a backlog of
+        100,000 has few shapes); nothing on the call path."""
         prev, self.watch_prev = self.watch_prev, set(self.pending)
         waiting: dict[tuple, list] = {}
-        for cid in prev & self.watch_prev:
+        for cid in itertools.islice(prev & self.watch_prev, 1000):
             f = self.pending.get(cid)
             sub = f._sub if f is not None else None
             if not sub:
