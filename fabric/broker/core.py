@@ -175,7 +175,10 @@ class Broker:
         next_tick = 0.0
         try:
             while self.running:
-                timeout = 1000
+                # wake for the next tick too: woken only by messages, the tick would run just
+                # after each dispatch, when the workers have just been given calls, and never
+                # find an idle worker to hand a driver's arena to (arenas.share)
+                timeout = max(0, min(1000, int((next_tick - time.monotonic()) * 1000) + 1))
                 if self.st.timeouts:
                     timeout = max(0, min(timeout, int((self.st.timeouts[0][0] - time.monotonic()) * 1000) + 1))
                 if poller.poll(timeout):
