@@ -142,10 +142,13 @@ def test_bad_names_and_options_are_refused_clearly(cluster):
     client = api._client()
     aid = (client.id + bytes(8)).hex()
     for body in ({"op": "lookup"}, {"op": "drop", "name": "x"}, {"op": "register", "name": "x", "actor": "00",
-                                                                   "driver": "00"},
-                 {"op": "register", "name": "x", "actor": aid, "driver": client.id.hex(), "calls": [1]}):
+                                                                   "driver": "00"}):
         with pytest.raises(fabric.ProtocolError):
             request(client.address, P.NAME, ctx=client.ctx, body=body)
+    for calls in ([1], {"returns": 5}, {"returns": {str(i): 2 for i in range(1001)}}):
+        with pytest.raises(fabric.ProtocolError, match="NAME calls must be an object of the class's per-call options"):
+            request(client.address, P.NAME, ctx=client.ctx, body={"op": "register", "name": "x", "actor": aid,
+                                                                  "driver": client.id.hex(), "calls": calls})
     assert Counter.options(name="after").remote(1).inc.remote().result(timeout=60) == 2  # the cluster serves on
 
 

@@ -214,7 +214,8 @@ class Instances:
             if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
                 raise ProtocolError("NAME streams must be a list of method names")
             calls = req.get("calls") or {}
-            if not isinstance(calls, dict) or len(calls) > 10 or len(calls.get("returns") or ()) > 1000:
+            returns = (calls.get("returns") or {}) if isinstance(calls, dict) else None
+            if not isinstance(calls, dict) or len(calls) > 10 or not isinstance(returns, dict) or len(returns) > 1000:
                 raise ProtocolError("NAME calls must be an object of the class's per-call options")
             if e is None:
                 self.st.names[key] = e = {"actor": aid, "class": str(req.get("class", "?"))[:200], "streams": streams[:1000],
