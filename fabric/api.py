@@ -708,15 +708,13 @@ class _NamedClass:
         ok_int = isinstance(retries, int) and not isinstance(retries, bool) and -1 <= retries <= 10000
         ok_timeout = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0
         self._options = {"timeout": timeout if ok_timeout else None, "max_task_retries": retries if ok_int else 0}
-        returns = {m: n for m, n in (returns.items() if isinstance(returns, dict) else ())
-                   if isinstance(m, str) and type(n) is int and 1 < n <= 1000}
-        self._calls = {"max_task_retries": self._options["max_task_retries"], "timeout": self._options["timeout"],
-                       "returns": returns}
-        self._cls = type(name, (), {**{m: _returning(n) for m, n in returns.items()},
+        self._returns = {m: n for m, n in (returns.items() if isinstance(returns, dict) else ())
+                         if isinstance(m, str) and type(n) is int and 1 < n <= 1000}
+        self._cls = type(name, (), {**{m: _returning(n) for m, n in self._returns.items()},
                                     **{s: _gen_method for s in self._streams}})
 
     def __reduce__(self):
-        return _NamedClass, (self._name, self._streams, self._calls)
+        return _NamedClass, (self._name, self._streams, {**self._options, "returns": self._returns})
 
 
 def _own_attrs(klass):

@@ -187,16 +187,20 @@ def table(results: dict) -> str:
         for p in peers:
             v = results[p].get(key)
             cells.append(_fmt(v))
-            if v and fab.get(key):
-                ratio = fab[key] / v if higher else v / fab[key]
-                ratios.append(f"{ratio:.2f}x {'better' if ratio >= 1 else 'worse'}")
-            else:
-                ratios.append("-")
+            ratio = _ratio(fab.get(key), v, higher)
+            ratios.append("-" if ratio is None else f"{ratio:.2f}x {'better' if ratio >= 1 else 'worse'}")
         lines.append("| " + " | ".join(cells + ratios) + " |")
     extra = [k for k in ("broker_rss_growth_mb_1m", "broker_rss_mb", "pending_100k_mb") if k in fab]
     for k in extra:
         lines.append(f"| {k} | {_fmt(fab[k])} |" + " |" * (2 * len(peers)))
     return "\n".join(lines)
+
+
+def _ratio(fab, peer, higher):
+    """How many times better fabric is (above 1) on one row; None when either side is missing."""
+    if not fab or not peer:
+        return None
+    return fab / peer if higher else peer / fab
 
 
 def round_ratios(runs: dict) -> str:
@@ -207,13 +211,11 @@ def round_ratios(runs: dict) -> str:
         for peer, prow in runs.items():
             if peer == "fabric":
                 continue
-            cells = []
-            for fab, r in zip(runs["fabric"], prow):
-                v, f = (r or {}).get(key), fab.get(key)
-                cells.append(f"{(f / v if higher else v / f):.2f}x" if v and f else "-")
-            if any(c != "-" for c in cells):
-                lines.append(f"  {label} vs {(next((r for r in prow if r), {}) or {}).get('peer', peer)}, "
-                             f"round by round: " + " ".join(cells))
+            ratios = [_ratio(fab.get(key), (r or {}).get(key), higher) for fab, r in zip(runs["fabric"], prow)]
+            if any(x is not None for x in ratios):
+                name = next(r["peer"] for r in prow if r)  # as the peer names itself ("zmq-floor")
+                lines.append(f"  {label} vs {name}, round by round: "
+                             + " ".join("-" if x is None else f"{x:.2f}x" for x in ratios))
     return "per-round ratios (above 1: fabric better):\n" + "\n".join(lines)
 
 
@@ -234,7 +236,7 @@ def main():
     ap.add_argument("--memory", action="store_true", help="also measure memory over 1,000,000 calls")
     ap.add_argument("--write", help="write the table into this markdown file (docs/benchmarks.md)")
     ap.add_argument("--interleave", action="store_true", help="run fabric and the peers round by round (fabric, "
-                    "then each peer, --repeat times) and print each round's ratios, not only the medians'")
+                    "then each peer, --repeat times) and print each round's ratios, not only the medians")
     ap.add_argument("--keys", action="store_true", help="fabric with CurveZMQ keys on (the default keys of a "
                     "tcp:// cluster; here on the embedded cluster's socket): what the encryption costs")
     a = ap.parse_args()

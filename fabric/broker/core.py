@@ -290,17 +290,19 @@ class Broker:
                 "instances": sum(1 for w in ex.workers.values() if w.actor is not None),
                 "last_seen_s": round(now - ex.last_seen, 2), "labels": ex.info.get("labels", {}),
             })
-        demand = {s: {"cpus": s[0], "gpus": s[1], "memory": s[2], "depth": sum(1 for c in q if c.state == QUEUED)}
-                  for s, q in self.st.queues.items()}
+
+        def row(s, depth):  # one shape's demand
+            return {"cpus": s[0], "gpus": s[1], "memory": s[2], "depth": depth}
+
+        demand = {s: row(s, sum(1 for c in q if c.state == QUEUED)) for s, q in self.st.queues.items()}
         for a in self.st.pending_actors:  # an instance waiting for a place is demand for its shape too
-            d = demand.setdefault(a.shape, {"cpus": a.shape[0], "gpus": a.shape[1], "memory": a.shape[2], "depth": 0})
+            d = demand.setdefault(a.shape, row(a.shape, 0))
             d["depth"] += 1
             d["instances"] = d.get("instances", 0) + 1
         queues = list(demand.values())
         for g in self.st.gang_queue:  # a waiting gang is demand for all of its members
             if g.state == QUEUED:
-                queues.append({"cpus": g.shape[0], "gpus": g.shape[1], "memory": g.shape[2],
-                               "depth": len(g.members), "gang": g.id.hex()})
+                queues.append({**row(g.shape, len(g.members)), "gang": g.id.hex()})
         st = {"address": self.address, "pid": os.getpid(), "uptime_s": round(now - self.started, 1),
               "executors": exs, "queues": queues, "drivers": len(self.drivers),
               "calls_pending": len(self.st.calls), "results_held": len(self.st.results),
